@@ -1,0 +1,21 @@
+# Transfer-learning model selection: which init, freeze depth and hyperparameters give the best
+# accuracy for the compute spent. Stages live in rules/; configuration in config.yaml.
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/source.smk"
+include: "rules/train.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        "results/tables/runs.csv",
+        "results/tables/summary.md",
+        expand("results/figures/{figure}.png", figure=FIGURES),
+        "results/report/solution.html",

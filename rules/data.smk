@@ -1,0 +1,47 @@
+# Data: fetch the image folder (download or archive), materialize the seeded subset as tensors.
+
+
+localrules:
+    fetch_data,
+
+
+rule fetch_data:
+    output:
+        directory(DATA_ROOT),
+    log:
+        "results/logs/fetch_data.log",
+    conda:
+        "../envs/torch.yaml"
+    params:
+        script=script("prepare_data.py"),
+        archive=(
+            f"--archive {config['data']['archive']}"
+            if config["data"]["archive"]
+            else ""
+        ),
+    shell:
+        "python {params.script} fetch --dest {output} {params.archive} 2>&1 | tee {log}"
+
+
+rule subset:
+    input:
+        DATA_ROOT,
+    output:
+        subset="results/data/subset.json",
+        tensors=expand("results/data/{split}.pt", split=SPLITS),
+    log:
+        "results/logs/subset.log",
+    conda:
+        "../envs/torch.yaml"
+    params:
+        script=script("prepare_data.py"),
+        classes=" ".join(config["data"]["classes"]),
+        sizes=(
+            f"--train-per-class {config['data']['train_per_class']} "
+            f"--val-per-class {config['data']['val_per_class']} "
+            f"--test-per-class {config['data']['test_per_class']} "
+            f"--image-size {config['data']['image_size']} --seed {config['seed']}"
+        ),
+    shell:
+        "python {params.script} subset --root {input} --out results/data "
+        "--classes {params.classes} {params.sizes} 2>&1 | tee {log}"

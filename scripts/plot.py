@@ -1,0 +1,25 @@
+#!/usr/bin/env python
+"""Draw one report figure from the aggregated tables (results/tables/{runs,curves}.csv)."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import _cli  # noqa: F401  (makes the tlselect package importable)
+
+from tlselect.plots import FIGURES, draw
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("figure", choices=sorted(FIGURES), help="which figure")
+    parser.add_argument("--runs", default="results/tables/runs.csv")
+    parser.add_argument("--curves", default="results/tables/curves.csv")
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    args = parser.parse_args(argv)
+    draw(args.figure, Path(args.runs), Path(args.curves), Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Config: the schema fills defaults and names bad keys; semantic checks; stable run ids."""
+
+import copy
+
+import pytest
+import yaml
+from conftest import REPO
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from tlselect.config import ConfigError, check, runs, train_flags
+from tlselect.train import config_from_args
+
+SCHEMA = str(REPO / "schemas" / "config.schema.yaml")
+
+
+def load_default():
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    validate(config, SCHEMA)
+    return config
+
+
+def test_default_config_is_valid_and_complete():
+    config = load_default()
+    check(config)
+    assert {p["name"] for p in config["policies"]} == {
+        "scratch",
+        "finetune",
+        "freeze_early",
+        "freeze_most",
+        "linear_probe",
+    }
+    assert len(runs(config)) == 5
+
+
+def test_schema_fills_defaults():
+    config = {"policies": [{"name": "only"}]}
+    validate(config, SCHEMA)
+    assert config["train"]["epochs"] >= 1 and config["data"]["train_per_class"] == 500
+    assert config["policies"][0]["init"] == "pretrained"
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (lambda c: c["train"].update(epochs=-1), "epochs"),
+        (lambda c: c["data"].update(bogus=1), "bogus"),
+        (lambda c: c["policies"][0].update(lrr=0.1), "lrr"),
+        (lambda c: c.update(device="tpu"), "device"),
+        (lambda c: c["train"].update(optimizer="lbfgs"), "optimizer"),
+        (lambda c: c["policies"][1].update(name="has space"), "name"),
+    ],
+)
+def test_schema_rejects_bad_values_naming_the_key(change, key):
+    config = copy.deepcopy(yaml.safe_load((REPO / "config.yaml").read_text()))
+    change(config)
+    with pytest.raises(WorkflowError) as info:
+        validate(config, SCHEMA)
+    assert key in str(info.value.args) or key in str(info.value.__cause__ or info.value)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.update(backbone="vgg99"), "backbone: unknown backbone 'vgg99'"),
+        (lambda c: c["policies"][2].update(freeze="layer7"), r"policies\[2\] \(freeze_early\).freeze"),
+        (lambda c: c["policies"][1].update(name="scratch"), "duplicate policy name 'scratch'"),
+        (lambda c: c["policies"][0].update(init="nonsense"), r"policies\[0\] \(scratch\).init"),
+        (lambda c: c["data"].update(val_per_class=600), "data.val_per_class"),
+        (lambda c: c["data"].update(archive="/no/such.tar.gz"), "data.archive"),
+        (lambda c: c["policies"][4].update(augment=True), "cache_features"),
+        (lambda c: c["policies"][0].update(freeze="layer2"), "init scratch"),
+    ],
+)
+def test_semantic_checks_name_the_key(change, message):
+    config = load_default()
+    change(config)
+    with pytest.raises(ConfigError, match=message):
+        check(config)
+
+
+def test_run_ids_are_readable_stable_and_local():
+    config = load_default()
+    before = runs(config)
+    assert runs(copy.deepcopy(config)) == before
+    assert any(run_id.startswith("finetune-resnet18-imagenet-") for run_id in before)
+    config["policies"][3]["lr"] = 0.01
+    after = runs(config)
+    changed = set(before) ^ set(after)
+    assert len(changed) == 2 and all(r.startswith("freeze_most-") for r in changed)
+
+
+def test_train_flags_round_trip_through_the_cli():
+    settings = next(iter(runs(load_default()).values()))
+    parsed = config_from_args(train_flags(settings).split())
+    for key, value in settings.items():
+        assert getattr(parsed, key) == value, key

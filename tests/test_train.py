@@ -1,0 +1,112 @@
+"""The trainer: records match the schema, cached training equals uncached, killed runs resume."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from tlselect.registry import read_record, validate_record, write_record
+from tlselect.train import TrainConfig, TrainingError, augment_batch, train
+
+
+def config(tensor_data, tmp_path, **kw):
+    base = dict(
+        data=str(tensor_data),
+        out=str(tmp_path / "model.pt"),
+        epochs=2,
+        batch_size=32,
+        lr=0.05,
+        amp=False,
+        device="cpu",
+        seed=7,
+        eval_batch_size=64,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def quiet(_):
+    pass
+
+
+def test_record_matches_schema_and_learns(tensor_data, tmp_path):
+    record = train(config(tensor_data, tmp_path, epochs=3, freeze="none"), log=quiet)
+    validate_record(record)
+    write_record(tmp_path / "r.json", record)
+    assert read_record(tmp_path / "r.json")["run_id"] == record["run_id"]
+    assert record["status"] == "completed" and len(record["curves"]) == 3
+    assert record["metrics"]["test_accuracy"] is not None
+    assert record["timings"]["train_seconds"] > 0 and record["throughput_images_per_second"] > 0
+    assert (tmp_path / "model.pt").is_file() and not (tmp_path / "model.resume.pt").exists()
+
+
+def test_same_seed_gives_identical_metrics(tensor_data, tmp_path):
+    a = train(config(tensor_data, tmp_path / "a"), log=quiet)
+    b = train(config(tensor_data, tmp_path / "b"), log=quiet)
+    assert [c["train_loss"] for c in a["curves"]] == [c["train_loss"] for c in b["curves"]]
+    assert a["metrics"] == b["metrics"]
+
+
+def test_cached_prefix_training_matches_uncached(tensor_data, tmp_path, monkeypatch):
+    # A pretrained-like init: the prefix must be the same weights in both runs.
+    from tlselect.models import StagedNet
+
+    torch.manual_seed(3)
+    weights = tmp_path / "init.pt"
+    torch.save(StagedNet("resnet18", 4).net.state_dict(), weights)
+    common = dict(init=str(weights), freeze="layer3", augment=False, epochs=3)
+    plain = train(config(tensor_data, tmp_path / "plain", **common), log=quiet)
+    cached = train(config(tensor_data, tmp_path / "cached", cache_features=True, **common), log=quiet)
+    for p, c in zip(plain["curves"], cached["curves"], strict=True):
+        assert c["train_loss"] == pytest.approx(p["train_loss"], rel=1e-4, abs=1e-5)
+        assert c["val_accuracy"] == pytest.approx(p["val_accuracy"], abs=1 / 32 + 1e-9)
+    a = torch.load(tmp_path / "plain" / "model.pt", weights_only=True)["test_predictions"]
+    b = torch.load(tmp_path / "cached" / "model.pt", weights_only=True)["test_predictions"]
+    assert (a == b).float().mean() >= 0.95
+
+
+def test_cache_features_refuses_augmentation_and_unfrozen(tensor_data, tmp_path):
+    with pytest.raises(TrainingError, match="not exact"):
+        train(config(tensor_data, tmp_path, freeze="layer3", cache_features=True, augment=True), log=quiet)
+    with pytest.raises(TrainingError, match="needs a frozen prefix"):
+        train(config(tensor_data, tmp_path, cache_features=True, augment=False), log=quiet)
+
+
+def test_interrupted_run_resumes_from_last_epoch(tensor_data, tmp_path):
+    cfg = config(tensor_data, tmp_path / "killed", epochs=3)
+
+    def crash_in_epoch_two(message):
+        if "epoch 2/3" in message:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, log=crash_in_epoch_two)
+    assert (tmp_path / "killed" / "model.resume.pt").is_file()
+    resumed = train(cfg, log=quiet)
+    straight = train(dataclasses.replace(cfg, out=str(tmp_path / "straight" / "model.pt")), log=quiet)
+    assert resumed["resumed_from_epoch"] == 1
+    assert [c["train_loss"] for c in resumed["curves"]] == [c["train_loss"] for c in straight["curves"]]
+    assert resumed["metrics"] == straight["metrics"]
+
+
+def test_divergence_is_recorded(tensor_data, tmp_path):
+    record = train(config(tensor_data, tmp_path, lr=1e6, epochs=3, optimizer="sgd"), log=quiet)
+    validate_record(record)
+    assert record["status"] == "diverged"
+    assert record["metrics"]["test_accuracy"] is None
+
+
+def test_augmentation_crops_and_flips_whole_batches():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.int64).remainder(251).to(torch.uint8).view(2, 3, 8, 8)
+    out = augment_batch(images, torch.Generator().manual_seed(0), pad=2)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    # every output row of each image is a shifted (maybe flipped) window of the zero-padded input
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    for n in range(2):
+        found = any(
+            torch.equal(out[n], window) or torch.equal(out[n], window.flip(-1))
+            for dy in range(5)
+            for dx in range(5)
+            for window in [padded[n, :, dy : dy + 8, dx : dx + 8]]
+        )
+        assert found

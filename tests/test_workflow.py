@@ -1,0 +1,108 @@
+"""The workflow itself: snakemake on a tiny generated archive, every policy, source pretraining.
+
+One full run, then: a re-run has nothing to do; changing one policy re-runs only that policy's
+training and the report; a figure regenerates alone when named.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import REPO
+
+from tlselect.registry import read_record
+
+pytestmark = pytest.mark.workflow
+
+
+def snakemake(workdir, *args, check=True):
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    command = [
+        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+        "--cores", "2", "--configfile", str(REPO / "config.yaml"), str(workdir / "tiny.yaml"), *args,
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def job_counts(dry_run_output: str) -> dict[str, int]:
+    table = dry_run_output.split("Job stats:")[-1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, tiny_archive):
+    workdir = tmp_path_factory.mktemp("study")
+    tiny = {
+        "data": {
+            "archive": str(tiny_archive),
+            "name": "tiny",
+            "train_per_class": 8,
+            "val_per_class": 2,
+            "test_per_class": 4,
+        },
+        "pretrained": "source",
+        "threads": 1,
+        "source": {"train_per_class": 4, "val_per_class": 1, "train": {"epochs": 1}},
+        "train": {"epochs": 1, "batch_size": 8},
+    }
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    snakemake(workdir)
+    return workdir
+
+
+def test_full_run_produces_every_output(study):
+    runs = pd.read_csv(study / "results/tables/runs.csv")
+    assert sorted(runs["policy"]) == ["finetune", "freeze_early", "freeze_most", "linear_probe", "scratch"]
+    assert runs["selected"].sum() == 1
+    for run_id in runs["run_id"]:
+        assert (study / f"results/models/{run_id}.pt").is_file()
+        record = read_record(study / f"results/registry/{run_id}.json")  # validates against the schema
+        assert (study / f"results/benchmarks/train/{run_id}.tsv").is_file()
+        assert (
+            record["data_checksum"] == json.loads((study / "results/data/subset.json").read_text())["source"]["sha256"]
+        )
+    by_policy = runs.set_index("policy")
+    assert by_policy.loc["scratch", "init"] == "scratch" and by_policy.loc["finetune", "init"] == "source"
+    assert by_policy.loc["linear_probe", "trainable_params"] < by_policy.loc["freeze_most", "trainable_params"]
+    assert by_policy.loc["freeze_most", "trainable_params"] < by_policy.loc["finetune", "trainable_params"]
+    for figure in ("accuracy_vs_time", "accuracy_by_policy", "validation_curves"):
+        assert (study / f"results/figures/{figure}.png").read_bytes()[:4] == b"\x89PNG"
+    notebook = json.loads((study / "results/report/solution.ipynb").read_text())
+    outputs = "".join(json.dumps(cell.get("outputs", [])) for cell in notebook["cells"])
+    assert "Selected" in outputs and "Error" not in outputs
+    assert (study / "results/report/solution.html").stat().st_size > 10_000
+    assert (study / "results/source/resnet18.pt").is_file()
+    assert "Selected on validation accuracy" in (study / "results/tables/summary.md").read_text()
+
+
+def test_second_run_has_nothing_to_do(study):
+    assert "Nothing to be done" in snakemake(study, "--dry-run").stdout
+
+
+def test_changing_one_policy_reruns_only_it_and_the_report(study):
+    original = (study / "tiny.yaml").read_text()
+    tiny = yaml.safe_load(original)
+    policies = yaml.safe_load((REPO / "config.yaml").read_text())["policies"]
+    policies[3]["lr"] = 0.011  # freeze_most
+    tiny["policies"] = policies
+    (study / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    try:
+        out = snakemake(study, "--dry-run").stdout
+    finally:
+        (study / "tiny.yaml").write_text(original)
+    assert job_counts(out) == {"train": 1, "aggregate": 1, "figure": 3, "notebook": 1, "all": 1}
+    assert re.search(r"results/models/freeze_most-resnet18-source-\w+\.pt", out)
+
+
+def test_one_figure_regenerates_alone(study):
+    (study / "results/figures/validation_curves.png").unlink()
+    out = snakemake(study, "--dry-run", "results/figures/validation_curves.png").stdout
+    assert job_counts(out) == {"figure": 1}

@@ -1,0 +1,156 @@
+"""Workflow configuration: checks beyond the JSON schema, policy resolution and stable run ids.
+
+``rules/common.smk`` validates ``config.yaml`` against ``schemas/config.schema.yaml`` (which also
+fills in defaults), then calls :func:`check` and :func:`runs`. Everything here is plain Python so
+it is testable without Snakemake.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from pathlib import Path
+
+from tlselect.models import BACKBONES, NO_FREEZE
+
+HYPER_KEYS = (
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "schedule",
+    "warmup_epochs",
+    "label_smoothing",
+    "augment",
+    "amp",
+    "cache_features",
+)
+NAMED_INITS = ("scratch", "imagenet", "source")
+SOURCE_DIR = "results/source"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key and the fix."""
+
+
+def resolve_init(config: dict, init: str) -> str:
+    """'pretrained' means the study's ``pretrained`` setting; the rest name themselves."""
+    return config["pretrained"] if init == "pretrained" else init
+
+
+def _check_init(key: str, init: str) -> None:
+    if init not in NAMED_INITS and not Path(init).is_file():
+        raise ConfigError(f"{key}: {init!r} is neither one of {', '.join(NAMED_INITS)} nor an existing state-dict file")
+
+
+def check(config: dict) -> None:
+    """Reject a schema-valid config that still cannot run; the message names the key."""
+    backbone = config["backbone"]
+    if backbone not in BACKBONES:
+        raise ConfigError(f"backbone: unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}")
+    stages = BACKBONES[backbone].stage_names
+    data = config["data"]
+    if data["val_per_class"] >= data["train_per_class"]:
+        raise ConfigError(
+            f"data.val_per_class ({data['val_per_class']}) must be smaller than data.train_per_class "
+            f"({data['train_per_class']}): validation images are carved out of the training images"
+        )
+    if data["archive"] and not Path(data["archive"]).is_file():
+        raise ConfigError(f"data.archive: {data['archive']} does not exist; give the path of an image-folder archive")
+    _check_init("pretrained", config["pretrained"])
+    if config["pretrained"] == "pretrained":
+        raise ConfigError("pretrained: must be imagenet, source or a state-dict path, not 'pretrained'")
+    seen = set()
+    for i, policy in enumerate(config["policies"]):
+        key = f"policies[{i}] ({policy['name']})"
+        if policy["name"] in seen:
+            raise ConfigError(f"{key}: duplicate policy name {policy['name']!r}; policy names must be unique")
+        seen.add(policy["name"])
+        _check_init(f"{key}.init", resolve_init(config, policy["init"]))
+        if policy["freeze"] != NO_FREEZE and policy["freeze"] not in stages:
+            raise ConfigError(
+                f"{key}.freeze: {backbone} has no stage {policy['freeze']!r}; use none or one of {', '.join(stages)}"
+            )
+        hyper = policy_hyper(config, policy)
+        if hyper["cache_features"] and policy["freeze"] == NO_FREEZE:
+            raise ConfigError(f"{key}.cache_features: needs a frozen prefix, but freeze is none")
+        if hyper["cache_features"] and hyper["augment"]:
+            raise ConfigError(
+                f"{key}.cache_features: cached prefix outputs are not augmented; set augment: false for this "
+                "policy or turn cache_features off"
+            )
+        if resolve_init(config, policy["init"]) == "scratch" and policy["freeze"] != NO_FREEZE:
+            raise ConfigError(f"{key}.freeze: freezing randomly initialized stages makes no sense with init scratch")
+
+
+def policy_hyper(config: dict, policy: dict) -> dict:
+    """The policy's hyperparameters: the ``train`` defaults, overridden key by key."""
+    return {k: policy.get(k, config["train"][k]) for k in HYPER_KEYS}
+
+
+def _data_identity(config: dict) -> dict:
+    data = config["data"]
+    return {k: data[k] for k in ("name", "classes", "train_per_class", "val_per_class", "test_per_class", "image_size")}
+
+
+def source_settings(config: dict) -> dict:
+    """Trainer settings of the source model the workflow pretrains itself."""
+    hyper = {k: config["source"]["train"].get(k, config["train"][k]) for k in HYPER_KEYS}
+    hyper["cache_features"] = False
+    return {
+        "backbone": config["backbone"],
+        "init": "scratch",
+        "freeze": NO_FREEZE,
+        "resolution": config["resolution"],
+        "seed": config["seed"],
+        **hyper,
+    }
+
+
+def source_checkpoint(config: dict) -> str:
+    return f"{SOURCE_DIR}/{config['backbone']}.pt"
+
+
+def _init_label(init: str) -> str:
+    return init if init in NAMED_INITS else "file-" + Path(init).stem.replace("_", "-")
+
+
+def runs(config: dict) -> dict[str, dict]:
+    """``{run_id: settings}`` for every policy; ids are readable and change only with the run's config."""
+    out = {}
+    for policy in config["policies"]:
+        init = resolve_init(config, policy["init"])
+        settings = {
+            "policy": policy["name"],
+            "backbone": config["backbone"],
+            "init": init,
+            "freeze": policy["freeze"],
+            "resolution": config["resolution"],
+            "seed": config["seed"],
+            **policy_hyper(config, policy),
+        }
+        identity = {"run": settings, "data": _data_identity(config)}
+        if init == "source":
+            identity["source"] = {"settings": source_settings(config), "data": config["source"]}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+        out[f"{policy['name']}-{config['backbone']}-{_init_label(init)}-{digest}"] = settings
+    return out
+
+
+def uses_source(config: dict) -> bool:
+    return any(s["init"] == "source" for s in runs(config).values())
+
+
+def train_flags(settings: dict) -> str:
+    """Command-line flags of ``scripts/train.py`` for a run's settings."""
+    flags = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            flags += [flag, shlex.quote(str(value))]
+    return " ".join(flags)

@@ -1,0 +1,252 @@
+"""Image data: fetch (torchvision download or a local archive), reproducible subsets, uint8 tensors.
+
+The source data is always an image folder ``<root>/{train,test}/<class>/<image>``. A subset is a
+seeded, stratified choice of files from it (``subset.json``); it is decoded once into uint8 NCHW
+tensors (``{split}.pt``) that every later step reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import socket
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from tlselect.atomic import load_torch, save_torch
+
+SPLITS = ("train", "test")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"}
+OFFLINE_HINT = (
+    "Without a network, either set data.archive in the config to a local image-folder archive "
+    "(.tar, .tar.gz or .zip holding train/<class>/* and test/<class>/*), e.g. "
+    "--config 'data={archive: /path/to/cifar10-jpg.tar.gz}', or place the extracted image folder "
+    "at the configured data.root yourself."
+)
+
+
+class DataError(RuntimeError):
+    """The image data is missing, unreadable or inconsistent; the message names the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Fetching
+
+
+def fetch_cifar10(dest: Path, timeout: float = 20.0) -> None:
+    """Download CIFAR-10 with torchvision and write it as an image folder (PNG) at ``dest``."""
+    import torchvision
+
+    socket.setdefaulttimeout(timeout)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        try:
+            sets = {split: torchvision.datasets.CIFAR10(tmp, train=split == "train", download=True) for split in SPLITS}
+        except Exception as error:  # URLError, timeouts, DNS failures: all mean "no data"
+            raise DataError(f"downloading CIFAR-10 failed ({type(error).__name__}: {error}). {OFFLINE_HINT}") from error
+        staging = Path(tmp) / "folder"
+        for split, dataset in sets.items():
+            for index, (array, label) in enumerate(zip(dataset.data, dataset.targets, strict=True)):
+                out = staging / split / dataset.classes[label] / f"{index:05d}.png"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(out)
+        _move_into_place(staging, dest)
+
+
+def extract_archive(archive: Path, dest: Path) -> None:
+    """Extract an image-folder archive (.tar, .tar.gz, .tgz, .zip) so that ``dest/train`` exists."""
+    if not archive.is_file():
+        raise DataError(f"data.archive {archive} does not exist. {OFFLINE_HINT}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(tmp)
+        elif tarfile.is_tarfile(archive):
+            with tarfile.open(archive) as tf:
+                tf.extractall(tmp, filter="data")
+        else:
+            raise DataError(f"data.archive {archive} is neither a tar nor a zip archive")
+        candidates = [Path(tmp), *sorted(p for p in Path(tmp).iterdir() if p.is_dir())]
+        root = next((c for c in candidates if (c / "train").is_dir()), None)
+        if root is None:
+            raise DataError(
+                f"archive {archive} holds no train/ folder at its top level or one level down; "
+                "expected train/<class>/* and test/<class>/*"
+            )
+        _move_into_place(root, dest)
+
+
+def _move_into_place(staging: Path, dest: Path) -> None:
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.move(str(staging), str(dest))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scanning and subsets
+
+
+def scan_image_folder(root: Path) -> dict[str, dict[str, list[str]]]:
+    """``{split: {class: sorted relative file paths}}``, checked for a usable layout."""
+    root = Path(root)
+    layout: dict[str, dict[str, list[str]]] = {}
+    for split in SPLITS:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise DataError(f"{split_dir} is missing: an image folder needs train/<class>/* and test/<class>/*")
+        classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+        if not classes:
+            raise DataError(f"{split_dir} holds no class folders")
+        layout[split] = {
+            c: sorted(str(p.relative_to(root)) for p in (split_dir / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            for c in classes
+        }
+        empty = [c for c, files in layout[split].items() if not files]
+        if empty:
+            raise DataError(f"class folders without images in {split_dir}: {', '.join(empty)}")
+    if list(layout["train"]) != list(layout["test"]):
+        only_train = sorted(set(layout["train"]) - set(layout["test"]))
+        only_test = sorted(set(layout["test"]) - set(layout["train"]))
+        raise DataError(
+            f"class folders differ between {root}/train and {root}/test: only in train {only_train}, "
+            f"only in test {only_test}"
+        )
+    return layout
+
+
+def checksum_files(root: Path, files: list[str]) -> str:
+    """SHA-256 over the relative paths and contents of ``files`` (in the given order)."""
+    digest = hashlib.sha256()
+    for rel in files:
+        digest.update(rel.encode() + b"\0")
+        digest.update((root / rel).read_bytes())
+    return digest.hexdigest()
+
+
+def make_subset(
+    root: Path,
+    classes: list[str] | None,
+    train_per_class: int,
+    val_per_class: int,
+    test_per_class: int,
+    seed: int,
+) -> dict:
+    """A seeded, stratified subset: per class, ``train_per_class`` files from train/ (of which
+    ``val_per_class`` become the validation split) and ``test_per_class`` files from test/.
+
+    ``classes`` restricts the task (``None``: every class in the folder, in sorted order; a
+    CIFAR-10 folder sorts in its label order). The result is JSON-ready and byte-stable.
+    """
+    layout = scan_image_folder(root)
+    available = list(layout["train"])
+    classes = list(classes) if classes else available
+    unknown = [c for c in classes if c not in available]
+    if unknown:
+        raise DataError(f"data.classes names classes not in {root}: {unknown}; available: {available}")
+    rng = random.Random(seed)
+    chosen: dict[str, list[list]] = {"train": [], "val": [], "test": []}
+    for label, name in enumerate(classes):
+        wanted = {"train": train_per_class, "test": test_per_class}
+        picked = {}
+        for split, count in wanted.items():
+            files = layout[split][name]
+            if count > len(files):
+                raise DataError(
+                    f"class {name!r} has {len(files)} images in {split}/ but the subset asks for {count}; "
+                    "lower data.train_per_class or data.test_per_class"
+                )
+            picked[split] = sorted(rng.sample(files, count))
+        shuffled = picked["train"][:]
+        rng.shuffle(shuffled)
+        chosen["val"] += [[f, label] for f in sorted(shuffled[:val_per_class])]
+        chosen["train"] += [[f, label] for f in sorted(shuffled[val_per_class:])]
+        chosen["test"] += [[f, label] for f in picked["test"]]
+    all_files = [f for split in SPLITS for c in available for f in layout[split][c]]
+    return {
+        "seed": seed,
+        "classes": classes,
+        "sizes": {"train_per_class": train_per_class, "val_per_class": val_per_class, "test_per_class": test_per_class},
+        "source": {"root": str(root), "files": len(all_files), "sha256": checksum_files(root, all_files)},
+        "splits": chosen,
+    }
+
+
+def source_task_files(subset: dict, root: Path, classes: list[str], per_class: int, val_per_class: int, seed: int):
+    """Train-split files outside the target subset, for pretraining a source model (disjoint images).
+
+    ``per_class`` files per class, of which ``val_per_class`` become the source validation split.
+
+    Returns ``{"train": [[file, label]...], "val": [...]}`` with labels indexing ``classes``.
+    """
+    layout = scan_image_folder(root)
+    used = {f for split in ("train", "val") for f, _ in subset["splits"][split]}
+    rng = random.Random(seed + 1)
+    out: dict[str, list[list]] = {"train": [], "val": []}
+    for label, name in enumerate(classes):
+        if name not in layout["train"]:
+            raise DataError(f"source.classes names {name!r}, which is not a class in {root}/train")
+        free = [f for f in layout["train"][name] if f not in used]
+        need = per_class
+        if need > len(free):
+            raise DataError(
+                f"class {name!r} has only {len(free)} training images outside the target subset; "
+                f"the source task asks for {need}: lower source.train_per_class or source.val_per_class"
+            )
+        picked = rng.sample(free, need)
+        out["val"] += [[f, label] for f in sorted(picked[:val_per_class])]
+        out["train"] += [[f, label] for f in sorted(picked[val_per_class:])]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding and loading
+
+
+def decode_images(root: Path, entries: list[list], size: int) -> dict[str, torch.Tensor]:
+    """Decode ``[[file, label], ...]`` into ``{"images": uint8 NxCxHxW, "labels": int64 N}``.
+
+    Every unreadable file is collected and reported at once, with the fix.
+    """
+    images = torch.empty((len(entries), 3, size, size), dtype=torch.uint8)
+    bad = []
+    for i, (rel, _) in enumerate(entries):
+        try:
+            with Image.open(root / rel) as img:
+                img = img.convert("RGB")
+                if img.size != (size, size):
+                    img = img.resize((size, size), Image.BILINEAR)
+                images[i] = (
+                    torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+                )
+        except Exception as error:  # PIL raises many kinds for broken files
+            bad.append(f"{rel} ({type(error).__name__})")
+    if bad:
+        listed = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise DataError(f"{len(bad)} unreadable image(s) under {root}: {listed}. Remove or replace them.")
+    labels = torch.tensor([label for _, label in entries], dtype=torch.int64)
+    return {"images": images, "labels": labels}
+
+
+def save_split(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_torch(path, tensors)
+
+
+def load_split(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images, int64 labels) of one decoded split file."""
+    if not Path(path).is_file():
+        raise DataError(f"decoded split {path} is missing; run the workflow's subset step first")
+    data = load_torch(path)
+    return data["images"], data["labels"]
+
+
+def load_json(path: Path) -> dict:
+    if not Path(path).is_file():
+        raise DataError(f"{path} is missing; run the workflow's subset step first")
+    return json.loads(Path(path).read_text())

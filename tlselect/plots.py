@@ -1,0 +1,88 @@
+"""Report figures (matplotlib, PNG), drawn from the aggregated tables only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from tlselect.atomic import atomic_path  # noqa: E402
+from tlselect.report import pareto_front  # noqa: E402
+
+
+def accuracy_vs_time(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
+    """Validation accuracy against training time, one point per run, with the Pareto front."""
+    done = runs[runs["status"] == "completed"]
+    for row in done.itertuples():
+        ax.scatter(row.train_seconds, row.val_accuracy, s=60, zorder=3)
+        ax.annotate(
+            row.policy, (row.train_seconds, row.val_accuracy), textcoords="offset points", xytext=(5, 4), fontsize=8
+        )
+    front = pareto_front(runs)
+    ax.plot(front["train_seconds"], front["val_accuracy"], "k--", lw=1, label="Pareto front", zorder=2)
+    for row in runs[runs["status"] == "diverged"].itertuples():
+        ax.scatter(row.train_seconds, 0, marker="x", color="red", s=60, zorder=3)
+        ax.annotate(
+            f"{row.policy} (diverged)",
+            (row.train_seconds, 0),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+            color="red",
+        )
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Accuracy vs training time")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+
+
+def accuracy_by_policy(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
+    """Validation and test accuracy per policy (selection on validation; test reported)."""
+    ordered = runs.sort_values("policy")
+    positions = range(len(ordered))
+    val = ordered["val_accuracy"].fillna(0).astype(float)
+    test = ordered["test_accuracy"].fillna(0).astype(float)
+    ax.bar([p - 0.2 for p in positions], val, width=0.4, label="validation")
+    ax.bar([p + 0.2 for p in positions], test, width=0.4, label="test")
+    labels = [f"{r.policy}\n({r.status})" if r.status != "completed" else r.policy for r in ordered.itertuples()]
+    ax.set_xticks(list(positions), labels, rotation=20, ha="right")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("Accuracy per policy")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+
+
+def validation_curves(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
+    """Validation accuracy per epoch, one line per policy."""
+    for policy, group in curves.groupby("policy", sort=True):
+        ax.plot(group["epoch"], group["val_accuracy"], marker="o", ms=3, label=policy)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Validation curves")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+FIGURES = {f.__name__: f for f in (accuracy_vs_time, accuracy_by_policy, validation_curves)}
+
+
+def draw(name: str, runs_csv: Path, curves_csv: Path, out: Path) -> None:
+    """Draw figure ``name`` from the tables into ``out`` (PNG, written atomically)."""
+    runs = pd.read_csv(runs_csv)
+    curves = (
+        pd.read_csv(curves_csv)
+        if Path(curves_csv).stat().st_size > 1
+        else pd.DataFrame(columns=["policy", "epoch", "val_accuracy"])
+    )
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    FIGURES[name](runs, curves, ax)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

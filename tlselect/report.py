@@ -1,0 +1,138 @@
+"""Aggregation: registry records -> comparison table, per-epoch curves and a Markdown summary.
+
+Models are chosen on validation accuracy; test accuracy is reported next to it, never used to
+choose.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from tlselect.registry import read_record
+
+COLUMNS = [
+    "run_id",
+    "policy",
+    "backbone",
+    "init",
+    "freeze",
+    "epochs",
+    "lr",
+    "augment",
+    "amp",
+    "cache_features",
+    "status",
+    "trainable_params",
+    "total_params",
+    "val_accuracy",
+    "best_val_accuracy",
+    "test_accuracy",
+    "train_seconds",
+    "eval_seconds",
+    "wall_seconds",
+    "images_per_second",
+    "resumed_from_epoch",
+    "selected",
+]
+
+
+def runs_table(records: list[dict]) -> pd.DataFrame:
+    """One row per run; ``selected`` marks the run with the best final validation accuracy."""
+    rows = []
+    for r in records:
+        c = r["config"]
+        rows.append(
+            {
+                "run_id": r["run_id"],
+                "policy": r["policy"],
+                "backbone": c["backbone"],
+                "init": c["init"],
+                "freeze": c["freeze"],
+                "epochs": c["epochs"],
+                "lr": c["lr"],
+                "augment": c["augment"],
+                "amp": c["amp"],
+                "cache_features": c["cache_features"],
+                "status": r["status"],
+                "trainable_params": r["parameters"]["trainable"],
+                "total_params": r["parameters"]["total"],
+                "val_accuracy": r["metrics"]["val_accuracy"],
+                "best_val_accuracy": r["metrics"]["best_val_accuracy"],
+                "test_accuracy": r["metrics"]["test_accuracy"],
+                "train_seconds": r["timings"]["train_seconds"] + r["timings"]["cache_seconds"],
+                "eval_seconds": r["timings"]["eval_seconds"],
+                "wall_seconds": r["timings"]["wall_seconds"],
+                "images_per_second": r["throughput_images_per_second"],
+                "resumed_from_epoch": r.get("resumed_from_epoch"),
+            }
+        )
+    table = pd.DataFrame(rows, columns=COLUMNS[:-1])
+    completed = table["status"] == "completed"
+    table["selected"] = False
+    if completed.any():
+        table.loc[table.loc[completed, "val_accuracy"].astype(float).idxmax(), "selected"] = True
+    return table.sort_values(["val_accuracy", "run_id"], ascending=[False, True], na_position="last").reset_index(
+        drop=True
+    )
+
+
+def curves_table(records: list[dict]) -> pd.DataFrame:
+    rows = [{"run_id": r["run_id"], "policy": r["policy"], **c} for r in records for c in r["curves"]]
+    return pd.DataFrame(rows)
+
+
+def pareto_front(table: pd.DataFrame, cost: str = "train_seconds", value: str = "val_accuracy") -> pd.DataFrame:
+    """Completed runs that no other run beats on both lower ``cost`` and higher ``value``."""
+    done = table[table["status"] == "completed"].sort_values([cost, value], ascending=[True, False])
+    front, best = [], float("-inf")
+    for index, row in done.iterrows():
+        if row[value] > best:
+            front.append(index)
+            best = row[value]
+    return done.loc[front]
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if value <= 1 else f"{value:.1f}"
+    return "" if value is None or value is pd.NA else str(value)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def summary_markdown(table: pd.DataFrame, source_seconds: float | None = None) -> str:
+    """Markdown report: the selected run, the comparison table, diverged runs."""
+    shown = table[
+        ["policy", "init", "freeze", "status", "val_accuracy", "test_accuracy", "train_seconds", "trainable_params"]
+    ]
+    parts = ["# Transfer-learning study: summary", ""]
+    chosen = table[table["selected"]]
+    if len(chosen):
+        best = chosen.iloc[0]
+        parts.append(
+            f"Selected on validation accuracy: **{best['policy']}** (init {best['init']}, freeze {best['freeze']}): "
+            f"validation {best['val_accuracy']:.4f}, test {best['test_accuracy']:.4f}, "
+            f"{best['train_seconds']:.1f} s of training."
+        )
+    else:
+        parts.append("No run completed: every run diverged.")
+    front = pareto_front(table)
+    parts += ["", "Pareto front (validation accuracy vs training time): " + ", ".join(front["policy"]) + "."]
+    if source_seconds is not None:
+        parts.append(f"The source model took {source_seconds:.1f} s to pretrain, once, for every run with init source.")
+    diverged = table[table["status"] == "diverged"]
+    if len(diverged):
+        parts.append("Diverged (non-finite loss): " + ", ".join(diverged["policy"]) + ".")
+    parts += ["", markdown_table(shown), ""]
+    return "\n".join(parts)
+
+
+def load_records(paths: list[str | Path]) -> list[dict]:
+    """Read and validate every record; a bad one is an error naming its file, never skipped."""
+    return [read_record(p) for p in paths]
