@@ -8,6 +8,7 @@ configfile: "config.yaml"
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/source.smk"
+include: "rules/features.smk"
 include: "rules/train.smk"
 include: "rules/report.smk"
 

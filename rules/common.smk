@@ -1,4 +1,5 @@
 # Config validation, run ids and input functions shared by every stage.
+import re
 import sys
 
 from snakemake.utils import min_version, validate
@@ -10,6 +11,9 @@ sys.path.insert(0, workflow.basedir)
 from tlselect.config import (  # noqa: E402
     ConfigError,
     check,
+    feature_inits,
+    feature_layers,
+    probes,
     runs,
     source_checkpoint,
     source_settings,
@@ -24,22 +28,73 @@ except ConfigError as error:
     raise ValueError(f"invalid configuration: {error}") from None
 
 RUNS = runs(config)
+PROBES = probes(config)
+FEATURE_INITS = feature_inits(config)
+FEATURE_LAYERS = feature_layers(config)
 SPLITS = ["train", "val", "test"]
-FIGURES = ["accuracy_vs_time", "accuracy_by_policy", "validation_curves"]
+FIGURES = ["accuracy_vs_time", "accuracy_by_policy", "validation_curves", "accuracy_by_layer"]
 DATA_ROOT = f"resources/{config['data']['name']}"
 GPU = 1 if config["device"] == "cuda" else 0
+
+
+def one_of(names):
+    """Wildcard constraint matching exactly one of ``names``."""
+    return "|".join(re.escape(name) for name in names) or "^$"
+
+
+def with_source(inputs, init):
+    """Add the source checkpoint to a job's inputs when it starts from the source model."""
+    if init == "source":
+        inputs["source"] = source_checkpoint(config)
+    return inputs
 
 
 def run_inputs(wildcards):
     """Decoded subset, plus the source checkpoint when the run starts from it."""
     inputs = {"data": expand("results/data/{split}.pt", split=SPLITS)}
-    if RUNS[wildcards.run_id]["init"] == "source":
-        inputs["source"] = source_checkpoint(config)
-    return inputs
+    return with_source(inputs, RUNS[wildcards.run_id]["init"])
 
 
 def run_flags(wildcards):
     return train_flags(RUNS[wildcards.run_id])
+
+
+def feature_inputs(wildcards):
+    """The previous cached layer (or the decoded images for the first), plus the source model."""
+    index = FEATURE_LAYERS.index(wildcards.layer)
+    if index == 0:
+        inputs = {"data": expand("results/data/{split}.pt", split=SPLITS)}
+    else:
+        inputs = {
+            "previous": expand(
+                "results/features/{backbone}/{init}/{layer}/{split}.npy",
+                backbone=wildcards.backbone,
+                init=wildcards.init,
+                layer=FEATURE_LAYERS[index - 1],
+                split=SPLITS,
+            )
+        }
+    return with_source(inputs, FEATURE_INITS[wildcards.init])
+
+
+def feature_flags(wildcards):
+    index = FEATURE_LAYERS.index(wildcards.layer)
+    flags = f"--init {FEATURE_INITS[wildcards.init]}"
+    return flags + (f" --from-layer {FEATURE_LAYERS[index - 1]}" if index else "")
+
+
+def probe_inputs(wildcards):
+    settings = PROBES[wildcards.run_id]
+    return {
+        "data": expand("results/data/{split}.pt", split=SPLITS),
+        "features": expand(
+            f"{settings['features']}/{settings['layer']}/{{split}}.npy", split=SPLITS
+        ),
+    }
+
+
+def probe_flags(wildcards):
+    return train_flags(PROBES[wildcards.run_id])
 
 
 def source_checkpoint_flag(wildcards, input):

@@ -3,7 +3,9 @@
 
 rule aggregate:
     input:
-        records=expand("results/registry/{run_id}.json", run_id=sorted(RUNS)),
+        records=expand(
+            "results/registry/{run_id}.json", run_id=sorted([*RUNS, *PROBES])
+        ),
         source=(
             [f"results/source/{config['backbone']}.json"]
             if uses_source(config)

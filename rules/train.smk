@@ -11,6 +11,8 @@ rule train:
         "results/logs/train/{run_id}.log",
     benchmark:
         "results/benchmarks/train/{run_id}.tsv"
+    wildcard_constraints:
+        run_id=one_of(RUNS),
     conda:
         "../envs/torch.yaml"
     threads: config["threads"]

@@ -52,6 +52,7 @@ def study(tmp_path_factory, tiny_archive):
         "threads": 1,
         "source": {"train_per_class": 4, "val_per_class": 1, "train": {"epochs": 1}},
         "train": {"epochs": 1, "batch_size": 8},
+        "features": {"layers": ["layer2", "layer4"], "inits": ["pretrained", "scratch"], "probe": {"epochs": 2}},
     }
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
     snakemake(workdir)
@@ -60,20 +61,26 @@ def study(tmp_path_factory, tiny_archive):
 
 def test_full_run_produces_every_output(study):
     runs = pd.read_csv(study / "results/tables/runs.csv")
-    assert sorted(runs["policy"]) == ["finetune", "freeze_early", "freeze_most", "linear_probe", "scratch"]
+    policies = runs[runs["kind"] == "policy"]
+    assert sorted(policies["policy"]) == ["finetune", "freeze_early", "freeze_most", "linear_probe", "scratch"]
+    probes = runs[runs["kind"] == "probe"]
+    assert sorted(zip(probes["init"], probes["layer"], strict=True)) == [
+        ("scratch", "layer2"), ("scratch", "layer4"), ("source", "layer2"), ("source", "layer4")
+    ]  # fmt: skip
     assert runs["selected"].sum() == 1
     for run_id in runs["run_id"]:
         assert (study / f"results/models/{run_id}.pt").is_file()
         record = read_record(study / f"results/registry/{run_id}.json")  # validates against the schema
-        assert (study / f"results/benchmarks/train/{run_id}.tsv").is_file()
+        kind = "probe" if run_id.startswith("probe_") else "train"
+        assert (study / f"results/benchmarks/{kind}/{run_id}.tsv").is_file()
         assert (
             record["data_checksum"] == json.loads((study / "results/data/subset.json").read_text())["source"]["sha256"]
         )
-    by_policy = runs.set_index("policy")
+    by_policy = policies.set_index("policy")
     assert by_policy.loc["scratch", "init"] == "scratch" and by_policy.loc["finetune", "init"] == "source"
     assert by_policy.loc["linear_probe", "trainable_params"] < by_policy.loc["freeze_most", "trainable_params"]
     assert by_policy.loc["freeze_most", "trainable_params"] < by_policy.loc["finetune", "trainable_params"]
-    for figure in ("accuracy_vs_time", "accuracy_by_policy", "validation_curves"):
+    for figure in ("accuracy_vs_time", "accuracy_by_policy", "validation_curves", "accuracy_by_layer"):
         assert (study / f"results/figures/{figure}.png").read_bytes()[:4] == b"\x89PNG"
     notebook = json.loads((study / "results/report/solution.ipynb").read_text())
     outputs = "".join(json.dumps(cell.get("outputs", [])) for cell in notebook["cells"])
@@ -98,8 +105,22 @@ def test_changing_one_policy_reruns_only_it_and_the_report(study):
         out = snakemake(study, "--dry-run").stdout
     finally:
         (study / "tiny.yaml").write_text(original)
-    assert job_counts(out) == {"train": 1, "aggregate": 1, "figure": 3, "notebook": 1, "all": 1}
+    assert job_counts(out) == {"train": 1, "aggregate": 1, "figure": 4, "notebook": 1, "all": 1}
     assert re.search(r"results/models/freeze_most-resnet18-source-\w+\.pt", out)
+
+
+def test_adding_a_layer_runs_only_its_probes(study):
+    original = (study / "tiny.yaml").read_text()
+    tiny = yaml.safe_load(original)
+    tiny["features"]["layers"] = ["layer1", "layer2", "layer4"]
+    (study / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    try:
+        out = snakemake(study, "--dry-run").stdout
+    finally:
+        (study / "tiny.yaml").write_text(original)
+    # layer1 is already cached (the chain runs stem..layer4): only its two probes are new
+    assert job_counts(out) == {"probe": 2, "aggregate": 1, "figure": 4, "notebook": 1, "all": 1}
+    assert len(set(re.findall(r"results/models/(probe_layer1-[\w-]+)\.pt", out))) == 2
 
 
 def test_one_figure_regenerates_alone(study):

@@ -85,6 +85,12 @@ def check(config: dict) -> None:
         if resolve_init(config, policy["init"]) == "scratch" and policy["freeze"] != NO_FREEZE:
             raise ConfigError(f"{key}.freeze: freezing randomly initialized stages makes no sense with init scratch")
 
+    for layer in config["features"]["layers"]:
+        if layer not in stages:
+            raise ConfigError(f"features.layers: {backbone} has no stage {layer!r}; stages: {', '.join(stages)}")
+    for init in config["features"]["inits"]:
+        _check_init("features.inits", resolve_init(config, init))
+
 
 def policy_hyper(config: dict, policy: dict) -> dict:
     """The policy's hyperparameters: the ``train`` defaults, overridden key by key."""
@@ -118,6 +124,10 @@ def _init_label(init: str) -> str:
     return init if init in NAMED_INITS else "file-" + Path(init).stem.replace("_", "-")
 
 
+def _digest(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def runs(config: dict) -> dict[str, dict]:
     """``{run_id: settings}`` for every policy; ids are readable and change only with the run's config."""
     out = {}
@@ -135,13 +145,57 @@ def runs(config: dict) -> dict[str, dict]:
         identity = {"run": settings, "data": _data_identity(config)}
         if init == "source":
             identity["source"] = {"settings": source_settings(config), "data": config["source"]}
-        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
-        out[f"{policy['name']}-{config['backbone']}-{_init_label(init)}-{digest}"] = settings
+        out[f"{policy['name']}-{config['backbone']}-{_init_label(init)}-{_digest(identity)}"] = settings
+    return out
+
+
+def feature_inits(config: dict) -> dict[str, str]:
+    """``{label: init}`` of the inits whose features are cached (labels name folders)."""
+    inits = (resolve_init(config, i) for i in config["features"]["inits"]) if config["features"]["layers"] else ()
+    return {_init_label(init): init for init in inits}
+
+
+def feature_layers(config: dict) -> list[str]:
+    """The cached chain: every stage from the first to the deepest probed one, in order.
+
+    Each is extracted from the one before it, so adding a probed layer never changes how the
+    others are computed (and never re-runs their probes).
+    """
+    stages = BACKBONES[config["backbone"]].stage_names
+    wanted = config["features"]["layers"]
+    return stages[: max(stages.index(layer) for layer in wanted) + 1] if wanted else []
+
+
+def probes(config: dict) -> dict[str, dict]:
+    """``{run_id: settings}`` of one linear probe per cached layer and init."""
+    feats = config["features"]
+    hyper = {k: feats["probe"].get(k, config["train"][k]) for k in HYPER_KEYS}
+    hyper.update(augment=False, amp=False, cache_features=True)
+    out = {}
+    stages = BACKBONES[config["backbone"]].stage_names
+    for label, init in feature_inits(config).items():
+        for layer in sorted(feats["layers"], key=stages.index):
+            settings = {
+                "policy": f"probe_{layer}",
+                "backbone": config["backbone"],
+                "init": init,
+                "freeze": layer,
+                "resolution": config["resolution"],
+                "seed": config["seed"],
+                "features": f"results/features/{config['backbone']}/{label}",
+                "layer": layer,
+                "pool": feats["pool"],
+                **hyper,
+            }
+            identity = {"run": settings, "data": _data_identity(config), "dtype": feats["dtype"]}
+            if init == "source":
+                identity["source"] = {"settings": source_settings(config), "data": config["source"]}
+            out[f"probe_{layer}-{config['backbone']}-{label}-{_digest(identity)}"] = settings
     return out
 
 
 def uses_source(config: dict) -> bool:
-    return any(s["init"] == "source" for s in runs(config).values())
+    return any(s["init"] == "source" for s in [*runs(config).values(), *probes(config).values()])
 
 
 def train_flags(settings: dict) -> str:

@@ -167,12 +167,6 @@ class StagedNet(nn.Module):
                 module.eval()
         return self
 
-    def parameter_counts(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts."""
-        total = sum(p.numel() for p in self.parameters())
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, total
-
 
 # ---------------------------------------------------------------------------------------------
 # Initializations

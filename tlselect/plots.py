@@ -11,13 +11,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from tlselect.atomic import atomic_path  # noqa: E402
+from tlselect.models import backbone_spec  # noqa: E402
 from tlselect.report import pareto_front  # noqa: E402
 
 
 def accuracy_vs_time(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
     """Validation accuracy against training time, one point per run, with the Pareto front."""
     done = runs[runs["status"] == "completed"]
-    for row in done.itertuples():
+    probes = done[done["kind"] == "probe"]
+    ax.scatter(probes["train_seconds"], probes["val_accuracy"], s=18, color="grey", label="layer probes", zorder=3)
+    for row in done[done["kind"] == "policy"].itertuples():
         ax.scatter(row.train_seconds, row.val_accuracy, s=60, zorder=3)
         ax.annotate(
             row.policy, (row.train_seconds, row.val_accuracy), textcoords="offset points", xytext=(5, 4), fontsize=8
@@ -34,16 +37,18 @@ def accuracy_vs_time(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
             fontsize=8,
             color="red",
         )
+    ax.set_xscale("symlog", linthresh=1)
+    ax.margins(x=0.12, y=0.08)
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("validation accuracy")
     ax.set_title("Accuracy vs training time")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     ax.grid(alpha=0.3)
 
 
 def accuracy_by_policy(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
     """Validation and test accuracy per policy (selection on validation; test reported)."""
-    ordered = runs.sort_values("policy")
+    ordered = runs[runs["kind"] == "policy"].sort_values("policy")
     positions = range(len(ordered))
     val = ordered["val_accuracy"].fillna(0).astype(float)
     test = ordered["test_accuracy"].fillna(0).astype(float)
@@ -60,7 +65,8 @@ def accuracy_by_policy(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
 
 def validation_curves(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
     """Validation accuracy per epoch, one line per policy."""
-    for policy, group in curves.groupby("policy", sort=True):
+    policies = set(runs.loc[runs["kind"] == "policy", "policy"])
+    for policy, group in curves[curves["policy"].isin(policies)].groupby("policy", sort=True):
         ax.plot(group["epoch"], group["val_accuracy"], marker="o", ms=3, label=policy)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
@@ -69,7 +75,22 @@ def validation_curves(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
     ax.grid(alpha=0.3)
 
 
-FIGURES = {f.__name__: f for f in (accuracy_vs_time, accuracy_by_policy, validation_curves)}
+def accuracy_by_layer(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
+    """Linear-probe validation accuracy per cached layer, one line per init (Yosinski et al.'s curve)."""
+    probes = runs[(runs["kind"] == "probe") & (runs["status"] == "completed")]
+    for (backbone, init), group in probes.groupby(["backbone", "init"], sort=True):
+        stages = backbone_spec(backbone).stage_names
+        group = group.sort_values("layer", key=lambda column: column.map(stages.index))
+        ax.plot(group["layer"], group["val_accuracy"], marker="o", label=f"init {init}")
+    ax.set_xlabel("layer (cached features, average-pooled)")
+    ax.set_ylabel("linear-probe validation accuracy")
+    ax.set_title("Which layer transfers: accuracy by layer")
+    if len(probes):
+        ax.legend()
+    ax.grid(alpha=0.3)
+
+
+FIGURES = {f.__name__: f for f in (accuracy_vs_time, accuracy_by_policy, validation_curves, accuracy_by_layer)}
 
 
 def draw(name: str, runs_csv: Path, curves_csv: Path, out: Path) -> None:

@@ -14,10 +14,12 @@ from tlselect.registry import read_record
 
 COLUMNS = [
     "run_id",
+    "kind",
     "policy",
     "backbone",
     "init",
     "freeze",
+    "layer",
     "epochs",
     "lr",
     "augment",
@@ -46,10 +48,12 @@ def runs_table(records: list[dict]) -> pd.DataFrame:
         rows.append(
             {
                 "run_id": r["run_id"],
+                "kind": "probe" if c.get("features") else "policy",
                 "policy": r["policy"],
                 "backbone": c["backbone"],
                 "init": c["init"],
                 "freeze": c["freeze"],
+                "layer": c.get("layer") or "",
                 "epochs": c["epochs"],
                 "lr": c["lr"],
                 "augment": c["augment"],

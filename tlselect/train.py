@@ -24,6 +24,7 @@ from torch import nn
 
 from tlselect.atomic import load_torch, save_torch
 from tlselect.data import load_split
+from tlselect.features import load_features
 from tlselect.models import NO_FREEZE, StagedNet, initialize
 
 
@@ -57,6 +58,22 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: leave torch's default)"})
     eval_batch_size: int = field(default=1024, metadata={"help": "evaluation batch size"})
+    features: str = field(
+        default="", metadata={"help": "probe mode: folder of cached activations <layer>/<split>.npy (see --layer)"}
+    )
+    layer: str = field(default="", metadata={"help": "probe mode: which cached layer to train a linear probe on"})
+    pool: int = field(default=1, metadata={"help": "probe mode: adaptive average pooling to pool x pool (0: none)"})
+
+
+class LinearProbe(nn.Module):
+    """A linear classifier on (pooled) cached activations of one layer."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        return self.fc(torch.flatten(x, 1))
 
 
 class TrainingError(RuntimeError):
@@ -189,17 +206,27 @@ def train(config: TrainConfig, log=print) -> dict:
     data_seconds = time.perf_counter() - t0
 
     torch.manual_seed(config.seed)
-    model = StagedNet(config.backbone, num_classes, config.resolution)
-    init_note = initialize(model, config.init, config.source_checkpoint or None)
-    model.freeze_through(config.freeze)
+    if config.features:
+        if not config.layer:
+            raise TrainingError("probe mode (--features) needs --layer: which cached layer to probe")
+        folder = Path(config.features) / config.layer
+        train_x, val_x = (load_features(folder / f"{s}.npy", config.pool).to(device) for s in ("train", "val"))
+        test_x = load_features(folder / "test.npy", config.pool) if has_test else None
+        model = LinearProbe(train_x[0].numel(), num_classes)
+        init_note = {"source": f"features:{folder}", "classifier_replaced": False, "skipped_keys": []}
+    else:
+        model = StagedNet(config.backbone, num_classes, config.resolution)
+        init_note = initialize(model, config.init, config.source_checkpoint or None)
+        model.freeze_through(config.freeze)
     model.to(device)
-    trainable, total = model.parameter_counts()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(config, [p for p in model.parameters() if p.requires_grad])
     generator = torch.Generator().manual_seed(config.seed)
 
     start = 0
     cache_seconds = 0.0
-    if config.cache_features:
+    if config.cache_features and not config.features:  # probes read features cached on disk
         t0 = time.perf_counter()
         start = model.frozen_stop()
         train_x = run_prefix(model, train_x, start, config, device)
@@ -228,8 +255,9 @@ def train(config: TrainConfig, log=print) -> dict:
         else:
             log(f"[{config.run_id}] ignoring {resume_file}: it was written with another configuration")
 
+    what = f"probe on {config.layer}" if config.features else f"freeze={config.freeze}"
     log(
-        f"[{config.run_id}] {config.backbone} init={config.init} freeze={config.freeze} on {device}: "
+        f"[{config.run_id}] {config.backbone} init={config.init} {what} on {device}: "
         f"{len(train_x)} train / {len(val_x)} val images, {trainable:,}/{total:,} trainable parameters"
     )
     for epoch in range(first_epoch, config.epochs):
@@ -327,7 +355,8 @@ def train(config: TrainConfig, log=print) -> dict:
         "hardware": {**hardware(), "device": str(device)},
         "versions": versions(),
     }
-    checkpoint = {"model": model.net.state_dict(), "run_id": config.run_id, "status": status}
+    weights = model.net.state_dict() if isinstance(model, StagedNet) else model.state_dict()
+    checkpoint = {"model": weights, "run_id": config.run_id, "status": status}
     if test_predictions is not None:
         checkpoint["test_predictions"] = test_predictions
     save_torch(config.out, checkpoint)
