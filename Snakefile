@@ -10,6 +10,7 @@ include: "rules/data.smk"
 include: "rules/source.smk"
 include: "rules/features.smk"
 include: "rules/train.smk"
+include: "rules/benchmark.smk"
 include: "rules/report.smk"
 
 

@@ -32,9 +32,19 @@ PROBES = probes(config)
 FEATURE_INITS = feature_inits(config)
 FEATURE_LAYERS = feature_layers(config)
 SPLITS = ["train", "val", "test"]
-FIGURES = ["accuracy_vs_time", "accuracy_by_policy", "validation_curves", "accuracy_by_layer"]
+BENCHMARKS = config["benchmarks"]["enabled"]
+FIGURES = [
+    "accuracy_vs_time",
+    "accuracy_by_policy",
+    "validation_curves",
+    "accuracy_by_layer",
+]
+FIGURES += ["speedups"] if BENCHMARKS else []
 DATA_ROOT = f"resources/{config['data']['name']}"
-GPU = 1 if config["device"] == "cuda" else 0
+# GPUs each training/extraction job asks for: none on device cpu, else one. A local run's
+# --resources gpu=N caps the total (gpu=0 lowers it to 0, so device auto runs on the CPU); on SLURM
+# the profile's set-resources decide. The job claims its GPU itself (tlselect.gpus, --gpus).
+GPU = 0 if config["device"] == "cpu" else 1
 
 
 def one_of(names):
@@ -91,6 +101,37 @@ def probe_inputs(wildcards):
             f"{settings['features']}/{settings['layer']}/{{split}}.npy", split=SPLITS
         ),
     }
+
+
+def benchmark_inputs(wildcards):
+    """Decoded subset and image folder (the naive path reads images), plus the source model."""
+    inputs = {
+        "data": expand("results/data/{split}.pt", split=SPLITS),
+        "images": DATA_ROOT,
+    }
+    return with_source(inputs, config["pretrained"])
+
+
+def benchmark_flags(wildcards, input):
+    bench = config["benchmarks"]
+    flags = (
+        f"--suites {' '.join(bench['suites'])} --epochs {bench['epochs']} "
+        f"--accuracy-epochs {bench['accuracy_epochs']} --init {config['pretrained']} "
+        f"--layers {' '.join(config['features']['layers'] or ['layer1', 'layer2', 'layer3', 'layer4'])} "
+        f"--batch-size {config['train']['batch_size']} --lr {config['train']['lr']} --device {config['device']}"
+    )
+    if "source" in input.keys():
+        flags += f" --source-checkpoint {input.source}"
+    return flags + (" --compile" if bench["compile"] else "")
+
+
+def figure_inputs(wildcards):
+    tables = (
+        ["runs", "curves", "optimizations"]
+        if wildcards.figure == "speedups"
+        else ["runs", "curves"]
+    )
+    return {table: f"results/tables/{table}.csv" for table in tables}
 
 
 def probe_flags(wildcards):

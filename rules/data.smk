@@ -12,6 +12,10 @@ rule fetch_data:
         "results/logs/fetch_data.log",
     conda:
         "../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=lambda wildcards, attempt: 1000 * attempt,
+        runtime=60,
     params:
         script=script("prepare_data.py"),
         archive=(
@@ -33,6 +37,10 @@ rule subset:
         "results/logs/subset.log",
     conda:
         "../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=30,
     params:
         script=script("prepare_data.py"),
         classes=" ".join(config["data"]["classes"]),
@@ -42,6 +50,7 @@ rule subset:
             f"--test-per-class {config['data']['test_per_class']} "
             f"--image-size {config['data']['image_size']} --seed {config['seed']}"
         ),
+        skip="--skip-unreadable" if config["data"]["skip_unreadable"] else "",
     shell:
         "python {params.script} subset --root {input} --out results/data "
-        "--classes {params.classes} {params.sizes} 2>&1 | tee {log}"
+        "--classes {params.classes} {params.sizes} {params.skip} 2>&1 | tee {log}"

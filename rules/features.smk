@@ -36,7 +36,7 @@ rule extract_features:
     shell:
         "python {params.script} --backbone {wildcards.backbone} --layer {wildcards.layer} "
         "--out-dir results/features/{wildcards.backbone}/{wildcards.init} {params.flags} "
-        "{params.source} {params.settings} --threads {threads} 2>&1 | tee {log}"
+        "{params.source} {params.settings} --gpus {resources.gpu} --threads {threads} 2>&1 | tee {log}"
 
 
 rule probe:
@@ -55,6 +55,7 @@ rule probe:
         "../envs/torch.yaml"
     threads: config["threads"]
     resources:
+        gpu=GPU,
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
         runtime=30,
     params:
@@ -64,4 +65,4 @@ rule probe:
     shell:
         "python {params.script} {params.flags} --data results/data --out {output.model} "
         "--record {output.record} --run-id {wildcards.run_id} --device {params.device} "
-        "--threads {threads} 2>&1 | tee {log}"
+        "--gpus {resources.gpu} --threads {threads} 2>&1 | tee {log}"

@@ -19,6 +19,10 @@ rule aggregate:
         "results/logs/aggregate.log",
     conda:
         "../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=lambda wildcards, attempt: 1000 * attempt,
+        runtime=10,
     params:
         script=script("evaluate.py"),
         source=lambda wildcards, input: (
@@ -29,10 +33,28 @@ rule aggregate:
         "--out-dir results/tables 2>&1 | tee {log}"
 
 
+rule optimizations_table:
+    input:
+        "results/benchmarks/optimizations.json",
+    output:
+        report("results/tables/optimizations.csv", category="Tables"),
+    log:
+        "results/logs/optimizations_table.log",
+    conda:
+        "../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=lambda wildcards, attempt: 1000 * attempt,
+        runtime=10,
+    params:
+        script=script("evaluate.py"),
+    shell:
+        "python {params.script} --optimizations {input} --out-dir results/tables 2>&1 | tee {log}"
+
+
 rule figure:
     input:
-        runs="results/tables/runs.csv",
-        curves="results/tables/curves.csv",
+        unpack(figure_inputs),
     output:
         report("results/figures/{figure}.png", category="Figures"),
     log:
@@ -41,11 +63,20 @@ rule figure:
         figure="|".join(FIGURES),
     conda:
         "../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=lambda wildcards, attempt: 1000 * attempt,
+        runtime=10,
     params:
         script=script("plot.py"),
+        optimizations=lambda wildcards, input: (
+            f"--optimizations {input.optimizations}"
+            if "optimizations" in input.keys()
+            else ""
+        ),
     shell:
         "python {params.script} {wildcards.figure} --runs {input.runs} "
-        "--curves {input.curves} --out {output} 2>&1 | tee {log}"
+        "--curves {input.curves} {params.optimizations} --out {output} 2>&1 | tee {log}"
 
 
 rule notebook:
@@ -54,6 +85,7 @@ rule notebook:
         runs="results/tables/runs.csv",
         curves="results/tables/curves.csv",
         figures=expand("results/figures/{figure}.png", figure=FIGURES),
+        optimizations=["results/tables/optimizations.csv"] if BENCHMARKS else [],
     output:
         notebook="results/report/solution.ipynb",
         html=report("results/report/solution.html", category="Notebook"),
@@ -61,8 +93,17 @@ rule notebook:
         "results/logs/notebook.log",
     conda:
         "../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=30,
+    # papermill saves its output after every cell: execute and convert in a temporary folder, then
+    # rename both into place, so no reader ever sees a half-executed notebook.
     shell:
-        "(papermill {input.notebook} {output.notebook} --cwd . "
+        "(tmp=$(mktemp -d results/report/.notebook.XXXXXX) && trap 'rm -rf $tmp' EXIT "
+        "&& papermill {input.notebook} $tmp/solution.ipynb --cwd . "
         "-p runs_csv {input.runs} -p curves_csv {input.curves} -p figures_dir results/figures "
-        "&& jupyter nbconvert --to html {output.notebook} --output-dir results/report) "
+        "-p optimizations_csv '{input.optimizations}' "
+        "&& jupyter nbconvert --to html $tmp/solution.ipynb --output-dir $tmp "
+        "&& mv $tmp/solution.html {output.html} && mv $tmp/solution.ipynb {output.notebook}) "
         "> {log} 2>&1"

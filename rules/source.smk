@@ -13,6 +13,10 @@ rule source_data:
         "results/logs/source_data.log",
     conda:
         "../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=30,
     params:
         script=script("prepare_data.py"),
         classes=" ".join(config["source"]["classes"]),
@@ -50,4 +54,4 @@ rule pretrain_source:
     shell:
         "python {params.script} {params.flags} --data results/source/data --out {output.model} "
         "--record {output.record} --run-id source-{wildcards.backbone} --policy source "
-        "--device {params.device} --threads {threads} 2>&1 | tee {log}"
+        "--device {params.device} --gpus {resources.gpu} --threads {threads} 2>&1 | tee {log}"

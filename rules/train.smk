@@ -28,4 +28,4 @@ rule train:
     shell:
         "python {params.script} {params.flags} {params.source} --data results/data "
         "--out {output.model} --record {output.record} --run-id {wildcards.run_id} "
-        "--device {params.device} --threads {threads} 2>&1 | tee {log}"
+        "--device {params.device} --gpus {resources.gpu} --threads {threads} 2>&1 | tee {log}"

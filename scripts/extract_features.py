@@ -17,8 +17,9 @@ import torch
 
 from tlselect.data import DataError, load_split
 from tlselect.features import DTYPES, extract_range
+from tlselect.gpus import GPUError, assign
 from tlselect.models import InitError, StagedNet, initialize
-from tlselect.train import resolve_device
+from tlselect.train import TrainingError, resolve_device
 
 SPLITS = ("train", "val", "test")
 
@@ -37,13 +38,17 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
     parser.add_argument("--memory-mb", type=float, default=1024, help="activations held at once")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--gpus", type=int, default=None, help="GPUs given to this job, claimed before CUDA starts (0: hide all)"
+    )
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
     out_dir = Path(args.out_dir)
     try:
+        assign(args.gpus, args.device)
+        device = resolve_device(args.device)
         torch.manual_seed(args.seed)
         model = StagedNet(args.backbone, 2, args.resolution)
         initialize(model, args.init, args.source_checkpoint or None)
@@ -66,7 +71,7 @@ def main(argv=None) -> int:
                 f"{args.from_layer or 'images'} in {time.perf_counter() - t0:.1f}s",
                 flush=True,
             )
-    except (DataError, InitError, ValueError) as error:
+    except (DataError, GPUError, InitError, TrainingError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

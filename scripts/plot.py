@@ -15,9 +15,11 @@ def main(argv=None) -> int:
     parser.add_argument("figure", choices=sorted(FIGURES), help="which figure")
     parser.add_argument("--runs", default="results/tables/runs.csv")
     parser.add_argument("--curves", default="results/tables/curves.csv")
+    parser.add_argument("--optimizations", default="", help="results/tables/optimizations.csv (speedups)")
     parser.add_argument("--out", required=True, help="PNG file to write")
     args = parser.parse_args(argv)
-    draw(args.figure, Path(args.runs), Path(args.curves), Path(args.out))
+    optimizations = Path(args.optimizations) if args.optimizations else None
+    draw(args.figure, Path(args.runs), Path(args.curves), Path(args.out), optimizations)
     return 0
 
 

@@ -2,7 +2,7 @@
 """Data steps of the workflow: fetch the image folder, materialize the subset, build the source task.
 
 prepare_data.py fetch  --dest resources/cifar10 [--archive FILE]
-prepare_data.py subset --root resources/cifar10 --out results/data [sizes, --classes, --seed]
+prepare_data.py subset --root resources/cifar10 --out results/data [sizes, --classes, --seed, --skip-unreadable]
 prepare_data.py source --root resources/cifar10 --subset results/data/subset.json --out results/source/data
 """
 
@@ -29,29 +29,54 @@ def fetch(args) -> None:
     print(f"image folder ready: {len(layout['train'])} classes, {counts}", flush=True)
 
 
-def decode_all(root: Path, splits: dict, out: Path, size: int) -> None:
-    for split, entries in splits.items():
-        print(f"decoding {len(entries)} {split} images", flush=True)
-        data.save_split(out / f"{split}.pt", data.decode_images(root, entries, size))
+def save_all(out: Path, tensors: dict, skipped: list[str]) -> None:
+    for split, decoded in tensors.items():
+        print(f"decoded {len(decoded['labels'])} {split} images", flush=True)
+        data.save_split(out / f"{split}.pt", decoded)
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable or non-image file(s): {', '.join(skipped)}", flush=True)
 
 
 def subset(args) -> None:
     root, out = Path(args.root), Path(args.out)
-    chosen = data.make_subset(
-        root, args.classes, args.train_per_class, args.val_per_class, args.test_per_class, args.seed
+    strays = data.check_non_images(root, args.skip_unreadable)
+    chosen, tensors, unreadable = data.decode_splits(
+        root,
+        lambda exclude: data.make_subset(
+            root, args.classes, args.train_per_class, args.val_per_class, args.test_per_class, args.seed, exclude
+        ),
+        args.image_size,
+        args.skip_unreadable,
     )
-    decode_all(root, chosen["splits"], out, args.image_size)
+    skipped = sorted(strays + unreadable)
+    save_all(out, tensors, skipped)
+    chosen["skipped"] = {"skip_unreadable": args.skip_unreadable, "count": len(skipped), "files": skipped}
     write_json(out / "subset.json", chosen)
 
 
 def source(args) -> None:
+    """The source task; it skips unreadable images when the target subset did (data.skip_unreadable)."""
     root, out = Path(args.root), Path(args.out)
     target = data.load_json(Path(args.subset))
     classes = args.classes or target["classes"]
-    splits = data.source_task_files(target, root, classes, args.train_per_class, args.val_per_class, args.seed)
-    decode_all(root, splits, out, args.image_size)
+    known = target.get("skipped", {})
+    skip = known.get("skip_unreadable", False)
+    sizes = (args.train_per_class, args.val_per_class, args.seed)
+
+    def pick(exclude):
+        return {"splits": data.source_task_files(target, root, classes, *sizes, known.get("files", []) + exclude)}
+
+    chosen, tensors, skipped = data.decode_splits(root, pick, args.image_size, skip)
+    save_all(out, tensors, skipped)
     write_json(
-        out / "subset.json", {"seed": args.seed, "classes": classes, "source": target["source"], "splits": splits}
+        out / "subset.json",
+        {
+            "seed": args.seed,
+            "classes": classes,
+            "source": target["source"],
+            "splits": chosen["splits"],
+            "skipped": {"skip_unreadable": skip, "count": len(skipped), "files": skipped},
+        },
     )
 
 
@@ -76,6 +101,11 @@ def main(argv=None) -> int:
         p.add_argument("--seed", type=int, default=0)
         p.set_defaults(func=func)
     commands.choices["subset"].add_argument("--test-per-class", type=int, required=True)
+    commands.choices["subset"].add_argument(
+        "--skip-unreadable",
+        action="store_true",
+        help="leave out non-image files and images that do not decode (listed in subset.json) instead of failing",
+    )
     commands.choices["source"].add_argument("--subset", required=True, help="the target subset.json")
     args = parser.parse_args(argv)
     try:

@@ -53,6 +53,7 @@ def study(tmp_path_factory, tiny_archive):
         "source": {"train_per_class": 4, "val_per_class": 1, "train": {"epochs": 1}},
         "train": {"epochs": 1, "batch_size": 8},
         "features": {"layers": ["layer2", "layer4"], "inits": ["pretrained", "scratch"], "probe": {"epochs": 2}},
+        "benchmarks": {"epochs": 1, "accuracy_epochs": 1},
     }
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
     snakemake(workdir)
@@ -80,11 +81,14 @@ def test_full_run_produces_every_output(study):
     assert by_policy.loc["scratch", "init"] == "scratch" and by_policy.loc["finetune", "init"] == "source"
     assert by_policy.loc["linear_probe", "trainable_params"] < by_policy.loc["freeze_most", "trainable_params"]
     assert by_policy.loc["freeze_most", "trainable_params"] < by_policy.loc["finetune", "trainable_params"]
-    for figure in ("accuracy_vs_time", "accuracy_by_policy", "validation_curves", "accuracy_by_layer"):
+    optimizations = pd.read_csv(study / "results/tables/optimizations.csv")
+    assert {"training", "features"} == set(optimizations["suite"]) and (optimizations["speedup"] > 0).all()
+    assert "efficiency: trainer epoch vs bare loop" in set(optimizations["optimization"])
+    for figure in ("accuracy_vs_time", "accuracy_by_policy", "validation_curves", "accuracy_by_layer", "speedups"):
         assert (study / f"results/figures/{figure}.png").read_bytes()[:4] == b"\x89PNG"
     notebook = json.loads((study / "results/report/solution.ipynb").read_text())
     outputs = "".join(json.dumps(cell.get("outputs", [])) for cell in notebook["cells"])
-    assert "Selected" in outputs and "Error" not in outputs
+    assert "Selected" in outputs and "Measured on" in outputs and "Error" not in outputs
     assert (study / "results/report/solution.html").stat().st_size > 10_000
     assert (study / "results/source/resnet18.pt").is_file()
     assert "Selected on validation accuracy" in (study / "results/tables/summary.md").read_text()
@@ -106,6 +110,7 @@ def test_changing_one_policy_reruns_only_it_and_the_report(study):
     finally:
         (study / "tiny.yaml").write_text(original)
     assert job_counts(out) == {"train": 1, "aggregate": 1, "figure": 4, "notebook": 1, "all": 1}
+    assert "benchmark_optimizations" not in out
     assert re.search(r"results/models/freeze_most-resnet18-source-\w+\.pt", out)
 
 

@@ -12,6 +12,7 @@ import json
 import shlex
 from pathlib import Path
 
+from tlselect.data import archive_image_counts
 from tlselect.models import BACKBONES, NO_FREEZE
 
 HYPER_KEYS = (
@@ -90,6 +91,38 @@ def check(config: dict) -> None:
             raise ConfigError(f"features.layers: {backbone} has no stage {layer!r}; stages: {', '.join(stages)}")
     for init in config["features"]["inits"]:
         _check_init("features.inits", resolve_init(config, init))
+    if data["archive"]:
+        _check_subset_fits(config, archive_image_counts(Path(data["archive"])))
+
+
+def _check_subset_fits(config: dict, counts: dict[str, dict[str, int]]) -> None:
+    """The subset (and the source task) against the images per class that data.archive holds."""
+    data, source, archive = config["data"], config["source"], config["data"]["archive"]
+    if not counts["train"]:
+        raise ConfigError(f"data.archive: {archive} holds no images in train/<class>/ (top level or one folder down)")
+    classes = data["classes"] or sorted(counts["train"])
+    unknown = [c for c in classes if c not in counts["train"]]
+    if unknown:
+        raise ConfigError(f"data.classes: {unknown} not in {archive}; it holds {', '.join(sorted(counts['train']))}")
+    for key, split in (("train_per_class", "train"), ("test_per_class", "test")):
+        short = {c: counts[split].get(c, 0) for c in classes if counts[split].get(c, 0) < data[key]}
+        if short:
+            raise ConfigError(
+                f"data.{key}: the subset asks for {data[key]} images per class, but {split}/ of {archive} holds "
+                f"only {', '.join(f'{n} of {c}' for c, n in short.items())}; lower data.{key}"
+            )
+    if not uses_source(config):
+        return
+    for c in source["classes"] or classes:
+        if c not in counts["train"]:
+            raise ConfigError(f"source.classes: {c!r} is not a class of {archive}")
+        free = counts["train"][c] - (data["train_per_class"] if c in classes else 0)
+        if free < source["train_per_class"]:
+            raise ConfigError(
+                f"source.train_per_class: the source task asks for {source['train_per_class']} images of class "
+                f"{c!r} outside the target subset, but {archive} has {free} more; lower "
+                "source.train_per_class or data.train_per_class"
+            )
 
 
 def policy_hyper(config: dict, policy: dict) -> dict:

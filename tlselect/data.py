@@ -14,8 +14,12 @@ import shutil
 import socket
 import tarfile
 import tempfile
+import urllib.request
 import zipfile
-from pathlib import Path
+from collections.abc import Callable, Collection
+from functools import lru_cache
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
 
 import torch
 from PIL import Image
@@ -27,36 +31,66 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".ti
 OFFLINE_HINT = (
     "Without a network, either set data.archive in the config to a local image-folder archive "
     "(.tar, .tar.gz or .zip holding train/<class>/* and test/<class>/*), e.g. "
-    "--config 'data={archive: /path/to/cifar10-jpg.tar.gz}', or place the extracted image folder "
-    "at the configured data.root yourself."
+    "--config 'data={archive: /path/to/cifar10-jpg.tar.gz}', or put the image folder itself at "
+    "resources/<data.name>/ (train/<class>/*, test/<class>/*) before running the workflow."
 )
+
+
+SKIP_NOTE = "subset.json lists what was skipped"
 
 
 class DataError(RuntimeError):
     """The image data is missing, unreadable or inconsistent; the message names the fix."""
 
 
+class UnreadableImages(DataError):
+    """Image files that do not decode; ``files`` lists them (relative to the image folder)."""
+
+    def __init__(self, message: str, files: list[str]):
+        super().__init__(message)
+        self.files = files
+
+
 # ---------------------------------------------------------------------------------------------
 # Fetching
 
 
-def fetch_cifar10(dest: Path, timeout: float = 20.0) -> None:
-    """Download CIFAR-10 with torchvision and write it as an image folder (PNG) at ``dest``."""
+def fetch_cifar10(dest: Path, timeout: float = 20.0, connect_timeout: float = 5.0) -> None:
+    """Download CIFAR-10 with torchvision and write it as an image folder (PNG) at ``dest``.
+
+    Without a network this fails within ``connect_timeout`` seconds, naming the offline options:
+    torchvision alone would retry each URL (https, then http), waiting ``timeout`` every time.
+    """
     import torchvision
 
+    url = urlparse(torchvision.datasets.CIFAR10.url)
+    hop = urlparse(urllib.request.getproxies().get(url.scheme) or url.geturl())  # a proxy, if one is set
+    try:
+        port = hop.port or (443 if hop.scheme == "https" else 80)
+        socket.create_connection((hop.hostname, port), timeout=connect_timeout).close()
+    except OSError as error:
+        raise DataError(
+            f"cannot reach {hop.hostname} to download CIFAR-10 ({type(error).__name__}: {error}). {OFFLINE_HINT}"
+        ) from error
+    previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        try:
-            sets = {split: torchvision.datasets.CIFAR10(tmp, train=split == "train", download=True) for split in SPLITS}
-        except Exception as error:  # URLError, timeouts, DNS failures: all mean "no data"
-            raise DataError(f"downloading CIFAR-10 failed ({type(error).__name__}: {error}). {OFFLINE_HINT}") from error
-        staging = Path(tmp) / "folder"
-        for split, dataset in sets.items():
-            for index, (array, label) in enumerate(zip(dataset.data, dataset.targets, strict=True)):
-                out = staging / split / dataset.classes[label] / f"{index:05d}.png"
-                out.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(array).save(out)
-        _move_into_place(staging, dest)
+    try:
+        with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+            try:
+                sets = {s: torchvision.datasets.CIFAR10(tmp, train=s == "train", download=True) for s in SPLITS}
+            except Exception as error:  # URLError, timeouts, DNS failures: all mean "no data"
+                raise DataError(
+                    f"downloading CIFAR-10 failed ({type(error).__name__}: {error}). {OFFLINE_HINT}"
+                ) from error
+            staging = Path(tmp) / "folder"
+            for split, dataset in sets.items():
+                for index, (array, label) in enumerate(zip(dataset.data, dataset.targets, strict=True)):
+                    out = staging / split / dataset.classes[label] / f"{index:05d}.png"
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(array).save(out)
+            _move_into_place(staging, dest)
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def extract_archive(archive: Path, dest: Path) -> None:
@@ -89,8 +123,52 @@ def _move_into_place(staging: Path, dest: Path) -> None:
     shutil.move(str(staging), str(dest))
 
 
+def archive_image_counts(archive: Path) -> dict[str, dict[str, int]]:
+    """``{split: {class: images}}`` of an image-folder archive, from its member list (nothing extracted).
+
+    Finds train/ and test/ where :func:`extract_archive` does: at the top level or one folder down.
+    Listing the 60,000-image CIFAR-10 .tar.gz takes about 1.5 s, so results are cached per file version.
+    """
+    stat = Path(archive).stat()
+    return _archive_image_counts(str(Path(archive).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=4)
+def _archive_image_counts(archive: str, size: int, mtime_ns: int) -> dict[str, dict[str, int]]:
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            names = [info.filename for info in zf.infolist() if not info.is_dir()]
+    elif tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tf:
+            names = [member.name for member in tf if member.isfile()]
+    else:
+        raise DataError(f"data.archive {archive} is neither a tar nor a zip archive")
+    by_root: dict[tuple, dict[str, dict[str, int]]] = {}
+    for name in names:
+        parts = PurePosixPath(name).parts
+        for depth in (0, 1):
+            if len(parts) == depth + 3 and parts[depth] in SPLITS and Path(parts[-1]).suffix.lower() in IMAGE_SUFFIXES:
+                counts = by_root.setdefault(parts[:depth], {split: {} for split in SPLITS})[parts[depth]]
+                counts[parts[depth + 1]] = counts.get(parts[depth + 1], 0) + 1
+    roots = sorted(root for root, counts in by_root.items() if counts["train"])
+    return by_root[roots[0]] if roots else {split: {} for split in SPLITS}
+
+
 # ---------------------------------------------------------------------------------------------
 # Scanning and subsets
+
+
+def non_image_files(root: Path) -> list[str]:
+    """Entries of the split and class folders that are not image files, relative to ``root``."""
+    root = Path(root)
+    found = []
+    for split in SPLITS:
+        for entry in (root / split).iterdir() if (root / split).is_dir() else ():
+            if entry.is_dir():
+                found += [p for p in entry.iterdir() if not (p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)]
+            else:
+                found.append(entry)  # a file outside any class folder
+    return sorted(str(p.relative_to(root)) for p in found)
 
 
 def scan_image_folder(root: Path) -> dict[str, dict[str, list[str]]]:
@@ -103,20 +181,22 @@ def scan_image_folder(root: Path) -> dict[str, dict[str, list[str]]]:
             raise DataError(f"{split_dir} is missing: an image folder needs train/<class>/* and test/<class>/*")
         classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
         if not classes:
-            raise DataError(f"{split_dir} holds no class folders")
+            raise DataError(f"{split_dir} holds no class folders; expected {split_dir}/<class>/<image>")
         layout[split] = {
             c: sorted(str(p.relative_to(root)) for p in (split_dir / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             for c in classes
         }
         empty = [c for c, files in layout[split].items() if not files]
         if empty:
-            raise DataError(f"class folders without images in {split_dir}: {', '.join(empty)}")
+            raise DataError(
+                f"class folders without images in {split_dir}: {', '.join(empty)}; add images or remove the folders"
+            )
     if list(layout["train"]) != list(layout["test"]):
         only_train = sorted(set(layout["train"]) - set(layout["test"]))
         only_test = sorted(set(layout["test"]) - set(layout["train"]))
         raise DataError(
             f"class folders differ between {root}/train and {root}/test: only in train {only_train}, "
-            f"only in test {only_test}"
+            f"only in test {only_test}; every class needs a folder in both splits: rename or remove the odd ones"
         )
     return layout
 
@@ -137,14 +217,17 @@ def make_subset(
     val_per_class: int,
     test_per_class: int,
     seed: int,
+    exclude: Collection[str] = (),
 ) -> dict:
     """A seeded, stratified subset: per class, ``train_per_class`` files from train/ (of which
     ``val_per_class`` become the validation split) and ``test_per_class`` files from test/.
 
     ``classes`` restricts the task (``None``: every class in the folder, in sorted order; a
-    CIFAR-10 folder sorts in its label order). The result is JSON-ready and byte-stable.
+    CIFAR-10 folder sorts in its label order). Files in ``exclude`` (unreadable ones being skipped)
+    are never picked. The result is JSON-ready and byte-stable.
     """
     layout = scan_image_folder(root)
+    excluded = set(exclude)
     available = list(layout["train"])
     classes = list(classes) if classes else available
     unknown = [c for c in classes if c not in available]
@@ -156,7 +239,7 @@ def make_subset(
         wanted = {"train": train_per_class, "test": test_per_class}
         picked = {}
         for split, count in wanted.items():
-            files = layout[split][name]
+            files = [f for f in layout[split][name] if f not in excluded]
             if count > len(files):
                 raise DataError(
                     f"class {name!r} has {len(files)} images in {split}/ but the subset asks for {count}; "
@@ -178,15 +261,24 @@ def make_subset(
     }
 
 
-def source_task_files(subset: dict, root: Path, classes: list[str], per_class: int, val_per_class: int, seed: int):
+def source_task_files(
+    subset: dict,
+    root: Path,
+    classes: list[str],
+    per_class: int,
+    val_per_class: int,
+    seed: int,
+    exclude: Collection[str] = (),
+):
     """Train-split files outside the target subset, for pretraining a source model (disjoint images).
 
-    ``per_class`` files per class, of which ``val_per_class`` become the source validation split.
+    ``per_class`` files per class, of which ``val_per_class`` become the source validation split;
+    files in ``exclude`` (unreadable ones being skipped) are never picked.
 
     Returns ``{"train": [[file, label]...], "val": [...]}`` with labels indexing ``classes``.
     """
     layout = scan_image_folder(root)
-    used = {f for split in ("train", "val") for f, _ in subset["splits"][split]}
+    used = {f for split in ("train", "val") for f, _ in subset["splits"][split]} | set(exclude)
     rng = random.Random(seed + 1)
     out: dict[str, list[list]] = {"train": [], "val": []}
     for label, name in enumerate(classes):
@@ -212,7 +304,7 @@ def source_task_files(subset: dict, root: Path, classes: list[str], per_class: i
 def decode_images(root: Path, entries: list[list], size: int) -> dict[str, torch.Tensor]:
     """Decode ``[[file, label], ...]`` into ``{"images": uint8 NxCxHxW, "labels": int64 N}``.
 
-    Every unreadable file is collected and reported at once, with the fix.
+    Every unreadable file is collected and reported at once (:class:`UnreadableImages`), with the fix.
     """
     images = torch.empty((len(entries), 3, size, size), dtype=torch.uint8)
     bad = []
@@ -226,12 +318,55 @@ def decode_images(root: Path, entries: list[list], size: int) -> dict[str, torch
                     torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
                 )
         except Exception as error:  # PIL raises many kinds for broken files
-            bad.append(f"{rel} ({type(error).__name__})")
+            bad.append((rel, type(error).__name__))
     if bad:
-        listed = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
-        raise DataError(f"{len(bad)} unreadable image(s) under {root}: {listed}. Remove or replace them.")
+        listed = "; ".join(f"{rel} ({kind})" for rel, kind in bad[:10])
+        listed += f"; and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise UnreadableImages(
+            f"{len(bad)} unreadable image(s) under {root}: {listed}. "
+            f"Remove or replace them, or set data.skip_unreadable: true to leave them out ({SKIP_NOTE}).",
+            [rel for rel, _ in bad],
+        )
     labels = torch.tensor([label for _, label in entries], dtype=torch.int64)
     return {"images": images, "labels": labels}
+
+
+def check_non_images(root: Path, skip_unreadable: bool = False) -> list[str]:
+    """The folder's non-image files (:func:`non_image_files`): an error naming them, unless skipped."""
+    strays = non_image_files(root)
+    if strays and not skip_unreadable:
+        listed = ", ".join(strays[:10]) + (f" and {len(strays) - 10} more" if len(strays) > 10 else "")
+        raise DataError(
+            f"{len(strays)} non-image file(s) in the image folder {root}: {listed}. Image files end in "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))}; remove the others, or set data.skip_unreadable: true to "
+            f"leave them out ({SKIP_NOTE})."
+        )
+    return strays
+
+
+def decode_splits(
+    root: Path, pick: Callable[[list[str]], dict], size: int, skip_unreadable: bool = False
+) -> tuple[dict, dict[str, dict[str, torch.Tensor]], list[str]]:
+    """Decode the splits that ``pick(exclude)`` chooses (a dict with ``"splits"``).
+
+    An unreadable image is an error naming it (:class:`UnreadableImages`). With ``skip_unreadable``
+    every unreadable pick is added to ``exclude`` and ``pick`` chooses again (same seed, so the
+    result is deterministic), until all picks decode. Returns (choice, tensors, skipped files).
+    """
+    unreadable: list[str] = []
+    while True:
+        chosen = pick(sorted(unreadable))
+        decoded, bad = {}, []
+        for split, entries in chosen["splits"].items():
+            try:
+                decoded[split] = decode_images(root, entries, size)
+            except UnreadableImages as error:
+                if not skip_unreadable:
+                    raise
+                bad += error.files
+        if not bad:
+            return chosen, decoded, sorted(unreadable)
+        unreadable += bad
 
 
 def save_split(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -250,3 +385,40 @@ def load_json(path: Path) -> dict:
     if not Path(path).is_file():
         raise DataError(f"{path} is missing; run the workflow's subset step first")
     return json.loads(Path(path).read_text())
+
+
+def image_folder_loader(subset: dict, split: str, config, generator=None):
+    """The naive baseline data path: torchvision ``ImageFolder``, per-image PIL transforms, ``DataLoader``.
+
+    Reads the subset's image files for ``split`` from the source folder; training batches are
+    shuffled with ``generator`` and augmented per image (random crop with padding 4, flip).
+    """
+    from torchvision import datasets, transforms
+
+    from tlselect.models import IMAGENET_MEAN, IMAGENET_STD
+
+    root = Path(subset["source"]["root"])
+    wanted = {str(root / rel) for rel, _ in subset["splits"][split]}
+    size = config.resolution if config.resolution else 32
+    steps = [transforms.Resize((size, size))]
+    training = generator is not None
+    if training and config.augment:
+        steps += [transforms.RandomCrop(size, padding=4), transforms.RandomHorizontalFlip()]
+    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    folder = root / ("test" if split == "test" else "train")
+    if not folder.is_dir():
+        raise DataError(f"the naive data path reads {folder}, which is missing; run the workflow's fetch step")
+    dataset = datasets.ImageFolder(
+        str(folder), transform=transforms.Compose(steps), is_valid_file=lambda p: p in wanted, allow_empty=True
+    )
+    label_of = {name: i for i, name in enumerate(subset["classes"])}
+    dataset.target_transform = lambda index: label_of[dataset.classes[index]]
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.batch_size if training else config.eval_batch_size,
+        shuffle=training,
+        drop_last=training,
+        num_workers=config.workers,
+        generator=generator,
+        persistent_workers=config.workers > 0,
+    )

@@ -62,15 +62,21 @@ def extract_range(
 
 
 @torch.no_grad()
-def extract_all_in_memory(model: StagedNet, images: torch.Tensor, layers: list[str], batch: int = 256) -> dict:
-    """One staged pass: every requested layer's outputs for ``images``, the prefix computed once."""
+def extract_all_in_memory(
+    model: StagedNet, images: torch.Tensor, layers: list[str], batch: int = 256, amp_dtype=None
+) -> dict:
+    """One staged pass: every requested layer's outputs for ``images``, the prefix computed once.
+
+    ``amp_dtype`` (e.g. ``torch.bfloat16``) runs the stages under autocast.
+    """
     model.eval()
     wanted = {model.stage_index(layer): layer for layer in layers}
     outs: dict[str, list] = {layer: [] for layer in layers}
     for i in range(0, len(images), batch):
         x = images[i : i + batch]
         for stage in range(0, max(wanted) + 1):
-            x = model(x, start=stage, stop=stage + 1)
+            with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                x = model(x, start=stage, stop=stage + 1)
             if stage in wanted:
                 outs[wanted[stage]].append(x.to(torch.float16))
     return {layer: torch.cat(chunks) for layer, chunks in outs.items()}

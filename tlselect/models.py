@@ -81,7 +81,10 @@ def backbone_spec(name: str) -> BackboneSpec:
 
 
 class Preprocess(nn.Module):
-    """uint8 NCHW images -> normalized float, resized to the configured input resolution."""
+    """uint8 NCHW images -> normalized float, resized to the configured input resolution.
+
+    Float input is taken as already normalized (the naive data path normalizes per image).
+    """
 
     def __init__(self, resolution: int):
         super().__init__()
@@ -90,7 +93,7 @@ class Preprocess(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() - self.mean) / self.std
+        x = (images.float() - self.mean) / self.std if images.dtype == torch.uint8 else images
         if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
             x = nn.functional.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", antialias=False)
         return x

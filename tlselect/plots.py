@@ -90,10 +90,32 @@ def accuracy_by_layer(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
     ax.grid(alpha=0.3)
 
 
-FIGURES = {f.__name__: f for f in (accuracy_vs_time, accuracy_by_policy, validation_curves, accuracy_by_layer)}
+def speedups(runs: pd.DataFrame, curves: pd.DataFrame, ax, optimizations: pd.DataFrame | None = None) -> None:
+    """Measured speedup of each optimization over its baseline, with the goal where there is one."""
+    if optimizations is None or optimizations.empty:
+        ax.text(0.5, 0.5, "no benchmark output", ha="center", va="center")
+        return
+    rows = optimizations.iloc[::-1]
+    positions = range(len(rows))
+    colors = ["tab:green" if m is True else "tab:red" if m is False else "tab:blue" for m in rows["meets_goal"]]
+    ax.barh(list(positions), rows["speedup"], color=colors)
+    for p, r in zip(positions, rows.itertuples(), strict=True):
+        ax.text(r.speedup, p, f" {r.speedup:.2f}x", va="center", fontsize=8)
+        if pd.notna(r.goal):
+            ax.plot([r.goal, r.goal], [p - 0.4, p + 0.4], "k:", lw=1)
+    ax.set_yticks(list(positions), [f"{r.suite}: {r.optimization}" for r in rows.itertuples()], fontsize=7)
+    ax.axvline(1, color="grey", lw=0.8)
+    ax.set_xlabel("speedup over its baseline (dotted: goal; green met, red not met)")
+    ax.set_title(f"Optimizations measured on {optimizations['device'].iloc[0]}")
+    ax.grid(axis="x", alpha=0.3)
 
 
-def draw(name: str, runs_csv: Path, curves_csv: Path, out: Path) -> None:
+FIGURES = {
+    f.__name__: f for f in (accuracy_vs_time, accuracy_by_policy, validation_curves, accuracy_by_layer, speedups)
+}
+
+
+def draw(name: str, runs_csv: Path, curves_csv: Path, out: Path, optimizations_csv: Path | None = None) -> None:
     """Draw figure ``name`` from the tables into ``out`` (PNG, written atomically)."""
     runs = pd.read_csv(runs_csv)
     curves = (
@@ -101,8 +123,14 @@ def draw(name: str, runs_csv: Path, curves_csv: Path, out: Path) -> None:
         if Path(curves_csv).stat().st_size > 1
         else pd.DataFrame(columns=["policy", "epoch", "val_accuracy"])
     )
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    FIGURES[name](runs, curves, ax)
+    fig, ax = plt.subplots(figsize=(9, 4.5) if name == "speedups" else (7, 4.5), dpi=120)
+    if name == "speedups":
+        optimizations = pd.read_csv(optimizations_csv) if optimizations_csv else None
+        if optimizations is not None:
+            optimizations["meets_goal"] = optimizations["meets_goal"].map({True: True, False: False})
+        speedups(runs, curves, ax, optimizations)
+    else:
+        FIGURES[name](runs, curves, ax)
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")

@@ -137,6 +137,13 @@ def summary_markdown(table: pd.DataFrame, source_seconds: float | None = None) -
     return "\n".join(parts)
 
 
+def optimizations_table(benchmark: dict) -> pd.DataFrame:
+    """The benchmark's rows (one per optimization, with its speedup and goal) plus the device."""
+    table = pd.DataFrame(benchmark["rows"])
+    table.insert(0, "device", benchmark["hardware"].get("cuda_device") or benchmark["device"])
+    return table
+
+
 def load_records(paths: list[str | Path]) -> list[dict]:
     """Read and validate every record; a bad one is an error naming its file, never skipped."""
     return [read_record(p) for p in paths]

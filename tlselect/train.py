@@ -23,7 +23,7 @@ import torchvision
 from torch import nn
 
 from tlselect.atomic import load_torch, save_torch
-from tlselect.data import load_split
+from tlselect.data import image_folder_loader, load_split
 from tlselect.features import load_features
 from tlselect.models import NO_FREEZE, StagedNet, initialize
 
@@ -52,7 +52,17 @@ class TrainConfig:
     warmup_epochs: float = field(default=0.0, metadata={"help": "linear warmup length in epochs"})
     label_smoothing: float = field(default=0.0, metadata={"help": "cross-entropy label smoothing"})
     augment: bool = field(default=True, metadata={"help": "random crop (padding 4) and horizontal flip"})
-    amp: bool = field(default=False, metadata={"help": "mixed precision (bfloat16 autocast)"})
+    amp: bool = field(default=False, metadata={"help": "mixed precision autocast (see --amp-dtype)"})
+    amp_dtype: str = field(
+        default="bfloat16", metadata={"help": "bfloat16 | float16 (float16 adds a gradient scaler; CUDA only)"}
+    )
+    channels_last: bool = field(default=True, metadata={"help": "channels-last memory format for convolutions"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (slow start, faster steps)"})
+    data_path: str = field(
+        default="memory",
+        metadata={"help": "memory: decoded tensors, batched augmentation | naive: ImageFolder + PIL + DataLoader"},
+    )
+    workers: int = field(default=2, metadata={"help": "DataLoader worker processes of the naive data path"})
     cache_features: bool = field(default=False, metadata={"help": "train the suffix on cached frozen-prefix outputs"})
     seed: int = field(default=0, metadata={"help": "seed for init, shuffling and augmentation"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
@@ -125,24 +135,43 @@ def build_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
 
 
 def autocast(config: TrainConfig, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp)
+    return torch.autocast(device.type, dtype=getattr(torch, config.amp_dtype), enabled=config.amp)
+
+
+def memory_batches(images, labels, batch_size, generator=None, augment=False, device=None):
+    """Batches of in-memory tensors: shuffled full batches when ``generator`` is given, else in order."""
+    if generator is None:
+        for i in range(0, len(images), batch_size):
+            yield images[i : i + batch_size], labels[i : i + batch_size]
+        return
+    order = torch.randperm(len(images), generator=generator).to(images.device)
+    for step in range(max(1, len(images) // batch_size)):
+        index = order[step * batch_size : (step + 1) * batch_size]
+        x = images[index]
+        yield (augment_batch(x, generator) if augment else x), labels[index]
 
 
 @torch.no_grad()
-def evaluate(model: StagedNet, inputs: torch.Tensor, labels: torch.Tensor, config, device, start: int = 0):
-    """(accuracy, mean loss, predictions) of ``model`` run from stage ``start`` on ``inputs``."""
+def evaluate(model, batches, config, device, start: int = 0):
+    """(accuracy, mean loss, predictions) of ``model`` run from stage ``start`` over ``batches``."""
     model.eval()
-    correct, loss_sum, predictions = 0, 0.0, []
-    for i in range(0, len(inputs), config.eval_batch_size):
-        x = inputs[i : i + config.eval_batch_size].to(device, non_blocking=True)
-        y = labels[i : i + config.eval_batch_size].to(device, non_blocking=True)
+    correct, loss_sum, predictions, count = 0, 0.0, [], 0
+    for x, y in batches:
+        x = prepare_input(x.to(device, non_blocking=True), config)
+        y = y.to(device, non_blocking=True)
+        count += len(y)
         with autocast(config, device):
             logits = model(x, start=start)
         loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
         pred = logits.argmax(1)
         correct += (pred == y).sum().item()
         predictions.append(pred.cpu())
-    return correct / len(inputs), loss_sum / len(inputs), torch.cat(predictions)
+    return correct / count, loss_sum / count, torch.cat(predictions)
+
+
+def prepare_input(x: torch.Tensor, config) -> torch.Tensor:
+    """4-D batches (images, activations) go channels-last when asked; flat features stay as they are."""
+    return x.contiguous(memory_format=torch.channels_last) if config.channels_last and x.dim() == 4 else x
 
 
 @torch.no_grad()
@@ -193,6 +222,13 @@ def train(config: TrainConfig, log=print) -> dict:
             "unaugmented. Turn augmentation off for this policy, or drop --cache-features."
         )
 
+    if config.data_path not in ("memory", "naive"):
+        raise TrainingError(f"unknown data path {config.data_path!r}; use memory or naive")
+    if config.data_path == "naive" and (config.features or config.cache_features):
+        raise TrainingError("the naive data path reads images: it cannot be combined with cached features")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
     t0 = time.perf_counter()
     data_dir = Path(config.data)
     train_x, train_y = load_split(data_dir / "train.pt")
@@ -201,8 +237,12 @@ def train(config: TrainConfig, log=print) -> dict:
     test_x, test_y = load_split(data_dir / "test.pt") if has_test else (None, None)
     num_classes = int(max(train_y.max(), val_y.max())) + 1
     subset_file = data_dir / "subset.json"
-    data_checksum = json.loads(subset_file.read_text())["source"]["sha256"] if subset_file.is_file() else None
-    train_x, train_y = train_x.to(device), train_y.to(device)
+    subset = json.loads(subset_file.read_text()) if subset_file.is_file() else None
+    data_checksum = subset["source"]["sha256"] if subset else None
+    if config.data_path == "memory":
+        train_x, train_y = train_x.to(device), train_y.to(device)
+    elif subset is None:
+        raise TrainingError(f"the naive data path needs {subset_file} (it names the image files)")
     data_seconds = time.perf_counter() - t0
 
     torch.manual_seed(config.seed)
@@ -218,7 +258,7 @@ def train(config: TrainConfig, log=print) -> dict:
         model = StagedNet(config.backbone, num_classes, config.resolution)
         init_note = initialize(model, config.init, config.source_checkpoint or None)
         model.freeze_through(config.freeze)
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(config, [p for p in model.parameters() if p.requires_grad])
@@ -235,9 +275,29 @@ def train(config: TrainConfig, log=print) -> dict:
             test_x = run_prefix(model, test_x, start, config, device)
         cache_seconds = time.perf_counter() - t0
 
+    if config.data_path == "naive":
+        loaders = {
+            split: image_folder_loader(subset, split, config, generator if split == "train" else None)
+            for split in ("train", "val", "test")
+            if split != "test" or has_test
+        }
+
+        def batches(split, shuffled=False):
+            return loaders[split]
+
+    else:
+        splits = {"train": (train_x, train_y), "val": (val_x, val_y), "test": (test_x, test_y)}
+
+        def batches(split, shuffled=False):
+            size = config.batch_size if shuffled else config.eval_batch_size
+            rng = generator if shuffled else None
+            return memory_batches(*splits[split], size, rng, shuffled and config.augment)
+
     # Full batches only (the remainder is reshuffled into later epochs): uniform shapes, and no
     # single-image batch for BatchNorm to choke on.
-    steps_per_epoch = max(1, len(train_x) // config.batch_size)
+    steps_per_epoch = max(1, len(train_y) // config.batch_size)
+    forward = torch.compile(model) if config.compile else model
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and config.amp_dtype == "float16")
     curves: list[dict] = []
     first_epoch = 0
     status = "completed"
@@ -249,6 +309,7 @@ def train(config: TrainConfig, log=print) -> dict:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])  # dropout (e.g. mobilenet's head) draws from it
             curves = state["curves"]
             first_epoch = resumed_from = len(curves)
             log(f"[{config.run_id}] resuming after epoch {first_epoch} from {resume_file}")
@@ -258,33 +319,31 @@ def train(config: TrainConfig, log=print) -> dict:
     what = f"probe on {config.layer}" if config.features else f"freeze={config.freeze}"
     log(
         f"[{config.run_id}] {config.backbone} init={config.init} {what} on {device}: "
-        f"{len(train_x)} train / {len(val_x)} val images, {trainable:,}/{total:,} trainable parameters"
+        f"{len(train_y)} train / {len(val_y)} val images, {trainable:,}/{total:,} trainable parameters"
     )
     for epoch in range(first_epoch, config.epochs):
         model.train()
         t0 = time.perf_counter()
-        order = torch.randperm(len(train_x), generator=generator).to(device)
         loss_sum, correct, seen = 0.0, 0, 0
-        for step in range(steps_per_epoch):
-            index = order[step * config.batch_size : (step + 1) * config.batch_size]
-            x, y = train_x[index], train_y[index]
-            if config.augment:
-                x = augment_batch(x, generator)
+        for step, (x, y) in enumerate(batches("train", shuffled=True)):
+            x = prepare_input(x.to(device, non_blocking=True), config)
+            y = y.to(device, non_blocking=True)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(config, epoch * steps_per_epoch + step, steps_per_epoch)
             with autocast(config, device):
-                logits = model(x, start=start)
+                logits = forward(x, start=start)
             loss = nn.functional.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             loss_sum += loss.detach() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
         train_loss = float(loss_sum) / seen
         train_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
-        val_acc, val_loss, _ = evaluate(model, val_x, val_y, config, device, start)
+        val_acc, val_loss, _ = evaluate(forward, batches("val"), config, device, start)
         eval_seconds = time.perf_counter() - t0
         curves.append(
             {
@@ -314,6 +373,7 @@ def train(config: TrainConfig, log=print) -> dict:
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
                 "curves": curves,
             },
         )
@@ -321,7 +381,7 @@ def train(config: TrainConfig, log=print) -> dict:
     test_acc = test_loss = None
     test_predictions = None
     if has_test and status == "completed":
-        test_acc, test_loss, test_predictions = evaluate(model, test_x, test_y, config, device, start)
+        test_acc, test_loss, test_predictions = evaluate(forward, batches("test"), config, device, start)
     train_total = sum(c["train_seconds"] for c in curves)
     eval_total = sum(c["eval_seconds"] for c in curves)
     record = {

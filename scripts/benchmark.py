@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Measure the speedups of the optimizations in one run (ratios, so machine noise mostly cancels).
+
+Suites: ``training`` (trainer vs bare loop; in-memory tensors, mixed precision, channels_last vs the
+naive ImageFolder + PIL + DataLoader fp32 path; fast vs naive accuracy) and ``features`` (staged
+per-layer cache vs recomputing from pixels). Prints a table and writes it as JSON.
+"""
+
+import argparse
+import dataclasses
+import sys
+import time
+
+import _cli  # noqa: F401  (makes the tlselect package importable)
+import torch
+
+from tlselect.atomic import write_json
+from tlselect.benchmarks import features_suite, training_suite
+from tlselect.data import DataError
+from tlselect.models import InitError
+from tlselect.train import TrainConfig, hardware, resolve_device, versions
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="results/data", help="decoded subset folder (with subset.json)")
+    parser.add_argument("--out", required=True, help="JSON file for the results")
+    parser.add_argument("--suites", nargs="+", choices=["training", "features"], default=["training", "features"])
+    parser.add_argument("--epochs", type=int, default=10, help="epochs of the feature-suite plans")
+    parser.add_argument("--accuracy-epochs", type=int, default=8, help="epochs of the fast-vs-naive check (0: skip)")
+    parser.add_argument("--layers", nargs="+", default=["layer1", "layer2", "layer3", "layer4"])
+    parser.add_argument("--init", default="scratch", help="init of the measured runs (see train.py --init)")
+    parser.add_argument("--source-checkpoint", default="")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the naive path")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = TrainConfig(
+        data=args.data,
+        init=args.init,
+        source_checkpoint=args.source_checkpoint,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_epochs=1,
+        device=args.device,
+        threads=args.threads,
+        workers=args.workers,
+        compile=args.compile,
+    )
+    start = time.perf_counter()
+    rows = []
+    try:
+        if "training" in args.suites:
+            rows += training_suite(base, args.accuracy_epochs)
+        if "features" in args.suites:
+            rows += features_suite(dataclasses.replace(base, amp=True), args.layers, args.epochs)
+    except (DataError, InitError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    device = resolve_device(args.device)
+    print(f"\nOptimizations on {hardware().get('cuda_device', hardware()['processor'] or 'CPU')} ({device}):")
+    for r in rows:
+        goal = "" if r["goal"] is None else f"  goal >= {r['goal']} {'met' if r['meets_goal'] else 'NOT met'}"
+        print(f"  {r['speedup']:6.2f}x  {r['optimization']}  (vs {r['baseline']}){goal}")
+        if r["note"]:
+            print(f"           {r['note']}")
+    write_json(
+        args.out,
+        {"rows": rows, "device": str(device), "hardware": hardware(), "versions": versions(),
+         "seconds": time.perf_counter() - start},
+    )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Local GPU assignment (tlselect.gpus), on the CPU with simulated devices ($TLSELECT_GPU_SLOTS).
+
+Concurrent jobs get distinct GPUs, a job beyond the pool waits, a killed job's GPU is reclaimed at
+once; the training scripts claim their GPU at start-up; the rules ask for one unless device is cpu.
+"""
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO
+
+from tlselect import gpus
+
+# A stand-in job: claims the GPUs it was given, prints what it sees, then runs until killed.
+JOB = (
+    "import os, sys, time; from tlselect.gpus import assign; assign(int(sys.argv[1]), 'auto'); "
+    "print(os.environ['CUDA_VISIBLE_DEVICES'], flush=True); time.sleep(600)"
+)
+
+
+@pytest.fixture
+def slots(tmp_path, monkeypatch):
+    """Environment of a machine with three simulated GPUs and a private lock folder."""
+    monkeypatch.setenv(gpus.SLOTS_ENV, "3")
+    monkeypatch.setenv(gpus.LOCK_DIR_ENV, str(tmp_path / "locks"))
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return dict(os.environ)
+
+
+def start_job(env, count=1):
+    return subprocess.Popen(
+        [sys.executable, "-c", JOB, str(count)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def first_line(process, timeout):
+    """The job's first stdout line (the devices it got), or None if it prints none in ``timeout`` s."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout):
+            return None
+    return process.stdout.readline().strip()
+
+
+@pytest.fixture
+def jobs():
+    started = []
+    yield started
+    for process in started:
+        process.kill()
+        process.wait()
+
+
+def test_parallel_jobs_get_distinct_gpus_and_a_killed_jobs_gpu_is_reclaimed(slots, jobs):
+    jobs.extend(start_job(slots) for _ in range(3))
+    seen = [first_line(job, 30) for job in jobs]
+    assert sorted(seen) == ["0", "1", "2"]
+
+    waiting = start_job(slots)
+    jobs.append(waiting)
+    assert first_line(waiting, 2) is None  # all three GPUs are held: the fourth job waits
+
+    victim = jobs[1]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert first_line(waiting, 15) == seen[1]  # the kernel dropped the killed job's lock
+    waiting.kill()
+    assert "waiting for 1 free GPU(s)" in waiting.communicate()[1]
+
+
+def test_a_job_with_two_gpus_gets_two_free_ones(slots, jobs):
+    jobs.append(start_job(slots, 1))
+    assert first_line(jobs[0], 30) == "0"
+    jobs.append(start_job(slots, 2))
+    assert first_line(jobs[1], 30) == "1,2"
+
+
+def test_claim_gives_up_after_its_timeout(slots, jobs, tmp_path):
+    jobs.append(start_job(slots, 3))
+    assert first_line(jobs[0], 30) == "0,1,2"
+    with pytest.raises(gpus.GPUError, match="no 1 free GPU"):
+        gpus.claim(1, timeout=0.5, poll=0.1, log=lambda message: None)
+    with pytest.raises(gpus.GPUError, match="asks for 4 GPU"):
+        gpus.claim(4)
+
+
+def test_gpu_zero_hides_every_gpu_and_cuda_then_fails_clearly(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert gpus.assign(0, "auto") == [] and os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(gpus.GPUError, match="given no GPU"):
+        gpus.assign(0, "cuda")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert gpus.assign(None, "auto") == [] and os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"  # run by hand
+
+
+def test_a_machine_without_gpus_runs_gpu_jobs_on_the_cpu(monkeypatch):
+    monkeypatch.setenv(gpus.SLOTS_ENV, "0")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpus.assign(1, "auto", log=lambda message: None) == []
+    with pytest.raises(gpus.GPUError, match="no GPU"):
+        gpus.assign(1, "cuda")
+
+
+def test_pool_and_lock_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv(gpus.SLOTS_ENV, raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1a2b, 3,-1,4")  # CUDA stops at an invalid entry
+    assert gpus.device_pool() == ["GPU-1a2b", "3"]
+    monkeypatch.delenv(gpus.LOCK_DIR_ENV, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "42")  # SLURM chose this job's GPUs: its locks are its own
+    assert gpus.lock_dir().name == f"tlselect-gpu-slots-{os.getuid()}-slurm-job-42"
+
+
+def test_training_script_claims_a_free_gpu_before_it_starts(slots, jobs, tensor_data, tmp_path):
+    jobs.append(start_job(slots, 1))
+    assert first_line(jobs[0], 30) == "0"
+    command = [
+        sys.executable, str(REPO / "scripts/train.py"), "--data", str(tensor_data), "--out", str(tmp_path / "m.pt"),
+        "--epochs", "1", "--batch-size", "32", "--threads", "1", "--device", "auto", "--gpus", "1",
+    ]  # fmt: skip
+    result = subprocess.run(command, env=slots, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "gpus: claimed GPU 1 of 0,1,2" in result.stderr
+    assert (tmp_path / "m.pt").is_file()
+
+
+def test_extraction_script_refuses_cuda_without_a_gpu(tmp_path):
+    command = [
+        sys.executable, str(REPO / "scripts/extract_features.py"), "--data", str(tmp_path), "--layer", "stem",
+        "--out-dir", str(tmp_path / "features"), "--device", "cuda", "--gpus", "0",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "given no GPU" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory, tiny_archive):
+    """``snakemake --dry-run`` of a tiny study: the --gpus each training job is given, per rule."""
+    workdir = tmp_path_factory.mktemp("gpu-dry-run")
+    tiny = {
+        "data": {
+            "archive": str(tiny_archive),
+            "name": "tiny",
+            "train_per_class": 8,
+            "val_per_class": 2,
+            "test_per_class": 4,
+        },
+        "pretrained": "source",
+        "source": {"train_per_class": 4, "val_per_class": 1},
+        "features": {"layers": ["stem"], "inits": ["scratch"]},
+    }
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+
+    def run(*args):
+        command = [
+            sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+            "--dry-run", "--printshellcmds", "--forceall", *args,
+            "--configfile", str(REPO / "config.yaml"), str(workdir / "tiny.yaml"),
+        ]  # fmt: skip
+        result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        given = re.findall(r"scripts/(\w+)\.py .*--gpus (\d+)", result.stdout)
+        assert {script for script, _ in given} == {"train", "extract_features"}
+        return {int(n) for _, n in given}
+
+    return run
+
+
+def test_rules_ask_for_a_gpu_unless_device_is_cpu(dry_run):
+    assert dry_run("--config", "device=auto") == {1}
+    assert dry_run("--config", "device=auto", "--resources", "gpu=0") == {0}  # the CPU, without editing rules
+    assert dry_run("--config", "device=cpu") == {0}
