@@ -110,3 +110,15 @@ def test_augmentation_crops_and_flips_whole_batches():
             for window in [padded[n, :, dy : dy + 8, dx : dx + 8]]
         )
         assert found
+
+
+def test_continuing_a_run_equals_training_longer(tensor_data, tmp_path):
+    short = config(tensor_data, tmp_path / "short", epochs=1, schedule="constant", keep_state=True)
+    train(short, log=quiet)
+    longer = dataclasses.replace(short, out=str(tmp_path / "cont" / "model.pt"), epochs=3, keep_state=False)
+    continued = train(dataclasses.replace(longer, continue_from=short.out), log=quiet)
+    straight = train(dataclasses.replace(longer, out=str(tmp_path / "straight" / "model.pt")), log=quiet)
+    assert continued["continued_from"] == short.out and len(continued["curves"]) == 3
+    assert [c["train_loss"] for c in continued["curves"]] == [c["train_loss"] for c in straight["curves"]]
+    with pytest.raises(TrainingError, match="differs in lr"):
+        train(dataclasses.replace(longer, lr=0.5, continue_from=short.out), log=quiet)

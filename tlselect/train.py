@@ -73,6 +73,18 @@ class TrainConfig:
     )
     layer: str = field(default="", metadata={"help": "probe mode: which cached layer to train a linear probe on"})
     pool: int = field(default=1, metadata={"help": "probe mode: adaptive average pooling to pool x pool (0: none)"})
+    keep_state: bool = field(
+        default=False,
+        metadata={"help": "keep the training state (optimizer, RNG) in the checkpoint for --continue-from"},
+    )
+    continue_from: str = field(
+        default="",
+        metadata={"help": "continue a finished run (a --keep-state checkpoint of the same config) to --epochs"},
+    )
+
+
+# Knobs that may differ between a run and the run it continues (successive-halving rungs).
+CONTINUABLE = {"epochs", "out", "record", "run_id", "policy", "continue_from", "keep_state", "threads", "device"}
 
 
 class LinearProbe(nn.Module):
@@ -303,24 +315,50 @@ def train(config: TrainConfig, log=print) -> dict:
     status = "completed"
     resumed_from = None
     resume_file = resume_path(config)
+
+    def restore(state: dict) -> int:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])  # dropout (e.g. mobilenet's head) draws from it
+        curves[:] = state["curves"]
+        return len(curves)
+
     if resume_file.is_file():
         state = load_torch(resume_file)
         if state["config"] == asdict(config):
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            generator.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])  # dropout (e.g. mobilenet's head) draws from it
-            curves = state["curves"]
-            first_epoch = resumed_from = len(curves)
+            first_epoch = resumed_from = restore(state)
             log(f"[{config.run_id}] resuming after epoch {first_epoch} from {resume_file}")
         else:
             log(f"[{config.run_id}] ignoring {resume_file}: it was written with another configuration")
+    if config.continue_from and not first_epoch:
+        state = load_torch(config.continue_from).get("training_state")
+        if state is None:
+            raise TrainingError(f"{config.continue_from} holds no training state; train it with --keep-state")
+        differing = sorted(k for k, v in asdict(config).items() if k not in CONTINUABLE and state["config"][k] != v)
+        if differing:
+            raise TrainingError(f"cannot continue {config.continue_from}: its run differs in {', '.join(differing)}")
+        first_epoch = restore(state)
+        if first_epoch > config.epochs:
+            raise TrainingError(f"{config.continue_from} already trained {first_epoch} epochs (> --epochs)")
+        log(f"[{config.run_id}] continuing {config.continue_from} after epoch {first_epoch}")
 
     what = f"probe on {config.layer}" if config.features else f"freeze={config.freeze}"
     log(
         f"[{config.run_id}] {config.backbone} init={config.init} {what} on {device}: "
         f"{len(train_y)} train / {len(val_y)} val images, {trainable:,}/{total:,} trainable parameters"
     )
+
+    def training_state() -> dict:
+        return {
+            "config": asdict(config),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "curves": curves,
+        }
+
     for epoch in range(first_epoch, config.epochs):
         model.train()
         t0 = time.perf_counter()
@@ -366,17 +404,7 @@ def train(config: TrainConfig, log=print) -> dict:
             status = "diverged"
             log(f"[{config.run_id}] training loss is {train_loss}: the run diverged; lower the learning rate")
             break
-        save_torch(
-            resume_file,
-            {
-                "config": asdict(config),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "curves": curves,
-            },
-        )
+        save_torch(resume_file, training_state())
 
     test_acc = test_loss = None
     test_predictions = None
@@ -412,6 +440,7 @@ def train(config: TrainConfig, log=print) -> dict:
         },
         "curves": curves,
         "resumed_from_epoch": resumed_from,
+        "continued_from": config.continue_from or None,
         "hardware": {**hardware(), "device": str(device)},
         "versions": versions(),
     }
@@ -419,6 +448,8 @@ def train(config: TrainConfig, log=print) -> dict:
     checkpoint = {"model": weights, "run_id": config.run_id, "status": status}
     if test_predictions is not None:
         checkpoint["test_predictions"] = test_predictions
+    if config.keep_state:
+        checkpoint["training_state"] = training_state()
     save_torch(config.out, checkpoint)
     resume_file.unlink(missing_ok=True)
     log(
