@@ -99,8 +99,9 @@ def rule_of(job: dict[str, str]) -> str:
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory, tiny_archive):
     """The same tiny study (device cpu, one thread per job, seed 0) run through SLURM and locally."""
+    # One policy and one probe: at most two jobs are ready at once, as many as the test node has CPUs.
     policies = yaml.safe_load((REPO / "config.yaml").read_text())["policies"]
-    policies = [policy for policy in policies if policy["name"] in ("scratch", "finetune")]
+    policies = [policy for policy in policies if policy["name"] == "finetune"]
     tiny = {
         "data": {
             "archive": str(tiny_archive), "name": "tiny", "train_per_class": 8, "val_per_class": 2, "test_per_class": 4
@@ -158,7 +159,7 @@ def test_study_jobs_go_through_sbatch(studies):
 def test_slurm_table_equals_local_table(studies):
     tables = {name: pd.read_csv(workdir / "results/tables/runs.csv") for name, (workdir, _) in studies.items()}
     metrics = ["run_id", "policy", "init", "freeze", "status", "trainable_params", "val_accuracy", "test_accuracy"]
-    assert len(tables["slurm"]) == 3  # two policies and one probe
+    assert sorted(tables["slurm"]["policy"]) == ["finetune", "probe_stem"]
     pd.testing.assert_frame_equal(tables["slurm"][metrics], tables["local"][metrics])
     curves = {name: pd.read_csv(workdir / "results/tables/curves.csv") for name, (workdir, _) in studies.items()}
     losses = [c for c in curves["local"].columns if "loss" in c or "accuracy" in c]
