@@ -11,8 +11,6 @@ sys.path.insert(0, workflow.basedir)
 from tlselect.config import (  # noqa: E402
     ConfigError,
     check,
-    feature_inits,
-    feature_layers,
     probes,
     runs,
     source_checkpoint,
@@ -20,17 +18,21 @@ from tlselect.config import (  # noqa: E402
     train_flags,
     uses_source,
 )
+from tlselect import search  # noqa: E402
 
 validate(config, "../schemas/config.schema.yaml")
 try:
     check(config)
+    search.check(config)
 except ConfigError as error:
     raise ValueError(f"invalid configuration: {error}") from None
 
 RUNS = runs(config)
 PROBES = probes(config)
-FEATURE_INITS = feature_inits(config)
-FEATURE_LAYERS = feature_layers(config)
+# Cached feature chains: the probes' layers, plus every stage of each searched backbone (proxies).
+FEATURE_INITS = search.cached_inits(config)
+FEATURE_CHAINS = search.feature_chains(config)
+SEARCH = config["search"]["enabled"]
 SPLITS = ["train", "val", "test"]
 BENCHMARKS = config["benchmarks"]["enabled"]
 FIGURES = [
@@ -52,10 +54,10 @@ def one_of(names):
     return "|".join(re.escape(name) for name in names) or "^$"
 
 
-def with_source(inputs, init):
+def with_source(inputs, init, backbone=None):
     """Add the source checkpoint to a job's inputs when it starts from the source model."""
     if init == "source":
-        inputs["source"] = source_checkpoint(config)
+        inputs["source"] = source_checkpoint(config, backbone)
     return inputs
 
 
@@ -71,7 +73,8 @@ def run_flags(wildcards):
 
 def feature_inputs(wildcards):
     """The previous cached layer (or the decoded images for the first), plus the source model."""
-    index = FEATURE_LAYERS.index(wildcards.layer)
+    chain = FEATURE_CHAINS[wildcards.backbone]
+    index = chain.index(wildcards.layer)
     if index == 0:
         inputs = {"data": expand("results/data/{split}.pt", split=SPLITS)}
     else:
@@ -80,17 +83,18 @@ def feature_inputs(wildcards):
                 "results/features/{backbone}/{init}/{layer}/{split}.npy",
                 backbone=wildcards.backbone,
                 init=wildcards.init,
-                layer=FEATURE_LAYERS[index - 1],
+                layer=chain[index - 1],
                 split=SPLITS,
             )
         }
-    return with_source(inputs, FEATURE_INITS[wildcards.init])
+    return with_source(inputs, FEATURE_INITS[wildcards.init], wildcards.backbone)
 
 
 def feature_flags(wildcards):
-    index = FEATURE_LAYERS.index(wildcards.layer)
+    chain = FEATURE_CHAINS[wildcards.backbone]
+    index = chain.index(wildcards.layer)
     flags = f"--init {FEATURE_INITS[wildcards.init]}"
-    return flags + (f" --from-layer {FEATURE_LAYERS[index - 1]}" if index else "")
+    return flags + (f" --from-layer {chain[index - 1]}" if index else "")
 
 
 def probe_inputs(wildcards):

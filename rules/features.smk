@@ -14,9 +14,9 @@ rule extract_features:
     benchmark:
         "results/benchmarks/extract_features/{backbone}/{init}/{layer}.tsv"
     wildcard_constraints:
-        backbone=config["backbone"],
+        backbone=one_of(FEATURE_CHAINS),
         init=one_of(FEATURE_INITS),
-        layer=one_of(FEATURE_LAYERS),
+        layer=one_of(sorted({s for chain in FEATURE_CHAINS.values() for s in chain})),
     conda:
         "../envs/torch.yaml"
     threads: config["threads"]

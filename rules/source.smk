@@ -49,7 +49,7 @@ rule pretrain_source:
         runtime=120,
     params:
         script=script("train.py"),
-        flags=train_flags(source_settings(config)),
+        flags=lambda wildcards: train_flags(source_settings(config, wildcards.backbone)),
         device=config["device"],
     shell:
         "python {params.script} {params.flags} --data results/source/data --out {output.model} "

@@ -109,7 +109,7 @@ def test_changing_one_policy_reruns_only_it_and_the_report(study):
         out = snakemake(study, "--dry-run").stdout
     finally:
         (study / "tiny.yaml").write_text(original)
-    assert job_counts(out) == {"train": 1, "aggregate": 1, "figure": 4, "notebook": 1, "all": 1}
+    assert job_counts(out) == {"train": 1, "aggregate": 1, "figure": 5, "notebook": 1, "all": 1}
     assert "benchmark_optimizations" not in out
     assert re.search(r"results/models/freeze_most-resnet18-source-\w+\.pt", out)
 
@@ -124,7 +124,7 @@ def test_adding_a_layer_runs_only_its_probes(study):
     finally:
         (study / "tiny.yaml").write_text(original)
     # layer1 is already cached (the chain runs stem..layer4): only its two probes are new
-    assert job_counts(out) == {"probe": 2, "aggregate": 1, "figure": 4, "notebook": 1, "all": 1}
+    assert job_counts(out) == {"probe": 2, "aggregate": 1, "figure": 5, "notebook": 1, "all": 1}
     assert len(set(re.findall(r"results/models/(probe_layer1-[\w-]+)\.pt", out))) == 2
 
 

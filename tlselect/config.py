@@ -135,12 +135,12 @@ def _data_identity(config: dict) -> dict:
     return {k: data[k] for k in ("name", "classes", "train_per_class", "val_per_class", "test_per_class", "image_size")}
 
 
-def source_settings(config: dict) -> dict:
-    """Trainer settings of the source model the workflow pretrains itself."""
+def source_settings(config: dict, backbone: str | None = None) -> dict:
+    """Trainer settings of the source model the workflow pretrains itself (default: the study's backbone)."""
     hyper = {k: config["source"]["train"].get(k, config["train"][k]) for k in HYPER_KEYS}
     hyper["cache_features"] = False
     return {
-        "backbone": config["backbone"],
+        "backbone": backbone or config["backbone"],
         "init": "scratch",
         "freeze": NO_FREEZE,
         "resolution": config["resolution"],
@@ -149,8 +149,8 @@ def source_settings(config: dict) -> dict:
     }
 
 
-def source_checkpoint(config: dict) -> str:
-    return f"{SOURCE_DIR}/{config['backbone']}.pt"
+def source_checkpoint(config: dict, backbone: str | None = None) -> str:
+    return f"{SOURCE_DIR}/{backbone or config['backbone']}.pt"
 
 
 def _init_label(init: str) -> str:

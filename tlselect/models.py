@@ -9,6 +9,7 @@ load the same way.
 
 from __future__ import annotations
 
+import socket
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,8 @@ def fetch_imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         hash_prefix = path.stem.rsplit("-", 1)[-1]
+        previous_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(30)  # a dead network fails in seconds instead of hanging
         try:
             torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=hash_prefix, progress=True)
         except (urllib.error.URLError, OSError) as error:
@@ -206,6 +209,8 @@ def fetch_imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
                 f"Offline, place that file at {path} (set TORCH_HOME to choose the folder), or use "
                 "init 'source' (a model this workflow pretrains) or a path to a state-dict file."
             ) from error
+        finally:
+            socket.setdefaulttimeout(previous_timeout)
     return load_state_dict_file(path)
 
 

@@ -135,3 +135,54 @@ def draw(name: str, runs_csv: Path, curves_csv: Path, out: Path, optimizations_c
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def search_compute(search: pd.DataFrame, ax) -> None:
+    """Chosen model's validation and test accuracy against the epochs each search method spent."""
+    for row in search.itertuples():
+        ax.scatter(row.epochs, row.val_accuracy, s=60, marker="o", zorder=3)
+        ax.scatter(row.epochs, row.test_accuracy, s=40, marker="x", color="black", zorder=3)
+        label = f"{row.method} ({row.epochs} ep, {row.wall_seconds:.0f} s)"
+        ax.annotate(label, (row.epochs, row.val_accuracy), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.margins(x=0.25, y=0.15)
+    ax.set_xlabel("compute spent (training epochs, all jobs)")
+    ax.set_ylabel("accuracy of the chosen model")
+    ax.set_title("Model search: accuracy vs compute (o validation, x test)")
+    ax.grid(alpha=0.3)
+
+
+def proxy_vs_finetune(proxies: pd.DataFrame, taus: pd.DataFrame | None, axes) -> None:
+    """Each proxy's score against the best fine-tuned validation accuracy, per (backbone, init)."""
+    tau = {} if taus is None else dict(zip(taus["proxy"], taus["weighted_kendall_tau"], strict=True))
+    for ax, proxy in zip(axes, ("logme", "knn_accuracy", "linear_probe_accuracy"), strict=True):
+        for row in proxies.itertuples():
+            ax.scatter(getattr(row, proxy), row.finetune_val_accuracy, s=40, zorder=3)
+            ax.annotate(
+                f"{row.backbone}/{row.init}",
+                (getattr(row, proxy), row.finetune_val_accuracy),
+                textcoords="offset points",
+                xytext=(4, 3),
+                fontsize=7,
+            )
+        value = tau.get(proxy)
+        ax.set_title(f"{proxy} (weighted tau {value:.2f})" if pd.notna(value) else proxy, fontsize=9)
+        ax.set_xlabel(proxy)
+        ax.margins(0.2)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("fine-tuned validation accuracy (best grid run)")
+
+
+def draw_search(name: str, table_csv: Path, out: Path, tau_csv: Path | None = None) -> None:
+    """Draw ``search_compute`` (from search.csv) or ``proxy_vs_finetune`` (proxies.csv, proxy_tau.csv)."""
+    table = pd.read_csv(table_csv)
+    if name == "search_compute":
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+        search_compute(table, ax)
+    else:
+        fig, axes = plt.subplots(1, 3, figsize=(12, 4), dpi=120, sharey=True)
+        proxy_vs_finetune(table, pd.read_csv(tau_csv) if tau_csv else None, axes)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -83,8 +83,16 @@ class TrainConfig:
     )
 
 
+# Knobs that may change when a killed run resumes (they do not change its results on one device).
+RESUMABLE = {"threads", "device", "workers", "eval_batch_size"}
 # Knobs that may differ between a run and the run it continues (successive-halving rungs).
-CONTINUABLE = {"epochs", "out", "record", "run_id", "policy", "continue_from", "keep_state", "threads", "device"}
+CONTINUABLE = {"epochs", "out", "record", "run_id", "policy", "continue_from", "keep_state"}
+
+
+def _same_run(saved: dict, current: dict, allowed: set, differences: bool = False):
+    """Whether two configs agree outside ``allowed`` (or, with ``differences``, the keys that differ)."""
+    differing = sorted(k for k, v in current.items() if k not in allowed and saved.get(k) != v)
+    return differing if differences else not differing
 
 
 class LinearProbe(nn.Module):
@@ -326,7 +334,7 @@ def train(config: TrainConfig, log=print) -> dict:
 
     if resume_file.is_file():
         state = load_torch(resume_file)
-        if state["config"] == asdict(config):
+        if _same_run(state["config"], asdict(config), RESUMABLE):
             first_epoch = resumed_from = restore(state)
             log(f"[{config.run_id}] resuming after epoch {first_epoch} from {resume_file}")
         else:
@@ -335,7 +343,7 @@ def train(config: TrainConfig, log=print) -> dict:
         state = load_torch(config.continue_from).get("training_state")
         if state is None:
             raise TrainingError(f"{config.continue_from} holds no training state; train it with --keep-state")
-        differing = sorted(k for k, v in asdict(config).items() if k not in CONTINUABLE and state["config"][k] != v)
+        differing = _same_run(state["config"], asdict(config), CONTINUABLE | RESUMABLE, differences=True)
         if differing:
             raise TrainingError(f"cannot continue {config.continue_from}: its run differs in {', '.join(differing)}")
         first_epoch = restore(state)

@@ -1,0 +1,220 @@
+#!/usr/bin/env python
+"""Model search steps (tlselect.search, tlselect.proxies), one subcommand per workflow rule.
+
+  promote   rank the previous rung's records on validation accuracy, keep the best --keep
+  continue  train the candidate a promoted slot holds: continue its checkpoint to --epochs
+  proxies   LogME, kNN and linear-probe accuracy per cached (backbone, init, layer)
+  compare   grid vs random search vs successive halving vs Hyperband: compute and chosen model
+  figure    search_compute (accuracy vs compute) or proxy_vs_finetune
+
+Search records live under results/search/; a job's benchmark file is the same path under
+results/benchmarks/search/ with .tsv.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import _cli  # noqa: F401  (makes the tlselect package importable)
+import pandas as pd
+
+from tlselect import proxies, search
+from tlselect.atomic import atomic_path, write_json
+from tlselect.config import _init_label
+from tlselect.data import load_split
+from tlselect.features import load_features
+from tlselect.gpus import GPUError, assign
+from tlselect.plots import draw_search
+from tlselect.registry import RegistryError, read_record, write_record
+from tlselect.train import TrainConfig, TrainingError, train
+
+
+def benchmark_of(record_path: str) -> str:
+    """results/search/<rest>.json -> results/benchmarks/search/<rest>.tsv."""
+    path = Path(record_path)
+    parts = path.parts
+    index = parts.index("search")
+    return str(Path(*parts[:index], "benchmarks", *parts[index:]).with_suffix(".tsv"))
+
+
+def promote(args) -> int:
+    records = {path: read_record(path) for path in args.records}
+    write_json(args.out, {"keep": args.keep, "slots": search.promote(records, args.keep)})
+    return 0
+
+
+def continue_slot(args) -> int:
+    promoted = json.loads(Path(args.promoted).read_text())["slots"]
+    slot = promoted[args.slot]
+    previous = read_record(slot["record"])["config"]
+    config = TrainConfig(
+        **{
+            **previous,
+            "epochs": args.epochs,
+            "out": args.out,
+            "record": args.record,
+            "run_id": args.run_id,
+            "continue_from": slot["checkpoint"],
+            "keep_state": True,
+            "device": args.device,
+            "threads": args.threads,
+        }
+    )
+    try:
+        assign(args.gpus, config.device)
+        record = train(config)
+    except (GPUError, TrainingError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    write_record(config.record, record)
+    return 0
+
+
+def proxy_scores(args) -> int:
+    """Rows per feature folder (<root>/<backbone>/<init>/<layer>), with fine-tuned grid accuracy."""
+    grid = [read_record(path) for path in args.grid]
+    labels = {split: load_split(Path(args.data) / f"{split}.pt")[1].numpy() for split in ("train", "val")}
+    rows = []
+    for folder in map(Path, args.features):
+        layer, init, backbone = folder.parts[-1], folder.parts[-2], folder.parts[-3]
+        x = {split: load_features(folder / f"{split}.npy", args.pool).flatten(1).numpy() for split in labels}
+        runs = [r for r in grid if r["config"]["backbone"] == backbone and _init_label(r["config"]["init"]) == init]
+        best = search.rank(runs)[0] if runs else None
+        rows.append(
+            {
+                "backbone": backbone,
+                "init": init,
+                "layer": layer,
+                "logme": proxies.logme(x["train"], labels["train"]),
+                "knn_accuracy": proxies.knn_accuracy(
+                    x["train"], labels["train"], x["val"], labels["val"], args.neighbors
+                ),
+                "linear_probe_accuracy": proxies.linear_probe_accuracy(
+                    x["train"], labels["train"], x["val"], labels["val"]
+                ),
+                "finetune_val_accuracy": best["metrics"]["val_accuracy"] if best else None,
+                "finetune_candidate": best["policy"] if best else "",
+            }
+        )
+    table = pd.DataFrame(rows)
+    taus = pd.DataFrame(
+        [
+            {
+                "proxy": proxy,
+                "weighted_kendall_tau": proxies.weighted_tau(table[proxy], table["finetune_val_accuracy"]),
+                "top_by_proxy": _top(table, proxy),
+                "top_by_finetune": _top(table, "finetune_val_accuracy"),
+            }
+            for proxy in ("logme", "knn_accuracy", "linear_probe_accuracy")
+        ]
+    )
+    for frame, name in ((table, args.out), (taus, args.tau_out)):
+        with atomic_path(Path(name)) as tmp:
+            frame.to_csv(tmp, index=False)
+    print(table.to_string(index=False), taus.to_string(index=False), sep="\n\n")
+    return 0
+
+
+def _top(table: pd.DataFrame, column: str) -> str:
+    valid = table.dropna(subset=[column])
+    if valid.empty:
+        return ""
+    row = valid.loc[valid[column].astype(float).idxmax()]
+    return f"{row['backbone']}/{row['init']}/{row['layer']}"
+
+
+def _jobs(paths: list[str]) -> list[search.Job]:
+    jobs = []
+    for path in paths:
+        record = read_record(path)
+        first = 0
+        if record.get("continued_from"):
+            first = read_record(Path(record["continued_from"]).with_suffix(".json"))["config"]["epochs"]
+        jobs.append(search.Job(record, first, benchmark_of(path)))
+    return jobs
+
+
+def compare(args) -> int:
+    grid = _jobs(args.grid)
+    chosen = set(args.random)
+    random_jobs = [j for j in grid if j.record["policy"] in chosen]
+    jobs = {"grid": grid, "random": random_jobs, "sh": _jobs(args.sh), "hb": _jobs(args.hb)}
+    finals = {
+        "grid": [j.record for j in grid],
+        "random": [j.record for j in random_jobs],
+        "sh": [read_record(p) for p in args.sh_final],
+        "hb": [read_record(p) for p in args.hb_final],
+    }
+    jobs = {m: j for m, j in jobs.items() if j}
+    table = pd.DataFrame(search.compare(jobs, {m: finals[m] for m in jobs}))
+    with atomic_path(Path(args.out)) as tmp:
+        table.to_csv(tmp, index=False)
+    print(table.to_string(index=False))
+    return 0
+
+
+def figure(args) -> int:
+    draw_search(args.name, Path(args.table), Path(args.out), Path(args.tau) if args.tau else None)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("promote", help="keep the best --keep records of a rung (validation accuracy)")
+    p.add_argument("records", nargs="+", help="the previous rung's records (checkpoints: same path, .pt)")
+    p.add_argument("--keep", type=int, required=True)
+    p.add_argument("--out", required=True, help="promotion file (JSON)")
+    p.set_defaults(run=promote)
+
+    p = commands.add_parser("continue", help="continue the checkpoint a promoted slot holds")
+    p.add_argument("--promoted", required=True)
+    p.add_argument("--slot", type=int, required=True)
+    p.add_argument("--epochs", type=int, required=True, help="total epochs after this rung")
+    p.add_argument("--out", required=True)
+    p.add_argument("--record", required=True)
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--gpus", type=int, default=None)
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(run=continue_slot)
+
+    p = commands.add_parser("proxies", help="proxy scores per cached feature folder")
+    p.add_argument("--features", nargs="+", required=True, help="folders <root>/<backbone>/<init>/<layer>")
+    p.add_argument("--data", default="results/data", help="decoded subset (labels)")
+    p.add_argument("--grid", nargs="*", default=[], help="grid records (fine-tuned validation accuracy)")
+    p.add_argument("--pool", type=int, default=1, help="average-pool features to pool x pool")
+    p.add_argument("--neighbors", type=int, default=5)
+    p.add_argument("--out", required=True, help="proxies.csv")
+    p.add_argument("--tau-out", required=True, help="proxy_tau.csv (weighted Kendall tau per proxy)")
+    p.set_defaults(run=proxy_scores)
+
+    p = commands.add_parser("compare", help="search.csv: one row per method")
+    p.add_argument("--grid", nargs="*", default=[])
+    p.add_argument("--random", nargs="*", default=[], help="candidate ids of the random search")
+    p.add_argument("--sh", nargs="*", default=[], help="every successive-halving job record")
+    p.add_argument("--sh-final", nargs="*", default=[], help="records of its last rung")
+    p.add_argument("--hb", nargs="*", default=[], help="every Hyperband job record")
+    p.add_argument("--hb-final", nargs="*", default=[], help="records of every bracket's last rung")
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=compare)
+
+    p = commands.add_parser("figure", help="draw a search figure")
+    p.add_argument("name", choices=["search_compute", "proxy_vs_finetune"])
+    p.add_argument("--table", required=True, help="search.csv or proxies.csv")
+    p.add_argument("--tau", default="", help="proxy_tau.csv (proxy_vs_finetune)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=figure)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except RegistryError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""Model search over a candidate pool: grid, random search, successive halving and Hyperband.
+
+The pool (``search`` in ``config.yaml``) is the product of backbones, inits, generic freeze depths,
+learning rates and input resolutions; every candidate has a readable, stable id. Random search and
+Hyperband's brackets draw seeded samples of it. Successive halving (SH) and Hyperband (HB, Li et
+al., JMLR 2018) are unrolled statically: how many candidates each rung keeps and for how many
+epochs is known from the config alone (:func:`brackets`); which candidates survive is decided at
+run time by :func:`promote`, from the previous rung's registry records, on validation accuracy
+only. Survivors continue their previous rung's checkpoint (``--continue-from``), never retrain.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlselect.config import (
+    HYPER_KEYS,
+    ConfigError,
+    _check_init,
+    _data_identity,
+    _digest,
+    _init_label,
+    feature_inits,
+    feature_layers,
+    resolve_init,
+    source_settings,
+)
+from tlselect.models import BACKBONES, NO_FREEZE
+
+METHODS = ("grid", "random", "sh", "hb")
+# Generic freeze depths, mapped onto each backbone's stage table.
+FREEZES = ("none", "early", "most")
+
+
+def freeze_stage(backbone: str, depth: str) -> str:
+    """The stage that ``depth`` freezes through: early = the 2nd stage, most = the second-to-last."""
+    stages = BACKBONES[backbone].stage_names
+    return {"none": NO_FREEZE, "early": stages[1], "most": stages[-2]}[depth]
+
+
+def check(config: dict) -> None:
+    """Reject a search block that cannot run; the message names the key."""
+    search = config["search"]
+    for backbone in search["backbones"]:
+        if backbone not in BACKBONES:
+            raise ConfigError(f"search.backbones: unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}")
+    for init in search["inits"]:
+        _check_init("search.inits", resolve_init(config, init))
+    if search["min_epochs"] > search["max_epochs"]:
+        raise ConfigError(
+            f"search.min_epochs ({search['min_epochs']}) must not exceed search.max_epochs ({search['max_epochs']})"
+        )
+    if search["enabled"] and not pool(config):
+        raise ConfigError("search: the candidate pool is empty (scratch is never frozen); add an init or freezes: none")
+
+
+def feature_chains(config: dict) -> dict[str, list[str]]:
+    """``{backbone: cached stages}``: the probes' chain, and every stage of each searched backbone
+    (proxies score the last one). Chains only grow at their end, so no cached stage changes."""
+    chains = {config["backbone"]: feature_layers(config)} if feature_layers(config) else {}
+    if config["search"]["enabled"]:
+        chains.update({b: BACKBONES[b].stage_names for b in config["search"]["backbones"]})
+    return chains
+
+
+def cached_inits(config: dict) -> dict[str, str]:
+    """``{label: init}`` whose features are cached: the probes' inits and the searched ones."""
+    inits = feature_inits(config)
+    if config["search"]["enabled"]:
+        inits.update({_init_label(init): init for init in (resolve_init(config, i) for i in config["search"]["inits"])})
+    return inits
+
+
+def proxy_folders(config: dict) -> list[str]:
+    """Feature folders the proxies score: the last stage of every searched (backbone, init)."""
+    labels = sorted({_init_label(resolve_init(config, i)) for i in config["search"]["inits"]})
+    return [
+        f"results/features/{b}/{label}/{BACKBONES[b].stage_names[-1]}"
+        for b in config["search"]["backbones"]
+        for label in labels
+    ]
+
+
+def search_hyper(config: dict) -> dict:
+    """The search runs' hyperparameters: the ``train`` defaults, overridden by ``search.train``."""
+    return {k: config["search"]["train"].get(k, config["train"][k]) for k in HYPER_KEYS}
+
+
+def pool(config: dict) -> dict[str, dict]:
+    """``{candidate_id: train settings}`` of every valid candidate (scratch is never frozen)."""
+    search = config["search"]
+    hyper = search_hyper(config)
+    out = {}
+    for backbone in search["backbones"]:
+        for init_name in search["inits"]:
+            init = resolve_init(config, init_name)
+            for depth in search["freezes"]:
+                if init == "scratch" and depth != "none":
+                    continue
+                for lr in search["lrs"]:
+                    for resolution in search["resolutions"]:
+                        settings = {
+                            "policy": "search",
+                            "backbone": backbone,
+                            "init": init,
+                            "freeze": freeze_stage(backbone, depth),
+                            "resolution": resolution,
+                            "seed": config["seed"],
+                            **hyper,
+                            "lr": lr,
+                        }
+                        identity = {"run": settings, "data": _data_identity(config)}
+                        if init == "source":
+                            identity["source"] = {
+                                "settings": source_settings(config, backbone),
+                                "data": config["source"],
+                            }
+                        label = f"{backbone}-{_init_label(init)}-{depth}-lr{lr:g}-r{resolution}"
+                        out[f"{label}-{_digest(identity)}"] = settings
+    return out
+
+
+def sample(candidates: list[str], count: int, seed: int, stream: str) -> list[str]:
+    """A seeded sample of ``count`` candidates (all when ``count`` exceeds them), in pool order."""
+    chosen = set(random.Random(f"{seed}-{stream}").sample(sorted(candidates), min(count, len(candidates))))
+    return [c for c in candidates if c in chosen]
+
+
+@dataclass(frozen=True)
+class Bracket:
+    """One successive-halving bracket: candidates at rung 0, survivors and epochs per rung."""
+
+    candidates: tuple[str, ...]
+    keep: tuple[int, ...]  # candidates trained at each rung
+    epochs: tuple[int, ...]  # total epochs a candidate has trained after each rung
+
+    @property
+    def rungs(self) -> int:
+        return len(self.keep)
+
+    def cost(self) -> int:
+        """Epochs trained in all: survivors continue, so a rung costs only its extra epochs."""
+        return sum(k * (e - p) for k, e, p in zip(self.keep, self.epochs, (0, *self.epochs), strict=False))
+
+
+def _rungs(n: int, s: int, eta: int, max_epochs: int, min_epochs: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    keep = tuple(max(1, n // eta**i) for i in range(s + 1))
+    epochs = tuple(max(min_epochs, round(max_epochs / eta ** (s - i))) for i in range(s + 1))
+    return keep, epochs
+
+
+def max_bracket(search: dict) -> int:
+    """s_max = floor(log_eta(max_epochs / min_epochs)): the most aggressive bracket's rungs minus one."""
+    ratio, s = search["max_epochs"] / search["min_epochs"], 0
+    while search["eta"] ** (s + 1) <= ratio * (1 + 1e-9):
+        s += 1
+    return s
+
+
+def brackets(config: dict, method: str) -> list[Bracket]:
+    """The static plan of ``sh`` (one bracket over the whole pool) or ``hb`` (``search.brackets``).
+
+    Hyperband's bracket ``s`` (from s_max down) starts ceil((s_max+1)/(s+1) * eta^s) candidates,
+    a seeded sample of the pool, at max_epochs * eta^-s epochs, and keeps 1/eta of them per rung.
+    """
+    search = config["search"]
+    candidates = list(pool(config))
+    s_max = max_bracket(search)
+    eta, top, low = search["eta"], search["max_epochs"], search["min_epochs"]
+    if method == "sh":
+        return [Bracket(tuple(candidates), *_rungs(len(candidates), s_max, eta, top, low))]
+    plans = []
+    for s in range(s_max, max(-1, s_max - search["brackets"]), -1):
+        n = min(len(candidates), math.ceil((s_max + 1) / (s + 1) * eta**s))
+        chosen = sample(candidates, n, config["seed"], f"hb-{s}")
+        plans.append(Bracket(tuple(chosen), *_rungs(n, s, eta, top, low)))
+    return plans
+
+
+def random_candidates(config: dict) -> list[str]:
+    """Random search: a seeded sample of the pool, each trained to max_epochs (the grid's own runs)."""
+    return sample(list(pool(config)), config["search"]["random_samples"], config["seed"], "random")
+
+
+def rank(records: list[dict]) -> list[dict]:
+    """Completed runs first, by validation accuracy (descending), ties by candidate id. Never test."""
+
+    def key(record):
+        val = record["metrics"]["val_accuracy"]
+        ok = record["status"] == "completed" and val is not None
+        return (not ok, -(val if ok else 0.0), record["policy"])
+
+    return sorted(records, key=key)
+
+
+def promote(records: dict[str, dict], keep: int) -> list[dict]:
+    """The ``keep`` best of the previous rung: ``[{slot, candidate, checkpoint, record, val_accuracy}]``.
+
+    ``records`` maps each record's path to the record; its checkpoint is the same path with ``.pt``.
+    """
+    paths = {id(r): p for p, r in records.items()}
+    ranked = rank(list(records.values()))[:keep]
+    return [
+        {
+            "slot": slot,
+            "candidate": r["policy"],
+            "record": paths[id(r)],
+            "checkpoint": str(Path(paths[id(r)]).with_suffix(".pt")),
+            "val_accuracy": r["metrics"]["val_accuracy"],
+        }
+        for slot, r in enumerate(ranked)
+    ]
+
+
+def job_cost(record: dict, first_epoch: int) -> tuple[int, float]:
+    """Epochs and training seconds a job spent itself: a continued run's first epochs came before."""
+    curves = record["curves"][first_epoch:]
+    return len(curves), sum(c["train_seconds"] for c in curves)
+
+
+def benchmark_seconds(path: str | Path) -> float:
+    """Wall seconds of a job from its Snakemake benchmark file (``s`` column, 0 when missing)."""
+    path = Path(path)
+    if not path.is_file():
+        return 0.0
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    return float(rows[-1]["s"]) if rows else 0.0
+
+
+@dataclass
+class Job:
+    """One search job: its record, the epochs it continued from, its benchmark file."""
+
+    record: dict
+    first_epoch: int = 0
+    benchmark: str = ""
+
+
+def compare(jobs: dict[str, list[Job]], finals: dict[str, list[dict]]) -> list[dict]:
+    """One row per method: compute spent and the chosen model (best validation accuracy of ``finals``).
+
+    ``jobs[method]`` are every job the method paid for; ``finals[method]`` the runs it chooses from
+    (the grid's runs, the random sample, the last rung of every bracket). Test accuracy is reported.
+    """
+    rows = []
+    for method, method_jobs in jobs.items():
+        costs = [job_cost(j.record, j.first_epoch) for j in method_jobs]
+        chosen = rank(finals[method])[0]
+        rows.append(
+            {
+                "method": method,
+                "candidates": len({j.record["policy"] for j in method_jobs}),
+                "jobs": len(method_jobs),
+                "epochs": sum(e for e, _ in costs),
+                "train_seconds": sum(s for _, s in costs),
+                "wall_seconds": sum(benchmark_seconds(j.benchmark) for j in method_jobs if j.benchmark),
+                "chosen": chosen["policy"],
+                "val_accuracy": chosen["metrics"]["val_accuracy"],
+                "test_accuracy": chosen["metrics"]["test_accuracy"],
+            }
+        )
+    grid = next((r for r in rows if r["method"] == "grid"), None)
+    for row in rows:
+        row["compute_share"] = row["epochs"] / grid["epochs"] if grid and grid["epochs"] else None
+        row["wall_share"] = row["wall_seconds"] / grid["wall_seconds"] if grid and grid["wall_seconds"] else None
+        gap = (row["test_accuracy"] or 0) - (grid["test_accuracy"] or 0) if grid else None
+        row["test_gap_points"] = None if gap is None else 100 * gap
+    return rows
