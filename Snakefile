@@ -11,6 +11,7 @@ include: "rules/source.smk"
 include: "rules/features.smk"
 include: "rules/train.smk"
 include: "rules/benchmark.smk"
+include: "rules/search.smk"
 include: "rules/report.smk"
 
 
@@ -21,3 +22,4 @@ rule all:
         "results/tables/summary.md",
         expand("results/figures/{figure}.png", figure=FIGURES),
         "results/report/solution.html",
+        SEARCH_OUTPUTS,

@@ -20,4 +20,4 @@ rule benchmark_optimizations:
         flags=benchmark_flags,
     shell:
         "python {params.script} --data results/data --out {output} {params.flags} "
-        "--threads {threads} 2>&1 | tee {log}"
+        "--threads {threads} --gpus {resources.gpu} 2>&1 | tee {log}"

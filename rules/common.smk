@@ -149,3 +149,77 @@ def source_checkpoint_flag(wildcards, input):
 def script(name):
     """Path of a command-line entry point under scripts/."""
     return f"{workflow.basedir}/scripts/{name}"
+
+
+# Model search (rules/search.smk): the pool, the static rung plan and their input functions.
+POOL = search.pool(config) if SEARCH else {}
+PLAN = {m: search.brackets(config, m) for m in ("sh", "hb")} if SEARCH else {}
+RUNG = "results/search/{method}/b{bracket}/rung{rung}"
+SEARCH_TABLES = (
+    [
+        "results/tables/search.csv",
+        "results/tables/proxies.csv",
+        "results/tables/proxy_tau.csv",
+    ]
+    if SEARCH
+    else []
+)
+SEARCH_OUTPUTS = SEARCH_TABLES + (
+    ["results/figures/search_compute.png", "results/figures/proxy_vs_finetune.png"]
+    if SEARCH
+    else []
+)
+
+
+def rung_slots(method, bracket, rung):
+    """Record paths of every slot of one rung."""
+    keep = PLAN[method][int(bracket)].keep[int(rung)]
+    path = RUNG.format(method=method, bracket=bracket, rung=rung)
+    return [f"{path}/slot{slot}.json" for slot in range(keep)]
+
+
+def search_records(method, last_only=False):
+    """Every job record of a method (or only its brackets' last rungs)."""
+    return [
+        path
+        for b, plan in enumerate(PLAN[method])
+        for r in range(plan.rungs)
+        if not last_only or r == plan.rungs - 1
+        for path in rung_slots(method, b, r)
+    ]
+
+
+def first_rung_candidate(wildcards):
+    return PLAN[wildcards.method][int(wildcards.bracket)].candidates[
+        int(wildcards.slot)
+    ]
+
+
+def search_inputs(candidate):
+    settings = POOL[candidate]
+    inputs = {"data": expand("results/data/{split}.pt", split=SPLITS)}
+    return with_source(inputs, settings["init"], settings["backbone"])
+
+
+def search_flags(candidate, epochs):
+    return train_flags({**POOL[candidate], "policy": candidate, "epochs": epochs})
+
+
+def next_rung_inputs(wildcards):
+    """The promotion file and every checkpoint of the previous rung (which slot continues which is
+    decided at run time), the data and the source models the candidates may start from.
+    """
+    previous = rung_slots(wildcards.method, wildcards.bracket, int(wildcards.rung) - 1)
+    inputs = {
+        "promoted": f"{RUNG.format(**wildcards)}/promoted.json",
+        "records": previous,
+        "checkpoints": [p.replace(".json", ".pt") for p in previous],
+        "data": expand("results/data/{split}.pt", split=SPLITS),
+    }
+    plan = PLAN[wildcards.method][int(wildcards.bracket)]
+    sources = {
+        source_checkpoint(config, POOL[c]["backbone"])
+        for c in plan.candidates
+        if POOL[c]["init"] == "source"
+    }
+    return inputs | ({"source": sorted(sources)} if sources else {})

@@ -86,6 +86,10 @@ rule notebook:
         curves="results/tables/curves.csv",
         figures=expand("results/figures/{figure}.png", figure=FIGURES),
         optimizations=["results/tables/optimizations.csv"] if BENCHMARKS else [],
+        search=SEARCH_TABLES[:1],
+        proxies=SEARCH_TABLES[1:2],
+        proxy_tau=SEARCH_TABLES[2:],
+        search_figures=SEARCH_OUTPUTS[3:],
     output:
         notebook="results/report/solution.ipynb",
         html=report("results/report/solution.html", category="Notebook"),
@@ -104,6 +108,8 @@ rule notebook:
         "&& papermill {input.notebook} $tmp/solution.ipynb --cwd . "
         "-p runs_csv {input.runs} -p curves_csv {input.curves} -p figures_dir results/figures "
         "-p optimizations_csv '{input.optimizations}' "
+        "-p search_csv '{input.search}' -p proxies_csv '{input.proxies}' "
+        "-p proxy_tau_csv '{input.proxy_tau}' "
         "&& jupyter nbconvert --to html $tmp/solution.ipynb --output-dir $tmp "
         "&& mv $tmp/solution.html {output.html} && mv $tmp/solution.ipynb {output.notebook}) "
         "> {log} 2>&1"

@@ -17,6 +17,7 @@ import torch
 from tlselect.atomic import write_json
 from tlselect.benchmarks import features_suite, training_suite
 from tlselect.data import DataError
+from tlselect.gpus import GPUError, assign
 from tlselect.models import InitError
 from tlselect.train import TrainConfig, hardware, resolve_device, versions
 
@@ -36,8 +37,16 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--gpus", type=int, default=None, help="GPUs given to this job, claimed before CUDA starts (0: hide all)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the naive path")
     args = parser.parse_args(argv)
+    try:
+        assign(args.gpus, args.device)
+    except GPUError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     base = TrainConfig(

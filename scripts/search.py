@@ -31,11 +31,10 @@ from tlselect.train import TrainConfig, TrainingError, train
 
 
 def benchmark_of(record_path: str) -> str:
-    """results/search/<rest>.json -> results/benchmarks/search/<rest>.tsv."""
-    path = Path(record_path)
-    parts = path.parts
-    index = parts.index("search")
-    return str(Path(*parts[:index], "benchmarks", *parts[index:]).with_suffix(".tsv"))
+    """results/search/<rest>.json -> results/benchmarks/search/<rest>.tsv ("" outside results/search/)."""
+    text, marker = str(Path(record_path).with_suffix(".tsv")), "results/search/"
+    index = text.rfind(marker)
+    return "" if index < 0 else f"{text[:index]}results/benchmarks/search/{text[index + len(marker) :]}"
 
 
 def promote(args) -> int:

@@ -167,7 +167,7 @@ def dry_run(tmp_path_factory, tiny_archive):
         result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         given = re.findall(r"scripts/(\w+)\.py .*--gpus (\d+)", result.stdout)
-        assert {script for script, _ in given} == {"train", "extract_features"}
+        assert {"train", "extract_features"} <= {script for script, _ in given}
         return {int(n) for _, n in given}
 
     return run
@@ -177,3 +177,16 @@ def test_rules_ask_for_a_gpu_unless_device_is_cpu(dry_run):
     assert dry_run("--config", "device=auto") == {1}
     assert dry_run("--config", "device=auto", "--resources", "gpu=0") == {0}  # the CPU, without editing rules
     assert dry_run("--config", "device=cpu") == {0}
+
+
+def test_slurm_profile_sets_the_gpus_of_every_rule_that_asks_for_one():
+    """A GPU rule missing from set-resources would ask SLURM for a GPU on any cluster (device auto)."""
+    gpu_rules = set()
+    for smk in (REPO / "rules").glob("*.smk"):
+        for match in re.finditer(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", smk.read_text(), re.M | re.S):
+            if re.search(r"^\s+gpu=", match.group(2), re.M):
+                gpu_rules.add(match.group(1))
+    profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+    assert {"train", "pretrain_source", "extract_features", "probe"} <= gpu_rules
+    assert gpu_rules == {rule for rule, resources in profile["set-resources"].items() if "gpu" in resources}
+    assert "resources" not in yaml.safe_load((REPO / "profiles/default/config.yaml").read_text())  # read on SLURM too

@@ -77,6 +77,7 @@ def slurm_job_ids(output: str) -> list[str]:
 
 def slurm_jobs(job_ids: list[str]) -> list[dict[str, str]]:
     """What SLURM knows of these jobs (finished ones included: the test cluster keeps them an hour)."""
+    assert job_ids, "no job went through sbatch"
     result = subprocess.run(
         ["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%k|%T|%m"],
         capture_output=True,
@@ -216,6 +217,7 @@ def test_failed_job_is_retried_with_more_memory_and_a_cancelled_job_leaves_no_ou
     while not (killed.is_file() and killed.read_text().strip()) and run.poll() is None:
         assert time.monotonic() < deadline, "the job to cancel never started"
         time.sleep(0.5)
+    assert run.poll() is None, f"the run ended before its job could be cancelled:\n{finish(run, tmp_path)[1][-5000:]}"
     subprocess.run(["scancel", killed.read_text().strip()], check=True)
     returncode, output = finish(run, tmp_path)
 

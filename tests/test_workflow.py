@@ -54,6 +54,7 @@ def study(tmp_path_factory, tiny_archive):
         "train": {"epochs": 1, "batch_size": 8},
         "features": {"layers": ["layer2", "layer4"], "inits": ["pretrained", "scratch"], "probe": {"epochs": 2}},
         "benchmarks": {"epochs": 1, "accuracy_epochs": 1},
+        "search": {"enabled": False},  # tests/test_search_workflow.py runs it
     }
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
     snakemake(workdir)

@@ -48,8 +48,9 @@ def maximize_evidence(
     for _ in range(iterations):
         gamma = float(np.sum(beta * sigma / (alpha + beta * sigma)))
         m = vectors @ (beta * projected / (alpha + beta * sigma))
-        alpha_new = gamma / max(float(m @ m), 1e-12)
-        beta_new = (n - gamma) / max(float(np.sum((target - f @ m) ** 2)), 1e-12)
+        # clipped: features without signal (gamma = 0) leave alpha free, and its terms cancel
+        alpha_new = float(np.clip(gamma / max(float(m @ m), 1e-12), 1e-10, 1e10))
+        beta_new = float(np.clip((n - gamma) / max(float(np.sum((target - f @ m) ** 2)), 1e-12), 1e-10, 1e10))
         done = abs(alpha_new / beta_new - alpha / beta) <= tol * alpha / beta
         alpha, beta = alpha_new, beta_new
         if done:

@@ -1,0 +1,152 @@
+"""Model search: LogME against hand-computed evidence, rung arithmetic, promotion on validation
+accuracy only, seeded sampling, a promoted slot continuing its checkpoint, compute accounting."""
+
+import copy
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from conftest import REPO
+from scipy import optimize, stats
+
+from tlselect import proxies, search
+from tlselect.registry import read_record, write_record
+from tlselect.train import TrainConfig, train
+
+sys.path.insert(0, str(REPO / "scripts"))
+import search as search_cli  # noqa: E402
+
+
+@pytest.fixture
+def config():
+    return yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def test_evidence_matches_a_hand_computed_case():
+    # F = (1, 1)^T, y = (1, 1), alpha = beta = 1: y ~ N(0, I + F F^T) = N(0, [[2, 1], [1, 2]]),
+    # det 3, y' C^-1 y = (2 - 1 - 1 + 2) / 3 = 2/3, so log p = -log(2 pi) - log(3)/2 - 1/3.
+    f, y = np.array([[1.0], [1.0]]), np.array([1.0, 1.0])
+    assert proxies.log_evidence(f, y, 1.0, 1.0) == pytest.approx(-math.log(2 * math.pi) - math.log(3) / 2 - 1 / 3)
+
+
+def test_logme_is_the_maximized_evidence():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(12, 3))
+    y = (f @ np.array([1.0, -0.5, 0.0]) + rng.normal(scale=0.5, size=12) > 0).astype(float)
+
+    def negative(log_params):
+        alpha, beta = np.exp(log_params)
+        cov = np.eye(12) / beta + f @ f.T / alpha
+        return -stats.multivariate_normal(np.zeros(12), cov).logpdf(y)
+
+    best = optimize.minimize(negative, [0.0, 0.0], method="Nelder-Mead", options={"xatol": 1e-8, "fatol": 1e-10})
+    value, alpha, beta = proxies.maximize_evidence(f, y)
+    assert proxies.log_evidence(f, y, alpha, beta) == pytest.approx(-negative(np.log([alpha, beta])))
+    assert value == pytest.approx(-best.fun / 12, abs=1e-5)
+    # LogME averages the per-class evidence over the one-hot columns
+    labels = y.astype(int)
+    per_class = [proxies.maximize_evidence(f, (labels == c).astype(float))[0] for c in (0, 1)]
+    assert proxies.logme(f, labels) == pytest.approx(np.mean(per_class))
+
+
+def test_logme_without_signal_is_the_noise_model():
+    # zero features: evidence = n/2 log(beta) - n/2 log(2 pi) - n/2 with beta = n / |y|^2
+    labels = np.array([0, 0, 1, 1, 1, 2])
+    expected = np.mean([0.5 * math.log(6 / k) - 0.5 * math.log(2 * math.pi) - 0.5 for k in (2, 3, 1)])
+    assert proxies.logme(np.zeros((6, 4)), labels) == pytest.approx(expected, rel=1e-6)
+
+
+def test_informative_features_score_higher_than_noise():
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(3), 20)
+    informative = np.eye(3)[labels] * 3 + rng.normal(size=(60, 3))
+    noise = rng.normal(size=(60, 3))
+    assert proxies.logme(informative, labels) > proxies.logme(noise, labels)
+    assert proxies.knn_accuracy(informative, labels, informative, labels) > 0.9
+    assert proxies.weighted_tau([3, 2, 1], [0.9, 0.8, 0.7]) == pytest.approx(1.0)
+
+
+def test_pool_and_rung_arithmetic(config):
+    pool = search.pool(config)
+    # 2 backbones x (pretrained x {none, most} + scratch x {none}) x 2 learning rates
+    assert len(pool) == 12 and len(set(pool)) == 12
+    assert {s["freeze"] for s in pool.values()} == {"none", "layer3", "block3"}
+    assert all(s["schedule"] == "constant" for s in pool.values())
+    (sh,) = search.brackets(config, "sh")
+    assert (sh.keep, sh.epochs) == ((12, 4, 1), (1, 3, 9))
+    assert sh.cost() == 12 + 4 * 2 + 1 * 6 <= 12 * 9 / 3
+    hb = search.brackets(config, "hb")
+    assert [(b.keep, b.epochs) for b in hb] == [((9, 3, 1), (1, 3, 9)), ((5, 1), (3, 9)), ((3,), (9,))]
+    assert all(set(b.candidates) <= set(pool) and len(b.candidates) == b.keep[0] for b in hb)
+    config["search"]["brackets"] = 1
+    assert len(search.brackets(config, "hb")) == 1
+    assert search.pool(config) == pool  # stable ids
+
+
+def test_sampling_is_seeded(config):
+    first = search.random_candidates(config)
+    assert first == search.random_candidates(copy.deepcopy(config)) and len(first) == 4
+    assert set(first) <= set(search.pool(config))
+    other = copy.deepcopy(config)
+    other["seed"] = 1
+    draws = {tuple(search.random_candidates({**other, "seed": s})) for s in range(5)}
+    assert len(draws) > 1
+
+
+def _record(candidate, val, test, status="completed"):
+    return {"policy": candidate, "status": status, "metrics": {"val_accuracy": val, "test_accuracy": test}}
+
+
+def test_promote_ranks_on_validation_never_test():
+    records = {
+        "r/slot0.json": _record("a", 0.5, 0.99),
+        "r/slot1.json": _record("b", 0.7, 0.10),
+        "r/slot2.json": _record("c", 0.7, 0.20),
+        "r/slot3.json": _record("d", None, None, "diverged"),
+    }
+    kept = search.promote(records, 3)
+    assert [k["candidate"] for k in kept] == ["b", "c", "a"]  # ties by candidate id, test ignored
+    assert kept[0]["checkpoint"] == "r/slot1.pt" and [k["slot"] for k in kept] == [0, 1, 2]
+    assert search.promote(records, 4)[-1]["candidate"] == "d"
+
+
+def test_a_promoted_slot_continues_its_checkpoint(tensor_data, tmp_path):
+    rung0 = tmp_path / "rung0"
+    for slot, lr in enumerate((0.05, 0.2)):
+        cfg = TrainConfig(
+            data=str(tensor_data), out=str(rung0 / f"slot{slot}.pt"), record=str(rung0 / f"slot{slot}.json"),
+            run_id=f"slot{slot}", policy=f"cand{slot}", epochs=1, batch_size=32, lr=lr, schedule="constant",
+            amp=False, device="cpu", keep_state=True, eval_batch_size=64,
+        )  # fmt: skip
+        write_record(cfg.record, train(cfg, log=lambda _: None))
+    promoted = tmp_path / "rung1" / "promoted.json"
+    records = [str(rung0 / f"slot{s}.json") for s in (0, 1)]
+    assert search_cli.main(["promote", *records, "--keep", "1", "--out", str(promoted)]) == 0
+    slot = json.loads(promoted.read_text())["slots"][0]
+    out = tmp_path / "rung1" / "slot0"
+    args = ["--promoted", str(promoted), "--slot", "0", "--epochs", "3", "--device", "cpu"]
+    args += ["--out", f"{out}.pt", "--record", f"{out}.json", "--run-id", "rung1-slot0"]
+    assert search_cli.main(["continue", *args]) == 0
+    record = read_record(f"{out}.json")
+    assert record["policy"] == slot["candidate"] and record["continued_from"] == slot["checkpoint"]
+    assert len(record["curves"]) == 3
+    previous = read_record(slot["record"])
+    assert record["curves"][0] == previous["curves"][0]  # the first epoch is the rung-0 run's, not redone
+    jobs = search_cli._jobs([f"{out}.json"])
+    assert jobs[0].first_epoch == 1 and search.job_cost(jobs[0].record, jobs[0].first_epoch)[0] == 2
+
+
+def test_compare_counts_only_new_epochs_and_chooses_on_validation():
+    def run(candidate, val, test, epochs):
+        return {**_record(candidate, val, test), "curves": [{"train_seconds": 1.0}] * epochs}
+
+    grid = [search.Job(run("a", 0.6, 0.9, 9)), search.Job(run("b", 0.8, 0.7, 9))]
+    sh = [search.Job(run("a", 0.5, 0.9, 1)), search.Job(run("b", 0.6, 0.7, 1)), search.Job(run("b", 0.8, 0.7, 9), 1)]
+    rows = {r["method"]: r for r in search.compare({"grid": grid, "sh": sh}, {"grid": [g.record for g in grid],
+                                                                              "sh": [sh[-1].record]})}  # fmt: skip
+    assert rows["grid"]["chosen"] == "b" and rows["grid"]["epochs"] == 18
+    assert rows["sh"]["epochs"] == 1 + 1 + 8 and rows["sh"]["compute_share"] == pytest.approx(10 / 18)
+    assert rows["sh"]["test_gap_points"] == pytest.approx(0.0)
