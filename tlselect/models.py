@@ -115,6 +115,12 @@ class StagedNet(nn.Module):
         self.preprocess = Preprocess(resolution)
         self.net = getattr(torchvision.models, self.spec.builder)(weights=None)
         self.replace_classifier(num_classes)
+        # torchvision's MobileNetV3 uses BatchNorm momentum 0.01, tuned for long ImageNet runs: after
+        # the few hundred steps of a transfer study its running statistics are still far from the
+        # data's and evaluation falls to chance. 0.1 (ResNet's value) tracks them.
+        for module in self.net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = 0.1
         self.stage_names = ["input", *self.spec.stage_names]
         self._stage_modules = [[self.preprocess]] + [
             [self.net.get_submodule(path) for path in paths] for _, paths in self.spec.stages
