@@ -34,6 +34,11 @@ def write_image_folder(root: Path, classes=CLASSES, train: int = 12, test: int =
     return root
 
 
+def tiny_data(archive: Path) -> dict:
+    """The ``data`` block of a tiny study over :func:`tiny_archive` (8 train, 2 val, 4 test per class)."""
+    return {"archive": str(archive), "name": "tiny", "train_per_class": 8, "val_per_class": 2, "test_per_class": 4}
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return write_image_folder(tmp_path / "images")

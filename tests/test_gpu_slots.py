@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, tiny_data
 
 from tlselect import gpus
 
@@ -145,13 +145,7 @@ def dry_run(tmp_path_factory, tiny_archive):
     """``snakemake --dry-run`` of a tiny study: the --gpus each training job is given, per rule."""
     workdir = tmp_path_factory.mktemp("gpu-dry-run")
     tiny = {
-        "data": {
-            "archive": str(tiny_archive),
-            "name": "tiny",
-            "train_per_class": 8,
-            "val_per_class": 2,
-            "test_per_class": 4,
-        },
+        "data": tiny_data(tiny_archive),
         "pretrained": "source",
         "source": {"train_per_class": 4, "val_per_class": 1},
         "features": {"layers": ["stem"], "inits": ["scratch"]},

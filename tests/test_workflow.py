@@ -13,7 +13,7 @@ import sys
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, tiny_data
 
 from tlselect.registry import read_record
 
@@ -41,13 +41,7 @@ def job_counts(dry_run_output: str) -> dict[str, int]:
 def study(tmp_path_factory, tiny_archive):
     workdir = tmp_path_factory.mktemp("study")
     tiny = {
-        "data": {
-            "archive": str(tiny_archive),
-            "name": "tiny",
-            "train_per_class": 8,
-            "val_per_class": 2,
-            "test_per_class": 4,
-        },
+        "data": tiny_data(tiny_archive),
         "pretrained": "source",
         "threads": 1,
         "source": {"train_per_class": 4, "val_per_class": 1, "train": {"epochs": 1}},
@@ -99,31 +93,29 @@ def test_second_run_has_nothing_to_do(study):
     assert "Nothing to be done" in snakemake(study, "--dry-run").stdout
 
 
-def test_changing_one_policy_reruns_only_it_and_the_report(study):
+def dry_run_after(study, change) -> str:
+    """The dry run after ``change(tiny_config)``; the study's overlay is restored afterwards."""
     original = (study / "tiny.yaml").read_text()
     tiny = yaml.safe_load(original)
-    policies = yaml.safe_load((REPO / "config.yaml").read_text())["policies"]
-    policies[3]["lr"] = 0.011  # freeze_most
-    tiny["policies"] = policies
+    change(tiny)
     (study / "tiny.yaml").write_text(yaml.safe_dump(tiny))
     try:
-        out = snakemake(study, "--dry-run").stdout
+        return snakemake(study, "--dry-run").stdout
     finally:
         (study / "tiny.yaml").write_text(original)
+
+
+def test_changing_one_policy_reruns_only_it_and_the_report(study):
+    policies = yaml.safe_load((REPO / "config.yaml").read_text())["policies"]
+    policies[3]["lr"] = 0.011  # freeze_most
+    out = dry_run_after(study, lambda tiny: tiny.update(policies=policies))
     assert job_counts(out) == {"train": 1, "aggregate": 1, "figure": 5, "notebook": 1, "all": 1}
     assert "benchmark_optimizations" not in out
     assert re.search(r"results/models/freeze_most-resnet18-source-\w+\.pt", out)
 
 
 def test_adding_a_layer_runs_only_its_probes(study):
-    original = (study / "tiny.yaml").read_text()
-    tiny = yaml.safe_load(original)
-    tiny["features"]["layers"] = ["layer1", "layer2", "layer4"]
-    (study / "tiny.yaml").write_text(yaml.safe_dump(tiny))
-    try:
-        out = snakemake(study, "--dry-run").stdout
-    finally:
-        (study / "tiny.yaml").write_text(original)
+    out = dry_run_after(study, lambda tiny: tiny["features"].update(layers=["layer1", "layer2", "layer4"]))
     # layer1 is already cached (the chain runs stem..layer4): only its two probes are new
     assert job_counts(out) == {"probe": 2, "aggregate": 1, "figure": 5, "notebook": 1, "all": 1}
     assert len(set(re.findall(r"results/models/(probe_layer1-[\w-]+)\.pt", out))) == 2
