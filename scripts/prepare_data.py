@@ -13,7 +13,7 @@ from pathlib import Path
 import _cli  # noqa: F401  (makes the tlselect package importable)
 
 from tlselect import data
-from tlselect.atomic import write_json
+from tlselect.atomic import save_torch, write_json
 
 
 def fetch(args) -> None:
@@ -32,7 +32,7 @@ def fetch(args) -> None:
 def save_all(out: Path, tensors: dict, skipped: list[str]) -> None:
     for split, decoded in tensors.items():
         print(f"decoded {len(decoded['labels'])} {split} images", flush=True)
-        data.save_split(out / f"{split}.pt", decoded)
+        save_torch(out / f"{split}.pt", decoded)
     if skipped:
         print(f"skipped {len(skipped)} unreadable or non-image file(s): {', '.join(skipped)}", flush=True)
 

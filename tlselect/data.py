@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import torch
 from PIL import Image
 
-from tlselect.atomic import load_torch, save_torch
+from tlselect.atomic import load_torch
 
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"}
@@ -367,10 +367,6 @@ def decode_splits(
         if not bad:
             return chosen, decoded, sorted(unreadable)
         unreadable += bad
-
-
-def save_split(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_torch(path, tensors)
 
 
 def load_split(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
