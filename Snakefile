@@ -7,9 +7,9 @@ configfile: "config.yaml"
 
 include: "rules/common.smk"
 include: "rules/data.smk"
+include: "rules/train.smk"
 include: "rules/source.smk"
 include: "rules/features.smk"
-include: "rules/train.smk"
 include: "rules/benchmark.smk"
 include: "rules/search.smk"
 include: "rules/report.smk"
@@ -22,4 +22,4 @@ rule all:
         "results/tables/summary.md",
         expand("results/figures/{figure}.png", figure=FIGURES),
         "results/report/solution.html",
-        SEARCH_OUTPUTS,
+        SEARCH_OUTPUTS.values(),

@@ -12,12 +12,12 @@ rule benchmark_optimizations:
         "../envs/torch.yaml"
     threads: config["threads"]
     resources:
-        gpu=GPU,
-        mem_mb=lambda wildcards, attempt: 6000 * attempt,
-        runtime=60,
+        **TRAINING_RESOURCES
+        | {"mem_mb": lambda wildcards, attempt: 6000 * attempt, "runtime": 60},
     params:
         script=script("benchmark.py"),
-        flags=benchmark_flags,
+        args=benchmark_args,
+        device=config["device"],
     shell:
-        "python {params.script} --data results/data --out {output} {params.flags} "
+        "python {params.script} {params.args} --out {output} --device {params.device} "
         "--threads {threads} --gpus {resources.gpu} 2>&1 | tee {log}"

@@ -1,4 +1,6 @@
-# Config validation, run ids and input functions shared by every stage.
+# Config validation, the run specs (tlselect.runs), every result path and the input functions
+# the other files share. Paths live here and in the rules only; scripts get them as arguments.
+import os
 import re
 import sys
 
@@ -8,17 +10,9 @@ min_version("9.0")
 
 sys.path.insert(0, workflow.basedir)
 
-from tlselect.config import (  # noqa: E402
-    ConfigError,
-    check,
-    probes,
-    runs,
-    source_checkpoint,
-    source_settings,
-    train_flags,
-    uses_source,
-)
-from tlselect import search  # noqa: E402
+from tlselect import runs, search  # noqa: E402
+from tlselect.backbones import BACKBONES  # noqa: E402
+from tlselect.config import ConfigError, check, uses_source  # noqa: E402
 
 validate(config, "../schemas/config.schema.yaml")
 try:
@@ -27,14 +21,20 @@ try:
 except ConfigError as error:
     raise ValueError(f"invalid configuration: {error}") from None
 
-RUNS = runs(config)
-PROBES = probes(config)
-# Cached feature chains: the probes' layers, plus every stage of each searched backbone (proxies).
-FEATURE_INITS = search.cached_inits(config)
-FEATURE_CHAINS = search.feature_chains(config)
+RUNS = runs.policy_runs(config)
+PROBES = runs.probe_runs(config)
 SEARCH = config["search"]["enabled"]
-SPLITS = ["train", "val", "test"]
+POOL = runs.candidate_runs(config) if SEARCH else {}
+PLAN = {m: search.brackets(config, m) for m in ("sh", "hb")} if SEARCH else {}
+# Cached feature chains: the probes' layers, plus every stage of each searched backbone (proxies).
+FEATURE_INITS = runs.cached_inits(config)
+FEATURE_CHAINS = runs.feature_chains(config)
 BENCHMARKS = config["benchmarks"]["enabled"]
+SPLITS = ["train", "val", "test"]
+DATA_ROOT = f"resources/{config['data']['name']}"
+SUBSET = "results/data/subset.json"
+SOURCE_SUBSET = "results/source/data/subset.json"
+RUNG = "results/search/{method}/b{bracket}/rung{rung}"
 FIGURES = [
     "accuracy_vs_time",
     "accuracy_by_policy",
@@ -42,7 +42,16 @@ FIGURES = [
     "accuracy_by_layer",
 ]
 FIGURES += ["speedups"] if BENCHMARKS else []
-DATA_ROOT = f"resources/{config['data']['name']}"
+# The model search's report files by name; the study asks for them when the search is on.
+SEARCH_FILES = {
+    "search": "results/tables/search.csv",
+    "proxies": "results/tables/proxies.csv",
+    "proxy_tau": "results/tables/proxy_tau.csv",
+    "search_compute": "results/figures/search_compute.png",
+    "proxy_vs_finetune": "results/figures/proxy_vs_finetune.png",
+}
+SEARCH_OUTPUTS = SEARCH_FILES if SEARCH else {}
+OPTIMIZATIONS = "results/tables/optimizations.csv"
 # GPUs each training/extraction job asks for: none on device cpu, else one. A local run's
 # --resources gpu=N caps the total (gpu=0 lowers it to 0, so device auto runs on the CPU); on SLURM
 # the profile's set-resources decide. The job claims its GPU itself (tlselect.gpus, --gpus).
@@ -54,21 +63,55 @@ def one_of(names):
     return "|".join(re.escape(name) for name in names) or "^$"
 
 
-def with_source(inputs, init, backbone=None):
-    """Add the source checkpoint to a job's inputs when it starts from the source model."""
-    if init == "source":
-        inputs["source"] = source_checkpoint(config, backbone)
+def script(name):
+    """Path of a command-line entry point under scripts/."""
+    return f"{workflow.basedir}/scripts/{name}"
+
+
+def subset_files(subset=SUBSET, splits=SPLITS):
+    """A decoded subset: its subset.json and one tensor file per split."""
+    base = os.path.dirname(subset)
+    return {"subset": subset, "data": [f"{base}/{split}.pt" for split in splits]}
+
+
+def source_model(backbone):
+    return f"results/source/{backbone}.pt"
+
+
+def feature_files(backbone, init, layer, splits=SPLITS):
+    return [
+        f"results/features/{backbone}/{init}/{layer}/{split}.npy" for split in splits
+    ]
+
+
+def run_inputs(spec):
+    """What a run reads: the decoded subset, its source model, a probe's cached layer."""
+    inputs = subset_files()
+    if spec.source:
+        inputs["source"] = source_model(spec.source)
+    if spec.features:
+        inputs["features"] = feature_files(*spec.features)
     return inputs
 
 
-def run_inputs(wildcards):
-    """Decoded subset, plus the source checkpoint when the run starts from it."""
-    inputs = {"data": expand("results/data/{split}.pt", split=SPLITS)}
-    return with_source(inputs, RUNS[wildcards.run_id]["init"])
+def train_args(spec, input, **overrides):
+    """scripts/train.py's arguments for a run: its flags and the folders of its inputs."""
+    args = f"{spec.flags(**overrides)} --data {os.path.dirname(input.subset)}"
+    if spec.source:
+        args += f" --source-checkpoint {input.source}"
+    if spec.features:
+        args += f" --features {os.path.dirname(input.features[0])}"
+    return args
 
 
-def run_flags(wildcards):
-    return train_flags(RUNS[wildcards.run_id])
+# Resources of every job that trains; rules that differ say so.
+TRAINING_RESOURCES = {
+    "gpu": GPU,
+    "mem_mb": lambda wildcards, attempt: 4000 * attempt,
+    "runtime": 120,
+}
+# Resources of the small bookkeeping jobs (tables, figures, promotions).
+SMALL_RESOURCES = {"mem_mb": lambda wildcards, attempt: 1000 * attempt, "runtime": 10}
 
 
 def feature_inputs(wildcards):
@@ -76,150 +119,148 @@ def feature_inputs(wildcards):
     chain = FEATURE_CHAINS[wildcards.backbone]
     index = chain.index(wildcards.layer)
     if index == 0:
-        inputs = {"data": expand("results/data/{split}.pt", split=SPLITS)}
+        inputs = subset_files()
     else:
         inputs = {
-            "previous": expand(
-                "results/features/{backbone}/{init}/{layer}/{split}.npy",
-                backbone=wildcards.backbone,
-                init=wildcards.init,
-                layer=chain[index - 1],
-                split=SPLITS,
+            "previous": feature_files(
+                wildcards.backbone, wildcards.init, chain[index - 1]
             )
         }
-    return with_source(inputs, FEATURE_INITS[wildcards.init], wildcards.backbone)
+    if FEATURE_INITS[wildcards.init] == "source":
+        inputs["source"] = source_model(wildcards.backbone)
+    return inputs
 
 
-def feature_flags(wildcards):
+def feature_args(wildcards, input):
     chain = FEATURE_CHAINS[wildcards.backbone]
     index = chain.index(wildcards.layer)
-    flags = f"--init {FEATURE_INITS[wildcards.init]}"
-    return flags + (f" --from-layer {chain[index - 1]}" if index else "")
-
-
-def probe_inputs(wildcards):
-    settings = PROBES[wildcards.run_id]
-    return {
-        "data": expand("results/data/{split}.pt", split=SPLITS),
-        "features": expand(
-            f"{settings['features']}/{settings['layer']}/{{split}}.npy", split=SPLITS
-        ),
-    }
+    args = f"--init {FEATURE_INITS[wildcards.init]}"
+    if index:
+        args += f" --from-layer {chain[index - 1]} --inputs {os.path.dirname(input.previous[0])}"
+    else:
+        args += f" --inputs {os.path.dirname(input.subset)}"
+    if "source" in input.keys():
+        args += f" --source-checkpoint {input.source}"
+    return args
 
 
 def benchmark_inputs(wildcards):
     """Decoded subset and image folder (the naive path reads images), plus the source model."""
-    inputs = {
-        "data": expand("results/data/{split}.pt", split=SPLITS),
-        "images": DATA_ROOT,
-    }
-    return with_source(inputs, config["pretrained"])
+    inputs = {**subset_files(), "images": DATA_ROOT}
+    if config["pretrained"] == "source":
+        inputs["source"] = source_model(config["backbone"])
+    return inputs
 
 
-def benchmark_flags(wildcards, input):
+def benchmark_args(wildcards, input):
     bench = config["benchmarks"]
-    flags = (
+    args = (
         f"--suites {' '.join(bench['suites'])} --epochs {bench['epochs']} "
         f"--accuracy-epochs {bench['accuracy_epochs']} --init {config['pretrained']} "
         f"--layers {' '.join(config['features']['layers'] or ['layer1', 'layer2', 'layer3', 'layer4'])} "
-        f"--batch-size {config['train']['batch_size']} --lr {config['train']['lr']} --device {config['device']}"
+        f"--batch-size {config['train']['batch_size']} --lr {config['train']['lr']} "
+        f"--data {os.path.dirname(input.subset)}"
     )
     if "source" in input.keys():
-        flags += f" --source-checkpoint {input.source}"
-    return flags + (" --compile" if bench["compile"] else "")
+        args += f" --source-checkpoint {input.source}"
+    return args + (" --compile" if bench["compile"] else "")
+
+
+def study_records():
+    """Registry records of every policy and probe, and the source model's when one is used."""
+    records = {
+        "records": [
+            f"results/registry/{run_id}.json" for run_id in sorted([*RUNS, *PROBES])
+        ]
+    }
+    if uses_source(config):
+        records["source"] = source_model(config["backbone"]).replace(".pt", ".json")
+    return records
 
 
 def figure_inputs(wildcards):
-    tables = (
-        ["runs", "curves", "optimizations"]
-        if wildcards.figure == "speedups"
-        else ["runs", "curves"]
+    inputs = {"runs": "results/tables/runs.csv", "curves": "results/tables/curves.csv"}
+    return inputs | (
+        {"optimizations": OPTIMIZATIONS} if wildcards.figure == "speedups" else {}
     )
-    return {table: f"results/tables/{table}.csv" for table in tables}
 
 
-def probe_flags(wildcards):
-    return train_flags(PROBES[wildcards.run_id])
+# Model search (rules/search.smk): the static rung plan and its input functions.
 
 
-def source_checkpoint_flag(wildcards, input):
-    return f"--source-checkpoint {input.source}" if "source" in input.keys() else ""
-
-
-def script(name):
-    """Path of a command-line entry point under scripts/."""
-    return f"{workflow.basedir}/scripts/{name}"
-
-
-# Model search (rules/search.smk): the pool, the static rung plan and their input functions.
-POOL = search.pool(config) if SEARCH else {}
-PLAN = {m: search.brackets(config, m) for m in ("sh", "hb")} if SEARCH else {}
-RUNG = "results/search/{method}/b{bracket}/rung{rung}"
-SEARCH_TABLES = (
-    [
-        "results/tables/search.csv",
-        "results/tables/proxies.csv",
-        "results/tables/proxy_tau.csv",
-    ]
-    if SEARCH
-    else []
-)
-SEARCH_OUTPUTS = SEARCH_TABLES + (
-    ["results/figures/search_compute.png", "results/figures/proxy_vs_finetune.png"]
-    if SEARCH
-    else []
-)
-
-
-def rung_slots(method, bracket, rung):
-    """Record paths of every slot of one rung."""
+def rung_slots(method, bracket, rung, suffix=".json"):
+    """Record (or checkpoint, benchmark) paths of every slot of one rung."""
     keep = PLAN[method][int(bracket)].keep[int(rung)]
     path = RUNG.format(method=method, bracket=bracket, rung=rung)
-    return [f"{path}/slot{slot}.json" for slot in range(keep)]
+    return [f"{path}/slot{slot}{suffix}" for slot in range(keep)]
 
 
-def search_records(method, last_only=False):
-    """Every job record of a method (or only its brackets' last rungs)."""
+def search_jobs(method, last_only=False):
+    """``(record, benchmark file)`` of every job of a method (or only its brackets' last rungs)."""
     return [
-        path
+        (
+            record,
+            "results/benchmarks/"
+            + record.removeprefix("results/").replace(".json", ".tsv"),
+        )
         for b, plan in enumerate(PLAN[method])
         for r in range(plan.rungs)
         if not last_only or r == plan.rungs - 1
-        for path in rung_slots(method, b, r)
+        for record in rung_slots(method, b, r)
+    ]
+
+
+def grid_jobs():
+    return [
+        (f"results/search/grid/{c}.json", f"results/benchmarks/search/grid/{c}.tsv")
+        for c in sorted(POOL)
     ]
 
 
 def first_rung_candidate(wildcards):
-    return PLAN[wildcards.method][int(wildcards.bracket)].candidates[
-        int(wildcards.slot)
+    return POOL[
+        PLAN[wildcards.method][int(wildcards.bracket)].candidates[int(wildcards.slot)]
     ]
-
-
-def search_inputs(candidate):
-    settings = POOL[candidate]
-    inputs = {"data": expand("results/data/{split}.pt", split=SPLITS)}
-    return with_source(inputs, settings["init"], settings["backbone"])
-
-
-def search_flags(candidate, epochs):
-    return train_flags({**POOL[candidate], "policy": candidate, "epochs": epochs})
 
 
 def next_rung_inputs(wildcards):
     """The promotion file and every checkpoint of the previous rung (which slot continues which is
     decided at run time), the data and the source models the candidates may start from.
     """
-    previous = rung_slots(wildcards.method, wildcards.bracket, int(wildcards.rung) - 1)
-    inputs = {
-        "promoted": f"{RUNG.format(**wildcards)}/promoted.json",
-        "records": previous,
-        "checkpoints": [p.replace(".json", ".pt") for p in previous],
-        "data": expand("results/data/{split}.pt", split=SPLITS),
-    }
+    previous = (wildcards.method, wildcards.bracket, int(wildcards.rung) - 1)
     plan = PLAN[wildcards.method][int(wildcards.bracket)]
-    sources = {
-        source_checkpoint(config, POOL[c]["backbone"])
-        for c in plan.candidates
-        if POOL[c]["init"] == "source"
+    sources = runs.source_backbones(POOL[c] for c in plan.candidates)
+    return {
+        "promoted": f"{RUNG.format(**wildcards)}/promoted.json",
+        "records": rung_slots(*previous),
+        "checkpoints": rung_slots(*previous, suffix=".pt"),
+        **subset_files(),
+        "source": [source_model(b) for b in sources],
     }
-    return inputs | ({"source": sorted(sources)} if sources else {})
+
+
+def compare_inputs(wildcards):
+    """Every search job's record and Snakemake benchmark file (its wall time), per method."""
+    jobs = {
+        "grid": grid_jobs(),
+        "sh": search_jobs("sh"),
+        "hb": search_jobs("hb"),
+        "sh_final": search_jobs("sh", last_only=True),
+        "hb_final": search_jobs("hb", last_only=True),
+    }
+    inputs = {name: [record for record, _ in pairs] for name, pairs in jobs.items()}
+    for name in ("grid", "sh", "hb"):
+        inputs[f"{name}_benchmarks"] = [bench for _, bench in jobs[name]]
+    return inputs
+
+
+def proxy_inputs(wildcards):
+    return {
+        "features": [
+            path
+            for backbone, init, layer in runs.proxy_layers(config)
+            for path in feature_files(backbone, init, layer, ["train", "val"])
+        ],
+        "grid": [record for record, _ in grid_jobs()],
+        **subset_files(),
+    }

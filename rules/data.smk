@@ -31,8 +31,7 @@ rule subset:
     input:
         DATA_ROOT,
     output:
-        subset="results/data/subset.json",
-        tensors=expand("results/data/{split}.pt", split=SPLITS),
+        **subset_files(),
     log:
         "results/logs/subset.log",
     conda:
@@ -43,6 +42,7 @@ rule subset:
         runtime=30,
     params:
         script=script("prepare_data.py"),
+        out=lambda wildcards, output: os.path.dirname(output.subset),
         classes=" ".join(config["data"]["classes"]),
         sizes=(
             f"--train-per-class {config['data']['train_per_class']} "
@@ -52,5 +52,5 @@ rule subset:
         ),
         skip="--skip-unreadable" if config["data"]["skip_unreadable"] else "",
     shell:
-        "python {params.script} subset --root {input} --out results/data "
+        "python {params.script} subset --root {input} --out {params.out} "
         "--classes {params.classes} {params.sizes} {params.skip} 2>&1 | tee {log}"

@@ -1,14 +1,11 @@
-# Per-layer feature cache (each layer from the previous one) and linear probes on it.
+# Per-layer feature cache: each layer's activations from the previous layer's (probes: train.smk).
 
 
 rule extract_features:
     input:
         unpack(feature_inputs),
     output:
-        expand(
-            "results/features/{{backbone}}/{{init}}/{{layer}}/{split}.npy",
-            split=SPLITS,
-        ),
+        feature_files("{backbone}", "{init}", "{layer}"),
     log:
         "results/logs/extract_features/{backbone}/{init}/{layer}.log",
     benchmark:
@@ -21,13 +18,12 @@ rule extract_features:
         "../envs/torch.yaml"
     threads: config["threads"]
     resources:
-        gpu=GPU,
-        mem_mb=lambda wildcards, attempt: 2000 * attempt,
-        runtime=60,
+        **TRAINING_RESOURCES
+        | {"mem_mb": lambda wildcards, attempt: 2000 * attempt, "runtime": 60},
     params:
         script=script("extract_features.py"),
-        flags=feature_flags,
-        source=source_checkpoint_flag,
+        args=feature_args,
+        out=lambda wildcards, output: os.path.dirname(output[0]),
         settings=(
             f"--resolution {config['resolution']} --seed {config['seed']} "
             f"--dtype {config['features']['dtype']} "
@@ -35,34 +31,5 @@ rule extract_features:
         ),
     shell:
         "python {params.script} --backbone {wildcards.backbone} --layer {wildcards.layer} "
-        "--out-dir results/features/{wildcards.backbone}/{wildcards.init} {params.flags} "
-        "{params.source} {params.settings} --gpus {resources.gpu} --threads {threads} 2>&1 | tee {log}"
-
-
-rule probe:
-    input:
-        unpack(probe_inputs),
-    output:
-        model="results/models/{run_id}.pt",
-        record="results/registry/{run_id}.json",
-    log:
-        "results/logs/probe/{run_id}.log",
-    benchmark:
-        "results/benchmarks/probe/{run_id}.tsv"
-    wildcard_constraints:
-        run_id=one_of(PROBES),
-    conda:
-        "../envs/torch.yaml"
-    threads: config["threads"]
-    resources:
-        gpu=GPU,
-        mem_mb=lambda wildcards, attempt: 2000 * attempt,
-        runtime=30,
-    params:
-        script=script("train.py"),
-        flags=probe_flags,
-        device=config["device"],
-    shell:
-        "python {params.script} {params.flags} --data results/data --out {output.model} "
-        "--record {output.record} --run-id {wildcards.run_id} --device {params.device} "
-        "--gpus {resources.gpu} --threads {threads} 2>&1 | tee {log}"
+        "--out {params.out} {params.args} {params.settings} --gpus {resources.gpu} "
+        "--threads {threads} 2>&1 | tee {log}"

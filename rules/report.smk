@@ -3,14 +3,7 @@
 
 rule aggregate:
     input:
-        records=expand(
-            "results/registry/{run_id}.json", run_id=sorted([*RUNS, *PROBES])
-        ),
-        source=(
-            [f"results/source/{config['backbone']}.json"]
-            if uses_source(config)
-            else []
-        ),
+        unpack(lambda wildcards: study_records()),
     output:
         runs=report("results/tables/runs.csv", category="Tables"),
         curves="results/tables/curves.csv",
@@ -21,35 +14,33 @@ rule aggregate:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=lambda wildcards, attempt: 1000 * attempt,
-        runtime=10,
+        **SMALL_RESOURCES,
     params:
         script=script("evaluate.py"),
         source=lambda wildcards, input: (
-            f"--source-record {input.source}" if input.source else ""
+            f"--source-record {input.source}" if "source" in input.keys() else ""
         ),
     shell:
-        "python {params.script} {input.records} {params.source} "
-        "--out-dir results/tables 2>&1 | tee {log}"
+        "python {params.script} {input.records} {params.source} --runs {output.runs} "
+        "--curves {output.curves} --summary {output.summary} 2>&1 | tee {log}"
 
 
 rule optimizations_table:
     input:
         "results/benchmarks/optimizations.json",
     output:
-        report("results/tables/optimizations.csv", category="Tables"),
+        report(OPTIMIZATIONS, category="Tables"),
     log:
         "results/logs/optimizations_table.log",
     conda:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=lambda wildcards, attempt: 1000 * attempt,
-        runtime=10,
+        **SMALL_RESOURCES,
     params:
         script=script("evaluate.py"),
     shell:
-        "python {params.script} --optimizations {input} --out-dir results/tables 2>&1 | tee {log}"
+        "python {params.script} --optimizations {input} --optimizations-table {output} 2>&1 | tee {log}"
 
 
 rule figure:
@@ -65,8 +56,7 @@ rule figure:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=lambda wildcards, attempt: 1000 * attempt,
-        runtime=10,
+        **SMALL_RESOURCES,
     params:
         script=script("plot.py"),
         optimizations=lambda wildcards, input: (
@@ -81,15 +71,12 @@ rule figure:
 
 rule notebook:
     input:
+        **({"optimizations": OPTIMIZATIONS} if BENCHMARKS else {}),
+        **SEARCH_OUTPUTS,
         notebook=f"{workflow.basedir}/notebooks/solution.ipynb",
         runs="results/tables/runs.csv",
         curves="results/tables/curves.csv",
         figures=expand("results/figures/{figure}.png", figure=FIGURES),
-        optimizations=["results/tables/optimizations.csv"] if BENCHMARKS else [],
-        search=SEARCH_TABLES[:1],
-        proxies=SEARCH_TABLES[1:2],
-        proxy_tau=SEARCH_TABLES[2:],
-        search_figures=SEARCH_OUTPUTS[3:],
     output:
         notebook="results/report/solution.ipynb",
         html=report("results/report/solution.html", category="Notebook"),
@@ -101,15 +88,19 @@ rule notebook:
     resources:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
         runtime=30,
+    params:
+        figures_dir=lambda wildcards, input: os.path.dirname(input.figures[0]),
+        tables=lambda wildcards, input: " ".join(
+            f"-p {name}_csv '{input[name] if name in input.keys() else ''}'"
+            for name in ("optimizations", "search", "proxies", "proxy_tau")
+        ),
     # papermill saves its output after every cell: execute and convert in a temporary folder, then
     # rename both into place, so no reader ever sees a half-executed notebook.
     shell:
         "(tmp=$(mktemp -d results/report/.notebook.XXXXXX) && trap 'rm -rf $tmp' EXIT "
         "&& papermill {input.notebook} $tmp/solution.ipynb --cwd . "
-        "-p runs_csv {input.runs} -p curves_csv {input.curves} -p figures_dir results/figures "
-        "-p optimizations_csv '{input.optimizations}' "
-        "-p search_csv '{input.search}' -p proxies_csv '{input.proxies}' "
-        "-p proxy_tau_csv '{input.proxy_tau}' "
+        "-p runs_csv {input.runs} -p curves_csv {input.curves} -p figures_dir {params.figures_dir} "
+        "{params.tables} "
         "&& jupyter nbconvert --to html $tmp/solution.ipynb --output-dir $tmp "
         "&& mv $tmp/solution.html {output.html} && mv $tmp/solution.ipynb {output.notebook}) "
         "> {log} 2>&1"

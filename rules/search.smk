@@ -1,13 +1,14 @@
-# Model search over the candidate pool (tlselect.search): proxies on cached features, the full grid
-# (random search is a seeded sample of its runs), successive halving (sh) and Hyperband (hb).
-# Rungs are unrolled statically: rung 0 of a bracket trains its candidates for the first rung's
-# epochs; a promote job ranks rung k-1's records on validation accuracy and names which candidate
-# each slot of rung k holds; the slot job continues that candidate's rung k-1 checkpoint.
+# Model search over the candidate pool (tlselect.runs.candidate_runs, tlselect.search): proxies on
+# cached features, the full grid (random search is a seeded sample of its runs), successive halving
+# (sh) and Hyperband (hb). Rungs are unrolled statically: rung 0 of a bracket trains its candidates
+# for the first rung's epochs; a promote job ranks rung k-1's records on validation accuracy and
+# names which candidate each slot of rung k holds; the slot job continues that candidate's rung k-1
+# checkpoint.
 
 
-rule search_grid:
+use rule train as search_grid with:
     input:
-        unpack(lambda wildcards: search_inputs(wildcards.candidate)),
+        unpack(lambda wildcards: run_inputs(POOL[wildcards.candidate])),
     output:
         model="results/search/grid/{candidate}.pt",
         record="results/search/grid/{candidate}.json",
@@ -17,29 +18,16 @@ rule search_grid:
         "results/benchmarks/search/grid/{candidate}.tsv"
     wildcard_constraints:
         candidate=one_of(POOL),
-    conda:
-        "../envs/torch.yaml"
-    threads: config["threads"]
-    resources:
-        gpu=GPU,
-        mem_mb=lambda wildcards, attempt: 4000 * attempt,
-        runtime=120,
     params:
-        script=script("train.py"),
-        flags=lambda wildcards: search_flags(
-            wildcards.candidate, config["search"]["max_epochs"]
+        args=lambda wildcards, input: train_args(
+            POOL[wildcards.candidate], input, epochs=config["search"]["max_epochs"]
         ),
-        source=source_checkpoint_flag,
-        device=config["device"],
-    shell:
-        "python {params.script} {params.flags} {params.source} --data results/data "
-        "--out {output.model} --record {output.record} --run-id grid-{wildcards.candidate} "
-        "--device {params.device} --gpus {resources.gpu} --threads {threads} 2>&1 | tee {log}"
+        run_id="grid-{candidate}",
 
 
-rule search_first_rung:
+use rule train as search_first_rung with:
     input:
-        unpack(lambda wildcards: search_inputs(first_rung_candidate(wildcards))),
+        unpack(lambda wildcards: run_inputs(first_rung_candidate(wildcards))),
     output:
         model="results/search/{method}/b{bracket}/rung0/slot{slot}.pt",
         record="results/search/{method}/b{bracket}/rung0/slot{slot}.json",
@@ -51,26 +39,14 @@ rule search_first_rung:
         method="sh|hb",
         bracket=r"\d+",
         slot=r"\d+",
-    conda:
-        "../envs/torch.yaml"
-    threads: config["threads"]
-    resources:
-        gpu=GPU,
-        mem_mb=lambda wildcards, attempt: 4000 * attempt,
-        runtime=120,
     params:
-        script=script("train.py"),
-        flags=lambda wildcards: search_flags(
+        args=lambda wildcards, input: train_args(
             first_rung_candidate(wildcards),
-            PLAN[wildcards.method][int(wildcards.bracket)].epochs[0],
+            input,
+            epochs=PLAN[wildcards.method][int(wildcards.bracket)].epochs[0],
+            keep_state=True,
         ),
-        source=source_checkpoint_flag,
-        device=config["device"],
-    shell:
-        "python {params.script} {params.flags} {params.source} --keep-state --data results/data "
-        "--out {output.model} --record {output.record} "
-        "--run-id {wildcards.method}-b{wildcards.bracket}-rung0-slot{wildcards.slot} "
-        "--device {params.device} --gpus {resources.gpu} --threads {threads} 2>&1 | tee {log}"
+        run_id="{method}-b{bracket}-rung0-slot{slot}",
 
 
 rule search_promote:
@@ -90,8 +66,7 @@ rule search_promote:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=lambda wildcards, attempt: 1000 * attempt,
-        runtime=10,
+        **SMALL_RESOURCES,
     params:
         script=script("search.py"),
         keep=lambda wildcards: PLAN[wildcards.method][int(wildcards.bracket)].keep[
@@ -101,7 +76,7 @@ rule search_promote:
         "python {params.script} promote {input} --keep {params.keep} --out {output} 2>&1 | tee {log}"
 
 
-rule search_next_rung:
+use rule train as search_next_rung with:
     input:
         unpack(next_rung_inputs),
     output:
@@ -116,42 +91,21 @@ rule search_next_rung:
         bracket=r"\d+",
         rung=r"[1-9]\d*",
         slot=r"\d+",
-    conda:
-        "../envs/torch.yaml"
-    threads: config["threads"]
-    resources:
-        gpu=GPU,
-        mem_mb=lambda wildcards, attempt: 4000 * attempt,
-        runtime=120,
     params:
         script=script("search.py"),
-        epochs=lambda wildcards: PLAN[wildcards.method][int(wildcards.bracket)].epochs[
-            int(wildcards.rung)
-        ],
-        device=config["device"],
-    shell:
-        "python {params.script} continue --promoted {input.promoted} --slot {wildcards.slot} "
-        "--epochs {params.epochs} --out {output.model} --record {output.record} "
-        "--run-id {wildcards.method}-b{wildcards.bracket}-rung{wildcards.rung}-slot{wildcards.slot} "
-        "--device {params.device} --gpus {resources.gpu} --threads {threads} 2>&1 | tee {log}"
+        args=lambda wildcards, input: (
+            f"continue --promoted {input.promoted} --slot {wildcards.slot} --epochs "
+            f"{PLAN[wildcards.method][int(wildcards.bracket)].epochs[int(wildcards.rung)]}"
+        ),
+        run_id="{method}-b{bracket}-rung{rung}-slot{slot}",
 
 
 rule search_proxies:
     input:
-        features=(
-            [
-                f"{folder}/{split}.npy"
-                for folder in search.proxy_folders(config)
-                for split in ("train", "val")
-            ]
-            if SEARCH
-            else []
-        ),
-        data=expand("results/data/{split}.pt", split=SPLITS),
-        grid=expand("results/search/grid/{candidate}.json", candidate=sorted(POOL)),
+        unpack(proxy_inputs),
     output:
-        proxies=report("results/tables/proxies.csv", category="Model search"),
-        tau=report("results/tables/proxy_tau.csv", category="Model search"),
+        proxies=report(SEARCH_FILES["proxies"], category="Model search"),
+        tau=report(SEARCH_FILES["proxy_tau"], category="Model search"),
     log:
         "results/logs/search/proxies.log",
     conda:
@@ -162,49 +116,46 @@ rule search_proxies:
         runtime=30,
     params:
         script=script("search.py"),
-        folders=" ".join(search.proxy_folders(config)) if SEARCH else "",
+        folders=lambda wildcards, input: " ".join(
+            sorted({os.path.dirname(path) for path in input.features})
+        ),
+        data=lambda wildcards, input: os.path.dirname(input.subset),
         settings=f"--pool {config['features']['pool']} --neighbors {config['search']['neighbors']}",
     shell:
-        "python {params.script} proxies --features {params.folders} --data results/data "
+        "python {params.script} proxies --features {params.folders} --data {params.data} "
         "--grid {input.grid} {params.settings} --out {output.proxies} --tau-out {output.tau} "
         "2>&1 | tee {log}"
 
 
 rule search_compare:
     input:
-        grid=expand("results/search/grid/{candidate}.json", candidate=sorted(POOL)),
-        sh=search_records("sh") if SEARCH else [],
-        hb=search_records("hb") if SEARCH else [],
-        sh_final=search_records("sh", last_only=True) if SEARCH else [],
-        hb_final=search_records("hb", last_only=True) if SEARCH else [],
+        unpack(compare_inputs),
     output:
-        report("results/tables/search.csv", category="Model search"),
+        report(SEARCH_FILES["search"], category="Model search"),
     log:
         "results/logs/search/compare.log",
     conda:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=lambda wildcards, attempt: 1000 * attempt,
-        runtime=10,
+        **SMALL_RESOURCES,
     params:
         script=script("search.py"),
-        random=" ".join(search.random_candidates(config)) if SEARCH else "",
+        random=lambda wildcards: " ".join(search.random_candidates(config)),
     shell:
-        "python {params.script} compare --grid {input.grid} --random {params.random} "
-        "--sh {input.sh} --sh-final {input.sh_final} --hb {input.hb} "
+        "python {params.script} compare --grid {input.grid} --grid-benchmarks {input.grid_benchmarks} "
+        "--random {params.random} --sh {input.sh} --sh-benchmarks {input.sh_benchmarks} "
+        "--sh-final {input.sh_final} --hb {input.hb} --hb-benchmarks {input.hb_benchmarks} "
         "--hb-final {input.hb_final} --out {output} 2>&1 | tee {log}"
 
 
 rule search_figure:
     input:
-        table=lambda wildcards: (
-            "results/tables/search.csv"
-            if wildcards.figure == "search_compute"
-            else "results/tables/proxies.csv"
-        ),
+        table=lambda wildcards: SEARCH_FILES[
+            "search" if wildcards.figure == "search_compute" else "proxies"
+        ],
         tau=lambda wildcards: (
-            "results/tables/proxy_tau.csv"
+            SEARCH_FILES["proxy_tau"]
             if wildcards.figure == "proxy_vs_finetune"
             else []
         ),
@@ -218,8 +169,7 @@ rule search_figure:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=lambda wildcards, attempt: 1000 * attempt,
-        runtime=10,
+        **SMALL_RESOURCES,
     params:
         script=script("search.py"),
         tau=lambda wildcards, input: f"--tau {input.tau}" if input.tau else "",

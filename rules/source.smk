@@ -5,10 +5,9 @@
 rule source_data:
     input:
         root=DATA_ROOT,
-        subset="results/data/subset.json",
+        subset=SUBSET,
     output:
-        expand("results/source/data/{split}.pt", split=["train", "val"]),
-        subset="results/source/data/subset.json",
+        **subset_files(SOURCE_SUBSET, ["train", "val"]),
     log:
         "results/logs/source_data.log",
     conda:
@@ -19,6 +18,7 @@ rule source_data:
         runtime=30,
     params:
         script=script("prepare_data.py"),
+        out=lambda wildcards, output: os.path.dirname(output.subset),
         classes=" ".join(config["source"]["classes"]),
         sizes=(
             f"--train-per-class {config['source']['train_per_class']} "
@@ -27,12 +27,12 @@ rule source_data:
         ),
     shell:
         "python {params.script} source --root {input.root} --subset {input.subset} "
-        "--out results/source/data --classes {params.classes} {params.sizes} 2>&1 | tee {log}"
+        "--out {params.out} --classes {params.classes} {params.sizes} 2>&1 | tee {log}"
 
 
-rule pretrain_source:
+use rule train as pretrain_source with:
     input:
-        expand("results/source/data/{split}.pt", split=["train", "val"]),
+        **subset_files(SOURCE_SUBSET, ["train", "val"]),
     output:
         model="results/source/{backbone}.pt",
         record="results/source/{backbone}.json",
@@ -40,18 +40,10 @@ rule pretrain_source:
         "results/logs/pretrain_source/{backbone}.log",
     benchmark:
         "results/benchmarks/pretrain_source/{backbone}.tsv"
-    conda:
-        "../envs/torch.yaml"
-    threads: config["threads"]
-    resources:
-        gpu=GPU,
-        mem_mb=lambda wildcards, attempt: 4000 * attempt,
-        runtime=120,
+    wildcard_constraints:
+        backbone=one_of(BACKBONES),
     params:
-        script=script("train.py"),
-        flags=lambda wildcards: train_flags(source_settings(config, wildcards.backbone)),
-        device=config["device"],
-    shell:
-        "python {params.script} {params.flags} --data results/source/data --out {output.model} "
-        "--record {output.record} --run-id source-{wildcards.backbone} --policy source "
-        "--device {params.device} --gpus {resources.gpu} --threads {threads} 2>&1 | tee {log}"
+        args=lambda wildcards, input: train_args(
+            runs.source_run(config, wildcards.backbone), input
+        ),
+        run_id="source-{backbone}",

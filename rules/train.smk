@@ -1,9 +1,10 @@
-# Training: one job per policy run; each writes a checkpoint and a registry record.
+# Training: one job per run. Rule `train` (the policies) is the shape of every training job;
+# probes, the source pretraining and the search's jobs reuse it with their own files and flags.
 
 
 rule train:
     input:
-        unpack(run_inputs),
+        unpack(lambda wildcards: run_inputs(RUNS[wildcards.run_id])),
     output:
         model="results/models/{run_id}.pt",
         record="results/registry/{run_id}.json",
@@ -17,15 +18,29 @@ rule train:
         "../envs/torch.yaml"
     threads: config["threads"]
     resources:
-        gpu=GPU,
-        mem_mb=lambda wildcards, attempt: 4000 * attempt,
-        runtime=120,
+        **TRAINING_RESOURCES,
     params:
         script=script("train.py"),
-        flags=run_flags,
-        source=source_checkpoint_flag,
+        args=lambda wildcards, input: train_args(RUNS[wildcards.run_id], input),
+        run_id="{run_id}",
         device=config["device"],
     shell:
-        "python {params.script} {params.flags} {params.source} --data results/data "
-        "--out {output.model} --record {output.record} --run-id {wildcards.run_id} "
-        "--device {params.device} --gpus {resources.gpu} --threads {threads} 2>&1 | tee {log}"
+        "python {params.script} {params.args} --out {output.model} --record {output.record} "
+        "--run-id {params.run_id} --device {params.device} --gpus {resources.gpu} "
+        "--threads {threads} 2>&1 | tee {log}"
+
+
+use rule train as probe with:
+    input:
+        unpack(lambda wildcards: run_inputs(PROBES[wildcards.run_id])),
+    log:
+        "results/logs/probe/{run_id}.log",
+    benchmark:
+        "results/benchmarks/probe/{run_id}.tsv"
+    wildcard_constraints:
+        run_id=one_of(PROBES),
+    resources:
+        **TRAINING_RESOURCES
+        | {"mem_mb": lambda wildcards, attempt: 2000 * attempt, "runtime": 30},
+    params:
+        args=lambda wildcards, input: train_args(PROBES[wildcards.run_id], input),

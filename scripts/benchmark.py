@@ -11,20 +11,19 @@ import dataclasses
 import sys
 import time
 
-import _cli  # noqa: F401  (makes the tlselect package importable)
 import torch
+from _cli import cli
 
 from tlselect.atomic import write_json
 from tlselect.benchmarks import features_suite, training_suite
-from tlselect.data import DataError
-from tlselect.gpus import GPUError, assign
-from tlselect.models import InitError
+from tlselect.gpus import assign
 from tlselect.train import TrainConfig, hardware, resolve_device, versions
 
 
+@cli
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="results/data", help="decoded subset folder (with subset.json)")
+    parser.add_argument("--data", required=True, help="decoded subset folder (with subset.json)")
     parser.add_argument("--out", required=True, help="JSON file for the results")
     parser.add_argument("--suites", nargs="+", choices=["training", "features"], default=["training", "features"])
     parser.add_argument("--epochs", type=int, default=10, help="epochs of the feature-suite plans")
@@ -42,11 +41,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the naive path")
     args = parser.parse_args(argv)
-    try:
-        assign(args.gpus, args.device)
-    except GPUError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    assign(args.gpus, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     base = TrainConfig(
@@ -63,14 +58,10 @@ def main(argv=None) -> int:
     )
     start = time.perf_counter()
     rows = []
-    try:
-        if "training" in args.suites:
-            rows += training_suite(base, args.accuracy_epochs)
-        if "features" in args.suites:
-            rows += features_suite(dataclasses.replace(base, amp=True), args.layers, args.epochs)
-    except (DataError, InitError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if "training" in args.suites:
+        rows += training_suite(base, args.accuracy_epochs)
+    if "features" in args.suites:
+        rows += features_suite(dataclasses.replace(base, amp=True), args.layers, args.epochs)
     device = resolve_device(args.device)
     print(f"\nOptimizations on {hardware().get('cuda_device', hardware()['processor'] or 'CPU')} ({device}):")
     for r in rows:

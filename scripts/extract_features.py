@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Cache one layer's activations for the train, val and test splits (one step of the staged plan).
 
-The first cached layer is computed from the decoded images; every later one from the previous
-cached layer (--from-layer), so the shared prefix is computed once. Writes
-<out-dir>/<layer>/{train,val,test}.npy, streamed in chunks that fit --memory-mb.
+The first cached layer is computed from the decoded images (--inputs: the folder of their {split}.pt);
+every later one from the previous cached layer (--from-layer, --inputs: its folder of {split}.npy),
+so the shared prefix is computed once. Writes <out>/{train,val,test}.npy, streamed in chunks that
+fit --memory-mb.
 """
 
 import argparse
@@ -11,25 +12,26 @@ import sys
 import time
 from pathlib import Path
 
-import _cli  # noqa: F401  (makes the tlselect package importable)
 import numpy as np
 import torch
+from _cli import cli
 
-from tlselect.data import DataError, load_split
+from tlselect.data import load_split
 from tlselect.features import DTYPES, extract_range
-from tlselect.gpus import GPUError, assign
-from tlselect.models import InitError, StagedNet, initialize
+from tlselect.gpus import assign
+from tlselect.models import StagedNet, initialize
 from tlselect.train import TrainingError, resolve_device
 
 SPLITS = ("train", "val", "test")
 
 
+@cli
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="results/data", help="folder with the decoded {split}.pt files")
-    parser.add_argument("--out-dir", required=True, help="feature folder of this backbone and init")
+    parser.add_argument("--inputs", required=True, help="folder of the decoded {split}.pt, or of --from-layer's .npy")
+    parser.add_argument("--out", required=True, help="folder for this layer's {split}.npy")
     parser.add_argument("--layer", required=True, help="stage whose output to cache")
-    parser.add_argument("--from-layer", default="", help="cached stage to start from (empty: the images)")
+    parser.add_argument("--from-layer", default="", help="cached stage --inputs holds (empty: the images)")
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--init", default="scratch", help="scratch | imagenet | source | state-dict path")
     parser.add_argument("--source-checkpoint", default="", help="checkpoint used by --init source")
@@ -45,35 +47,29 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out_dir = Path(args.out_dir)
-    try:
-        assign(args.gpus, args.device)
-        device = resolve_device(args.device)
-        torch.manual_seed(args.seed)
-        model = StagedNet(args.backbone, 2, args.resolution)
-        initialize(model, args.init, args.source_checkpoint or None)
-        model.to(device)
-        stop = model.stage_index(args.layer) + 1
-        start = model.stage_index(args.from_layer) + 1 if args.from_layer else 0
-        if start >= stop:
-            raise ValueError(f"--from-layer {args.from_layer} does not come before --layer {args.layer}")
-        for split in SPLITS:
-            t0 = time.perf_counter()
-            if start == 0:
-                inputs, _ = load_split(Path(args.data) / f"{split}.pt")
-            else:
-                inputs = np.load(out_dir / args.from_layer / f"{split}.npy", mmap_mode="r", allow_pickle=False)
-            shape = extract_range(
-                model, inputs, start, stop, out_dir / args.layer / f"{split}.npy", args.memory_mb, args.dtype, device
-            )
-            print(
-                f"{args.layer} {split}: {len(inputs)} x {shape} ({args.dtype}) from "
-                f"{args.from_layer or 'images'} in {time.perf_counter() - t0:.1f}s",
-                flush=True,
-            )
-    except (DataError, GPUError, InitError, TrainingError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    inputs_dir, out_dir = Path(args.inputs), Path(args.out)
+    assign(args.gpus, args.device)
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    model = StagedNet(args.backbone, 2, args.resolution)
+    initialize(model, args.init, args.source_checkpoint or None)
+    model.to(device)
+    stop = model.stage_index(args.layer) + 1
+    start = model.stage_index(args.from_layer) + 1 if args.from_layer else 0
+    if start >= stop:
+        raise TrainingError(f"--from-layer {args.from_layer} does not come before --layer {args.layer}")
+    for split in SPLITS:
+        t0 = time.perf_counter()
+        if start == 0:
+            inputs, _ = load_split(inputs_dir / f"{split}.pt")
+        else:
+            inputs = np.load(inputs_dir / f"{split}.npy", mmap_mode="r", allow_pickle=False)
+        shape = extract_range(model, inputs, start, stop, out_dir / f"{split}.npy", args.memory_mb, args.dtype, device)
+        print(
+            f"{args.layer} {split}: {len(inputs)} x {shape} ({args.dtype}) from "
+            f"{args.from_layer or 'images'} in {time.perf_counter() - t0:.1f}s",
+            flush=True,
+        )
     return 0
 
 

@@ -5,16 +5,17 @@ import argparse
 import sys
 from pathlib import Path
 
-import _cli  # noqa: F401  (makes the tlselect package importable)
+from _cli import cli
 
 from tlselect.plots import FIGURES, draw
 
 
+@cli
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("figure", choices=sorted(FIGURES), help="which figure")
-    parser.add_argument("--runs", default="results/tables/runs.csv")
-    parser.add_argument("--curves", default="results/tables/curves.csv")
+    parser.add_argument("--runs", required=True, help="runs.csv")
+    parser.add_argument("--curves", required=True, help="curves.csv")
     parser.add_argument("--optimizations", default="", help="results/tables/optimizations.csv (speedups)")
     parser.add_argument("--out", required=True, help="PNG file to write")
     args = parser.parse_args(argv)

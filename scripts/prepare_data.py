@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import _cli  # noqa: F401  (makes the tlselect package importable)
+from _cli import cli
 
 from tlselect import data
 from tlselect.atomic import save_torch, write_json
@@ -80,6 +80,7 @@ def source(args) -> None:
     )
 
 
+@cli
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -108,11 +109,7 @@ def main(argv=None) -> int:
     )
     commands.choices["source"].add_argument("--subset", required=True, help="the target subset.json")
     args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except data.DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    args.func(args)
     return 0
 
 

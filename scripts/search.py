@@ -7,8 +7,8 @@
   compare   grid vs random search vs successive halving vs Hyperband: compute and chosen model
   figure    search_compute (accuracy vs compute) or proxy_vs_finetune
 
-Search records live under results/search/; a job's benchmark file is the same path under
-results/benchmarks/search/ with .tsv.
+Every file comes as an argument: compare reads each job's Snakemake benchmark file (its wall time)
+beside its record, in the same order.
 """
 
 import argparse
@@ -16,25 +16,18 @@ import json
 import sys
 from pathlib import Path
 
-import _cli  # noqa: F401  (makes the tlselect package importable)
 import pandas as pd
+from _cli import cli
 
 from tlselect import proxies, search
 from tlselect.atomic import atomic_path, write_json
-from tlselect.config import _init_label
 from tlselect.data import load_split
 from tlselect.features import load_features
-from tlselect.gpus import GPUError, assign
+from tlselect.gpus import assign
 from tlselect.plots import draw_search
-from tlselect.registry import RegistryError, read_record, write_record
-from tlselect.train import TrainConfig, TrainingError, train
-
-
-def benchmark_of(record_path: str) -> str:
-    """results/search/<rest>.json -> results/benchmarks/search/<rest>.tsv ("" outside results/search/)."""
-    text, marker = str(Path(record_path).with_suffix(".tsv")), "results/search/"
-    index = text.rfind(marker)
-    return "" if index < 0 else f"{text[:index]}results/benchmarks/search/{text[index + len(marker) :]}"
+from tlselect.registry import RegistryError, rank, read_record, write_record
+from tlselect.runs import init_label
+from tlselect.train import TrainConfig, train
 
 
 def promote(args) -> int:
@@ -60,12 +53,8 @@ def continue_slot(args) -> int:
             "threads": args.threads,
         }
     )
-    try:
-        assign(args.gpus, config.device)
-        record = train(config)
-    except (GPUError, TrainingError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    assign(args.gpus, config.device)
+    record = train(config)
     write_record(config.record, record)
     return 0
 
@@ -78,8 +67,8 @@ def proxy_scores(args) -> int:
     for folder in map(Path, args.features):
         layer, init, backbone = folder.parts[-1], folder.parts[-2], folder.parts[-3]
         x = {split: load_features(folder / f"{split}.npy", args.pool).flatten(1).numpy() for split in labels}
-        runs = [r for r in grid if r["config"]["backbone"] == backbone and _init_label(r["config"]["init"]) == init]
-        best = search.rank(runs)[0] if runs else None
+        runs = [r for r in grid if r["config"]["backbone"] == backbone and init_label(r["config"]["init"]) == init]
+        best = rank(runs)[0] if runs else None
         rows.append(
             {
                 "backbone": backbone,
@@ -93,7 +82,7 @@ def proxy_scores(args) -> int:
                     x["train"], labels["train"], x["val"], labels["val"]
                 ),
                 "finetune_val_accuracy": best["metrics"]["val_accuracy"] if best else None,
-                "finetune_candidate": best["policy"] if best else "",
+                "finetune_candidate": best["name"] if best else "",
             }
         )
     table = pd.DataFrame(rows)
@@ -123,22 +112,30 @@ def _top(table: pd.DataFrame, column: str) -> str:
     return f"{row['backbone']}/{row['init']}/{row['layer']}"
 
 
-def _jobs(paths: list[str]) -> list[search.Job]:
+def _jobs(paths: list[str], benchmarks: list[str]) -> list[search.Job]:
+    """Each record with the epochs it continued from (those came before) and its benchmark file."""
+    if len(paths) != len(benchmarks):
+        raise RegistryError(f"{len(paths)} records but {len(benchmarks)} benchmark files: give one per record")
     jobs = []
-    for path in paths:
+    for path, benchmark in zip(paths, benchmarks, strict=True):
         record = read_record(path)
         first = 0
         if record.get("continued_from"):
             first = read_record(Path(record["continued_from"]).with_suffix(".json"))["config"]["epochs"]
-        jobs.append(search.Job(record, first, benchmark_of(path)))
+        jobs.append(search.Job(record, first, benchmark))
     return jobs
 
 
 def compare(args) -> int:
-    grid = _jobs(args.grid)
+    grid = _jobs(args.grid, args.grid_benchmarks)
     chosen = set(args.random)
-    random_jobs = [j for j in grid if j.record["policy"] in chosen]
-    jobs = {"grid": grid, "random": random_jobs, "sh": _jobs(args.sh), "hb": _jobs(args.hb)}
+    random_jobs = [j for j in grid if j.record["name"] in chosen]
+    jobs = {
+        "grid": grid,
+        "random": random_jobs,
+        "sh": _jobs(args.sh, args.sh_benchmarks),
+        "hb": _jobs(args.hb, args.hb_benchmarks),
+    }
     finals = {
         "grid": [j.record for j in grid],
         "random": [j.record for j in random_jobs],
@@ -158,6 +155,7 @@ def figure(args) -> int:
     return 0
 
 
+@cli
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -182,7 +180,7 @@ def main(argv=None) -> int:
 
     p = commands.add_parser("proxies", help="proxy scores per cached feature folder")
     p.add_argument("--features", nargs="+", required=True, help="folders <root>/<backbone>/<init>/<layer>")
-    p.add_argument("--data", default="results/data", help="decoded subset (labels)")
+    p.add_argument("--data", required=True, help="decoded subset folder (labels)")
     p.add_argument("--grid", nargs="*", default=[], help="grid records (fine-tuned validation accuracy)")
     p.add_argument("--pool", type=int, default=1, help="average-pool features to pool x pool")
     p.add_argument("--neighbors", type=int, default=5)
@@ -191,11 +189,11 @@ def main(argv=None) -> int:
     p.set_defaults(run=proxy_scores)
 
     p = commands.add_parser("compare", help="search.csv: one row per method")
-    p.add_argument("--grid", nargs="*", default=[])
+    for method, what in (("grid", "grid"), ("sh", "successive-halving"), ("hb", "Hyperband")):
+        p.add_argument(f"--{method}", nargs="*", default=[], help=f"every {what} job record")
+        p.add_argument(f"--{method}-benchmarks", nargs="*", default=[], help="their benchmark files, in order")
     p.add_argument("--random", nargs="*", default=[], help="candidate ids of the random search")
-    p.add_argument("--sh", nargs="*", default=[], help="every successive-halving job record")
     p.add_argument("--sh-final", nargs="*", default=[], help="records of its last rung")
-    p.add_argument("--hb", nargs="*", default=[], help="every Hyperband job record")
     p.add_argument("--hb-final", nargs="*", default=[], help="records of every bracket's last rung")
     p.add_argument("--out", required=True)
     p.set_defaults(run=compare)
@@ -208,11 +206,7 @@ def main(argv=None) -> int:
     p.set_defaults(run=figure)
 
     args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except RegistryError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return args.run(args)
 
 
 if __name__ == "__main__":

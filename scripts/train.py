@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train one model (one policy) on decoded subset tensors; write its checkpoint and registry record.
+"""Train one run on decoded subset tensors (a probe: on one cached layer); write its checkpoint and record.
 
 Every field of ``tlselect.train.TrainConfig`` is a flag; see ``--help``. One more, --gpus N: the
 GPUs the scheduler gave this job (a rule passes its gpu resource); they are claimed before CUDA
@@ -9,26 +9,21 @@ starts, N=0 hides every GPU (tlselect.gpus). Without it the run sees the GPUs it
 import argparse
 import sys
 
-import _cli  # noqa: F401  (makes the tlselect package importable)
+from _cli import cli
 
-from tlselect.data import DataError
-from tlselect.gpus import GPUError, assign
-from tlselect.models import InitError
+from tlselect.gpus import assign
 from tlselect.registry import write_record
-from tlselect.train import TrainingError, config_from_args, train
+from tlselect.train import config_from_args, train
 
 
+@cli
 def main(argv=None) -> int:
     gpus = argparse.ArgumentParser(add_help=False)
     gpus.add_argument("--gpus", type=int, default=None)
     known, rest = gpus.parse_known_args(argv)
     config = config_from_args(rest, __doc__)
-    try:
-        assign(known.gpus, config.device)
-        record = train(config)
-    except (DataError, GPUError, InitError, TrainingError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    assign(known.gpus, config.device)
+    record = train(config)
     if config.record:
         write_record(config.record, record)
     return 0  # a diverged run is a result too: its record says so

@@ -1,4 +1,4 @@
-"""Config: the schema fills defaults and names bad keys; semantic checks; stable run ids."""
+"""Config: the schema fills defaults and names bad keys; the semantic checks name the key."""
 
 import copy
 
@@ -8,8 +8,8 @@ from conftest import REPO
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from tlselect.config import ConfigError, check, runs, train_flags
-from tlselect.train import config_from_args
+from tlselect.config import ConfigError, check
+from tlselect.runs import policy_runs
 
 SCHEMA = str(REPO / "schemas" / "config.schema.yaml")
 
@@ -30,7 +30,7 @@ def test_default_config_is_valid_and_complete():
         "freeze_most",
         "linear_probe",
     }
-    assert len(runs(config)) == 5
+    assert len(policy_runs(config)) == 5
 
 
 def test_schema_fills_defaults():
@@ -77,21 +77,3 @@ def test_semantic_checks_name_the_key(change, message):
     change(config)
     with pytest.raises(ConfigError, match=message):
         check(config)
-
-
-def test_run_ids_are_readable_stable_and_local():
-    config = load_default()
-    before = runs(config)
-    assert runs(copy.deepcopy(config)) == before
-    assert any(run_id.startswith("finetune-resnet18-imagenet-") for run_id in before)
-    config["policies"][3]["lr"] = 0.01
-    after = runs(config)
-    changed = set(before) ^ set(after)
-    assert len(changed) == 2 and all(r.startswith("freeze_most-") for r in changed)
-
-
-def test_train_flags_round_trip_through_the_cli():
-    settings = next(iter(runs(load_default()).values()))
-    parsed = config_from_args(train_flags(settings).split())
-    for key, value in settings.items():
-        assert getattr(parsed, key) == value, key

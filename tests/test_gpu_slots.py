@@ -133,8 +133,8 @@ def test_training_script_claims_a_free_gpu_before_it_starts(slots, jobs, tensor_
 
 def test_extraction_script_refuses_cuda_without_a_gpu(tmp_path):
     command = [
-        sys.executable, str(REPO / "scripts/extract_features.py"), "--data", str(tmp_path), "--layer", "stem",
-        "--out-dir", str(tmp_path / "features"), "--device", "cuda", "--gpus", "0",
+        sys.executable, str(REPO / "scripts/extract_features.py"), "--inputs", str(tmp_path), "--layer", "stem",
+        "--out", str(tmp_path / "features"), "--device", "cuda", "--gpus", "0",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "given no GPU" in result.stderr
@@ -162,25 +162,32 @@ def dry_run(tmp_path_factory, tiny_archive):
         assert result.returncode == 0, result.stderr[-3000:]
         given = re.findall(r"scripts/(\w+)\.py .*--gpus (\d+)", result.stdout)
         assert {"train", "extract_features"} <= {script for script, _ in given}
-        return {int(n) for _, n in given}
+        return {int(n) for _, n in given}, result.stdout
 
     return run
 
 
+def gpus_by_rule(dry_run_output: str) -> dict[str, set[int]]:
+    """``{rule: --gpus values}`` of a dry run's jobs (each job's block starts with ``rule <name>:``)."""
+    rules: dict[str, set[int]] = {}
+    for block in re.split(r"^(?=(?:local)?rule \w+:)", dry_run_output, flags=re.M):
+        name = re.match(r"(?:local)?rule (\w+):", block)
+        if name:
+            rules.setdefault(name.group(1), set()).update(int(n) for n in re.findall(r"--gpus (\d+)", block))
+    return rules
+
+
 def test_rules_ask_for_a_gpu_unless_device_is_cpu(dry_run):
-    assert dry_run("--config", "device=auto") == {1}
-    assert dry_run("--config", "device=auto", "--resources", "gpu=0") == {0}  # the CPU, without editing rules
-    assert dry_run("--config", "device=cpu") == {0}
+    assert dry_run("--config", "device=auto")[0] == {1}
+    assert dry_run("--config", "device=auto", "--resources", "gpu=0")[0] == {0}  # the CPU, without editing rules
+    assert dry_run("--config", "device=cpu")[0] == {0}
 
 
-def test_slurm_profile_sets_the_gpus_of_every_rule_that_asks_for_one():
+def test_slurm_profile_sets_the_gpus_of_every_rule_that_asks_for_one(dry_run):
     """A GPU rule missing from set-resources would ask SLURM for a GPU on any cluster (device auto)."""
-    gpu_rules = set()
-    for smk in (REPO / "rules").glob("*.smk"):
-        for match in re.finditer(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", smk.read_text(), re.M | re.S):
-            if re.search(r"^\s+gpu=", match.group(2), re.M):
-                gpu_rules.add(match.group(1))
+    _, output = dry_run("--config", "device=auto")
+    gpu_rules = {rule for rule, given in gpus_by_rule(output).items() if given == {1}}
     profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
-    assert {"train", "pretrain_source", "extract_features", "probe"} <= gpu_rules
+    assert {"train", "pretrain_source", "extract_features", "probe", "search_grid", "search_next_rung"} <= gpu_rules
     assert gpu_rules == {rule for rule, resources in profile["set-resources"].items() if "gpu" in resources}
     assert "resources" not in yaml.safe_load((REPO / "profiles/default/config.yaml").read_text())  # read on SLURM too

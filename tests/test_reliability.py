@@ -33,9 +33,10 @@ from snakemake.utils import validate
 
 from tlselect import data
 from tlselect.atomic import atomic_path, load_torch, write_json
-from tlselect.config import ConfigError, check, runs
+from tlselect.config import ConfigError, check
 from tlselect.plots import draw
 from tlselect.registry import read_record
+from tlselect.runs import policy_runs
 from tlselect.train import TrainConfig, train
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -105,7 +106,7 @@ def make_study(workdir: Path, archive: Path, policies: list[dict], **train_setti
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(overlay))
     config = merged(base, overlay)
     validate(config, SCHEMA)
-    return runs(config)
+    return policy_runs(config)
 
 
 def snakemake_command(workdir: Path, *args: str) -> list[str]:
@@ -117,6 +118,11 @@ def snakemake_command(workdir: Path, *args: str) -> list[str]:
 
 def snakemake_env() -> dict:
     return dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+
+
+def table_args(folder: Path) -> list[str]:
+    """scripts/evaluate.py's output arguments for tables in ``folder``."""
+    return [arg for name in ("runs.csv", "curves.csv", "summary.md") for arg in (f"--{name[:-4]}", str(folder / name))]
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -266,7 +272,7 @@ def parallel_study(tmp_path_factory, tiny_archive):
         time.sleep(0.05)
     reader.join(timeout=10)
     assert job.returncode == 0, "".join(output)[-6000:]
-    by_policy = {settings["policy"]: run_id for run_id, settings in ids.items()}
+    by_policy = {spec.name: run_id for run_id, spec in ids.items()}
     return workdir, by_policy, seen
 
 
@@ -275,7 +281,7 @@ def test_two_training_jobs_run_in_parallel_without_interfering(parallel_study):
     assert seen["parallel"] == 2, "the two training jobs never ran at the same time"
     for policy, run_id in by_policy.items():
         record = read_record(workdir / f"results/registry/{run_id}.json")
-        assert record["run_id"] == run_id and record["policy"] == policy
+        assert record["run_id"] == run_id and record["name"] == policy and record["kind"] == "policy"
         checkpoint = load_torch(workdir / f"results/models/{run_id}.pt")
         assert checkpoint["run_id"] == run_id and checkpoint["status"] == record["status"]
     leftovers = [p.name for folder in ("models", "registry") for p in (workdir / "results" / folder).iterdir()]
@@ -296,7 +302,7 @@ def test_diverged_run_is_recorded_and_shown_in_tables_figures_and_notebook(paral
         "the run diverged; lower the learning rate"
         in (workdir / f"results/logs/train/{by_policy['wild']}.log").read_text()
     )
-    table = pd.read_csv(workdir / "results/tables/runs.csv").set_index("policy")
+    table = pd.read_csv(workdir / "results/tables/runs.csv").set_index("name")
     assert table.loc["wild", "status"] == "diverged" and not table.loc["wild", "selected"]
     assert table.loc["steady", "status"] == "completed" and table.loc["steady", "selected"]
     assert "Diverged (non-finite loss): wild" in (workdir / "results/tables/summary.md").read_text()
@@ -326,10 +332,10 @@ def test_every_record_carries_the_seed(parallel_study):
 def test_all_runs_diverged_still_gives_tables_and_every_figure(tmp_path):
     tensors = small_tensors(tmp_path / "data")
     cfg = TrainConfig(data=str(tensors), out=str(tmp_path / "m.pt"), epochs=1, batch_size=8, lr=1e6)
-    record = train(dataclasses.replace(cfg, run_id="wild", policy="wild", device="cpu"), log=quiet)
+    record = train(dataclasses.replace(cfg, run_id="wild", name="wild", device="cpu"), log=quiet)
     assert record["status"] == "diverged"
     write_json(tmp_path / "wild.json", record)
-    assert evaluate_cli.main([str(tmp_path / "wild.json"), "--out-dir", str(tmp_path / "tables")]) == 0
+    assert evaluate_cli.main([str(tmp_path / "wild.json"), *table_args(tmp_path / "tables")]) == 0
     assert "No run completed" in (tmp_path / "tables/summary.md").read_text()
     for figure in STUDY_FIGURES:
         draw(figure, tmp_path / "tables/runs.csv", tmp_path / "tables/curves.csv", tmp_path / f"{figure}.png")
@@ -415,7 +421,7 @@ def test_aggregation_refuses_a_bad_record_naming_the_file(good_record, damage, m
         damage(record)
         bad.write_text(json.dumps(record))
     out = good_record.parent / "tables"
-    assert evaluate_cli.main([str(good_record), str(bad), "--out-dir", str(out)]) == 2
+    assert evaluate_cli.main([str(good_record), str(bad), *table_args(out)]) == 2
     error = capsys.readouterr().err
     assert str(bad) in error and message in error
     assert not out.exists()  # nothing aggregated from a partial set

@@ -13,7 +13,8 @@ from conftest import REPO
 from scipy import optimize, stats
 
 from tlselect import proxies, search
-from tlselect.registry import read_record, write_record
+from tlselect.registry import RegistryError, read_record, write_record
+from tlselect.runs import candidate_runs
 from tlselect.train import TrainConfig, train
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -70,11 +71,11 @@ def test_informative_features_score_higher_than_noise():
 
 
 def test_pool_and_rung_arithmetic(config):
-    pool = search.pool(config)
+    pool = candidate_runs(config)
     # 2 backbones x (pretrained x {none, most} + scratch x {none}) x 2 learning rates
     assert len(pool) == 12 and len(set(pool)) == 12
-    assert {s["freeze"] for s in pool.values()} == {"none", "layer3", "block3"}
-    assert all(s["schedule"] == "constant" for s in pool.values())
+    assert {s.settings["freeze"] for s in pool.values()} == {"none", "layer3", "block3"}
+    assert all(s.settings["schedule"] == "constant" for s in pool.values())
     (sh,) = search.brackets(config, "sh")
     assert (sh.keep, sh.epochs) == ((12, 4, 1), (1, 3, 9))
     assert sh.cost() == 12 + 4 * 2 + 1 * 6 <= 12 * 9 / 3
@@ -83,13 +84,13 @@ def test_pool_and_rung_arithmetic(config):
     assert all(set(b.candidates) <= set(pool) and len(b.candidates) == b.keep[0] for b in hb)
     config["search"]["brackets"] = 1
     assert len(search.brackets(config, "hb")) == 1
-    assert search.pool(config) == pool  # stable ids
+    assert candidate_runs(config) == pool  # stable ids
 
 
 def test_sampling_is_seeded(config):
     first = search.random_candidates(config)
     assert first == search.random_candidates(copy.deepcopy(config)) and len(first) == 4
-    assert set(first) <= set(search.pool(config))
+    assert set(first) <= set(candidate_runs(config))
     other = copy.deepcopy(config)
     other["seed"] = 1
     draws = {tuple(search.random_candidates({**other, "seed": s})) for s in range(5)}
@@ -97,7 +98,7 @@ def test_sampling_is_seeded(config):
 
 
 def _record(candidate, val, test, status="completed"):
-    return {"policy": candidate, "status": status, "metrics": {"val_accuracy": val, "test_accuracy": test}}
+    return {"name": candidate, "status": status, "metrics": {"val_accuracy": val, "test_accuracy": test}}
 
 
 def test_promote_ranks_on_validation_never_test():
@@ -118,8 +119,8 @@ def test_a_promoted_slot_continues_its_checkpoint(tensor_data, tmp_path):
     for slot, lr in enumerate((0.05, 0.2)):
         cfg = TrainConfig(
             data=str(tensor_data), out=str(rung0 / f"slot{slot}.pt"), record=str(rung0 / f"slot{slot}.json"),
-            run_id=f"slot{slot}", policy=f"cand{slot}", epochs=1, batch_size=32, lr=lr, schedule="constant",
-            amp=False, device="cpu", keep_state=True, eval_batch_size=64,
+            run_id=f"slot{slot}", kind="candidate", name=f"cand{slot}", epochs=1, batch_size=32, lr=lr,
+            schedule="constant", amp=False, device="cpu", keep_state=True, eval_batch_size=64,
         )  # fmt: skip
         write_record(cfg.record, train(cfg, log=lambda _: None))
     promoted = tmp_path / "rung1" / "promoted.json"
@@ -131,22 +132,32 @@ def test_a_promoted_slot_continues_its_checkpoint(tensor_data, tmp_path):
     args += ["--out", f"{out}.pt", "--record", f"{out}.json", "--run-id", "rung1-slot0"]
     assert search_cli.main(["continue", *args]) == 0
     record = read_record(f"{out}.json")
-    assert record["policy"] == slot["candidate"] and record["continued_from"] == slot["checkpoint"]
+    assert record["name"] == slot["candidate"] and record["continued_from"] == slot["checkpoint"]
     assert len(record["curves"]) == 3
     previous = read_record(slot["record"])
     assert record["curves"][0] == previous["curves"][0]  # the first epoch is the rung-0 run's, not redone
-    jobs = search_cli._jobs([f"{out}.json"])
+    jobs = search_cli._jobs([f"{out}.json"], [f"{out}.tsv"])
     assert jobs[0].first_epoch == 1 and search.job_cost(jobs[0].record, jobs[0].first_epoch)[0] == 2
 
 
-def test_compare_counts_only_new_epochs_and_chooses_on_validation():
-    def run(candidate, val, test, epochs):
-        return {**_record(candidate, val, test), "curves": [{"train_seconds": 1.0}] * epochs}
+def test_compare_counts_only_new_epochs_and_chooses_on_validation(tmp_path):
+    def job(candidate, val, test, epochs, first=0, seconds=10.0):
+        benchmark = tmp_path / f"job{len(list(tmp_path.iterdir()))}.tsv"
+        benchmark.write_text(f"s\th:m:s\n{seconds}\t0:00:10\n")
+        record = {**_record(candidate, val, test), "curves": [{"train_seconds": 1.0}] * epochs}
+        return search.Job(record, first, str(benchmark))
 
-    grid = [search.Job(run("a", 0.6, 0.9, 9)), search.Job(run("b", 0.8, 0.7, 9))]
-    sh = [search.Job(run("a", 0.5, 0.9, 1)), search.Job(run("b", 0.6, 0.7, 1)), search.Job(run("b", 0.8, 0.7, 9), 1)]
+    grid = [job("a", 0.6, 0.9, 9, seconds=30), job("b", 0.8, 0.7, 9, seconds=30)]
+    sh = [job("a", 0.5, 0.9, 1), job("b", 0.6, 0.7, 1), job("b", 0.8, 0.7, 9, first=1, seconds=25)]
     rows = {r["method"]: r for r in search.compare({"grid": grid, "sh": sh}, {"grid": [g.record for g in grid],
                                                                               "sh": [sh[-1].record]})}  # fmt: skip
     assert rows["grid"]["chosen"] == "b" and rows["grid"]["epochs"] == 18
     assert rows["sh"]["epochs"] == 1 + 1 + 8 and rows["sh"]["compute_share"] == pytest.approx(10 / 18)
+    assert rows["sh"]["wall_seconds"] == pytest.approx(45) and rows["sh"]["wall_share"] == pytest.approx(45 / 60)
     assert rows["sh"]["test_gap_points"] == pytest.approx(0.0)
+
+
+def test_a_missing_benchmark_file_is_an_error_not_zero_seconds(tmp_path):
+    record = {**_record("a", 0.5, 0.5), "curves": [{"train_seconds": 1.0}]}
+    with pytest.raises(RegistryError, match="benchmark file"):
+        search.compare({"grid": [search.Job(record, 0, str(tmp_path / "missing.tsv"))]}, {"grid": [record]})

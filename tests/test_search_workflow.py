@@ -42,12 +42,12 @@ def test_search_compares_every_method(search_study):
     assert table["epochs"].to_dict() == {"grid": 8, "random": 4, "sh": 4 + 2, "hb": 2 + 1 + 4}
     assert table.loc["grid", "candidates"] == 4 and (table["wall_seconds"] > 0).all()
     grid = [read_record(p) for p in (search_study / "results/search/grid").glob("*.json")]
-    best = max(grid, key=lambda r: (r["metrics"]["val_accuracy"], [-ord(c) for c in r["policy"]]))
+    best = max(grid, key=lambda r: (r["metrics"]["val_accuracy"], [-ord(c) for c in r["name"]]))
     assert table.loc["grid", "val_accuracy"] == best["metrics"]["val_accuracy"]
     promoted = json.loads((search_study / "results/search/sh/b0/rung1/promoted.json").read_text())["slots"]
     for slot in promoted:
         record = read_record(search_study / f"results/search/sh/b0/rung1/slot{slot['slot']}.json")
-        assert record["continued_from"] == slot["checkpoint"] and record["policy"] == slot["candidate"]
+        assert record["continued_from"] == slot["checkpoint"] and record["name"] == slot["candidate"]
     proxies = pd.read_csv(search_study / "results/tables/proxies.csv")
     assert sorted(zip(proxies["backbone"], proxies["init"], proxies["layer"], strict=True)) == [
         ("mobilenet_v3_small", "scratch", "block4"), ("mobilenet_v3_small", "source", "block4"),

@@ -159,8 +159,8 @@ def test_study_jobs_go_through_sbatch(studies):
 
 def test_slurm_table_equals_local_table(studies):
     tables = {name: pd.read_csv(workdir / "results/tables/runs.csv") for name, (workdir, _) in studies.items()}
-    metrics = ["run_id", "policy", "init", "freeze", "status", "trainable_params", "val_accuracy", "test_accuracy"]
-    assert sorted(tables["slurm"]["policy"]) == ["finetune", "probe_stem"]
+    metrics = ["run_id", "name", "init", "freeze", "status", "trainable_params", "val_accuracy", "test_accuracy"]
+    assert sorted(tables["slurm"]["name"]) == ["finetune", "probe_stem"]
     pd.testing.assert_frame_equal(tables["slurm"][metrics], tables["local"][metrics])
     curves = {name: pd.read_csv(workdir / "results/tables/curves.csv") for name, (workdir, _) in studies.items()}
     losses = [c for c in curves["local"].columns if "loss" in c or "accuracy" in c]

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,3 +123,26 @@ def test_continuing_a_run_equals_training_longer(tensor_data, tmp_path):
     assert [c["train_loss"] for c in continued["curves"]] == [c["train_loss"] for c in straight["curves"]]
     with pytest.raises(TrainingError, match="differs in lr"):
         train(dataclasses.replace(longer, lr=0.5, continue_from=short.out), log=quiet)
+
+
+def test_a_probe_trains_on_cached_features_and_records_only_what_it_uses(tensor_data, tmp_path):
+    from tlselect.train import PROBE_UNUSED
+
+    layer = tmp_path / "features" / "layer4"
+    layer.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "val", "test"):
+        labels = torch.load(tensor_data / f"{split}.pt", weights_only=True)["labels"]
+        features = torch.randn(len(labels), 8, 2, 2, generator=generator)
+        features[torch.arange(len(labels)), labels] += 4  # one channel per class: a probe must learn it
+        np.save(layer / f"{split}.npy", features.numpy().astype(np.float16))
+    probe = config(tensor_data, tmp_path, kind="probe", name="probe_layer4", features=str(layer), layer="layer4",
+                   pool=1, epochs=20, lr=0.1, augment=True)  # fmt: skip
+    record = train(probe, log=quiet)
+    validate_record(record)
+    assert record["kind"] == "probe" and record["name"] == "probe_layer4"
+    assert not PROBE_UNUSED & set(record["config"]) and record["config"]["layer"] == "layer4"
+    assert record["parameters"]["trainable"] == 8 * 4 + 4  # one linear layer on 8 pooled channels, 4 classes
+    assert record["metrics"]["val_accuracy"] > 0.9
+    with pytest.raises(TrainingError, match="needs --features"):
+        train(dataclasses.replace(probe, features=""), log=quiet)

@@ -58,7 +58,7 @@ def study(tmp_path_factory, tiny_archive):
 def test_full_run_produces_every_output(study):
     runs = pd.read_csv(study / "results/tables/runs.csv")
     policies = runs[runs["kind"] == "policy"]
-    assert sorted(policies["policy"]) == ["finetune", "freeze_early", "freeze_most", "linear_probe", "scratch"]
+    assert sorted(policies["name"]) == ["finetune", "freeze_early", "freeze_most", "linear_probe", "scratch"]
     probes = runs[runs["kind"] == "probe"]
     assert sorted(zip(probes["init"], probes["layer"], strict=True)) == [
         ("scratch", "layer2"), ("scratch", "layer4"), ("source", "layer2"), ("source", "layer4")
@@ -72,7 +72,7 @@ def test_full_run_produces_every_output(study):
         assert (
             record["data_checksum"] == json.loads((study / "results/data/subset.json").read_text())["source"]["sha256"]
         )
-    by_policy = policies.set_index("policy")
+    by_policy = policies.set_index("name")
     assert by_policy.loc["scratch", "init"] == "scratch" and by_policy.loc["finetune", "init"] == "source"
     assert by_policy.loc["linear_probe", "trainable_params"] < by_policy.loc["freeze_most", "trainable_params"]
     assert by_policy.loc["freeze_most", "trainable_params"] < by_policy.loc["finetune", "trainable_params"]

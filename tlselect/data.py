@@ -19,12 +19,14 @@ import zipfile
 from collections.abc import Callable, Collection
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-import torch
-from PIL import Image
-
 from tlselect.atomic import load_torch
+from tlselect.errors import TLSelectError
+
+if TYPE_CHECKING:  # torch and PIL are imported where used: config checks read archives without them
+    import torch
 
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"}
@@ -39,7 +41,7 @@ OFFLINE_HINT = (
 SKIP_NOTE = "subset.json lists what was skipped"
 
 
-class DataError(RuntimeError):
+class DataError(TLSelectError):
     """The image data is missing, unreadable or inconsistent; the message names the fix."""
 
 
@@ -62,6 +64,7 @@ def fetch_cifar10(dest: Path, timeout: float = 20.0, connect_timeout: float = 5.
     torchvision alone would retry each URL (https, then http), waiting ``timeout`` every time.
     """
     import torchvision
+    from PIL import Image
 
     url = urlparse(torchvision.datasets.CIFAR10.url)
     hop = urlparse(urllib.request.getproxies().get(url.scheme) or url.geturl())  # a proxy, if one is set
@@ -306,6 +309,9 @@ def decode_images(root: Path, entries: list[list], size: int) -> dict[str, torch
 
     Every unreadable file is collected and reported at once (:class:`UnreadableImages`), with the fix.
     """
+    import torch
+    from PIL import Image
+
     images = torch.empty((len(entries), 3, size, size), dtype=torch.uint8)
     bad = []
     for i, (rel, _) in enumerate(entries):
@@ -389,6 +395,7 @@ def image_folder_loader(subset: dict, split: str, config, generator=None):
     Reads the subset's image files for ``split`` from the source folder; training batches are
     shuffled with ``generator`` and augmented per image (random crop with padding 4, flip).
     """
+    import torch
     from torchvision import datasets, transforms
 
     from tlselect.models import IMAGENET_MEAN, IMAGENET_STD

@@ -26,13 +26,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tlselect.errors import TLSelectError
+
 SLOTS_ENV = "TLSELECT_GPU_SLOTS"
 LOCK_DIR_ENV = "TLSELECT_GPU_LOCK_DIR"
 
 _held: list[int] = []  # descriptors of the lock files this process holds (closing one frees its GPU)
 
 
-class GPUError(RuntimeError):
+class GPUError(TLSelectError):
     """A job cannot get the GPUs it was given; the message says why and what to change."""
 
 

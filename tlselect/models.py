@@ -1,8 +1,8 @@
-"""Backbones as ordered stages, their initializations and freeze-depth policies.
+"""Backbone networks run stage by stage, their initializations and freeze-depth policies.
 
-A backbone is a table entry (:data:`BACKBONES`): the torchvision constructor, its ImageNet weights
-and its ordered stages. :class:`StagedNet` runs any contiguous range of stages, which is what
-freezing, per-layer feature extraction and cached training all need. Weights are always kept in
+The stage tables live in :mod:`tlselect.backbones` (no torch). :class:`StagedNet` runs any
+contiguous range of stages, which is what freezing, per-layer feature extraction and cached
+training all need. Weights are always kept in
 torchvision's own key format (``StagedNet.net``), so torchvision, user and workflow checkpoints
 load the same way.
 """
@@ -11,74 +11,17 @@ from __future__ import annotations
 
 import socket
 import urllib.error
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
+from tlselect.backbones import NO_FREEZE, BackboneError, backbone_spec
+from tlselect.errors import TLSelectError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """How to build a torchvision backbone and cut it into ordered stages."""
-
-    builder: str  # torchvision.models constructor name
-    weights: str  # torchvision weights enum member, e.g. "ResNet18_Weights.IMAGENET1K_V1"
-    stages: tuple[tuple[str, tuple[str, ...]], ...]  # stage name -> torchvision attribute paths
-    head: tuple[str, ...]  # attribute paths run after the last stage ("flatten" flattens)
-    classifier: str  # attribute path of the final nn.Linear, replaced for the task's classes
-
-    @property
-    def stage_names(self) -> list[str]:
-        return [name for name, _ in self.stages]
-
-
-def _resnet(builder: str, weights: str) -> BackboneSpec:
-    return BackboneSpec(
-        builder=builder,
-        weights=weights,
-        stages=(
-            ("stem", ("conv1", "bn1", "relu", "maxpool")),
-            ("layer1", ("layer1",)),
-            ("layer2", ("layer2",)),
-            ("layer3", ("layer3",)),
-            ("layer4", ("layer4",)),
-        ),
-        head=("avgpool", "flatten", "fc"),
-        classifier="fc",
-    )
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    "resnet18": _resnet("resnet18", "ResNet18_Weights.IMAGENET1K_V1"),
-    "resnet50": _resnet("resnet50", "ResNet50_Weights.IMAGENET1K_V2"),
-    "mobilenet_v3_small": BackboneSpec(
-        builder="mobilenet_v3_small",
-        weights="MobileNet_V3_Small_Weights.IMAGENET1K_V1",
-        stages=(
-            ("stem", ("features.0",)),
-            ("block1", ("features.1",)),
-            ("block2", ("features.2", "features.3")),
-            ("block3", ("features.4", "features.5", "features.6", "features.7", "features.8")),
-            ("block4", ("features.9", "features.10", "features.11", "features.12")),
-        ),
-        head=("avgpool", "flatten", "classifier"),
-        classifier="classifier.3",
-    ),
-}
-
-NO_FREEZE = "none"
-
-
-def backbone_spec(name: str) -> BackboneSpec:
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}") from None
 
 
 class Preprocess(nn.Module):
@@ -140,7 +83,7 @@ class StagedNet(nn.Module):
         try:
             return self.stage_names.index(name)
         except ValueError:
-            raise ValueError(
+            raise BackboneError(
                 f"backbone {self.backbone} has no stage {name!r}; stages: {', '.join(self.spec.stage_names)}"
             ) from None
 
@@ -182,7 +125,7 @@ class StagedNet(nn.Module):
 # Initializations
 
 
-class InitError(RuntimeError):
+class InitError(TLSelectError):
     """A pretrained initialization could not be found or does not fit the backbone."""
 
 

@@ -23,14 +23,14 @@ def accuracy_vs_time(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
     for row in done[done["kind"] == "policy"].itertuples():
         ax.scatter(row.train_seconds, row.val_accuracy, s=60, zorder=3)
         ax.annotate(
-            row.policy, (row.train_seconds, row.val_accuracy), textcoords="offset points", xytext=(5, 4), fontsize=8
+            row.name, (row.train_seconds, row.val_accuracy), textcoords="offset points", xytext=(5, 4), fontsize=8
         )
     front = pareto_front(runs)
     ax.plot(front["train_seconds"], front["val_accuracy"], "k--", lw=1, label="Pareto front", zorder=2)
     for row in runs[runs["status"] == "diverged"].itertuples():
         ax.scatter(row.train_seconds, 0, marker="x", color="red", s=60, zorder=3)
         ax.annotate(
-            f"{row.policy} (diverged)",
+            f"{row.name} (diverged)",
             (row.train_seconds, 0),
             textcoords="offset points",
             xytext=(5, 4),
@@ -48,13 +48,13 @@ def accuracy_vs_time(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
 
 def accuracy_by_policy(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
     """Validation and test accuracy per policy (selection on validation; test reported)."""
-    ordered = runs[runs["kind"] == "policy"].sort_values("policy")
+    ordered = runs[runs["kind"] == "policy"].sort_values("name")
     positions = range(len(ordered))
     val = ordered["val_accuracy"].fillna(0).astype(float)
     test = ordered["test_accuracy"].fillna(0).astype(float)
     ax.bar([p - 0.2 for p in positions], val, width=0.4, label="validation")
     ax.bar([p + 0.2 for p in positions], test, width=0.4, label="test")
-    labels = [f"{r.policy}\n({r.status})" if r.status != "completed" else r.policy for r in ordered.itertuples()]
+    labels = [f"{r.name}\n({r.status})" if r.status != "completed" else r.name for r in ordered.itertuples()]
     ax.set_xticks(list(positions), labels, rotation=20, ha="right")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
@@ -65,8 +65,8 @@ def accuracy_by_policy(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
 
 def validation_curves(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
     """Validation accuracy per epoch, one line per policy."""
-    policies = set(runs.loc[runs["kind"] == "policy", "policy"])
-    for policy, group in curves[curves["policy"].isin(policies)].groupby("policy", sort=True):
+    policies = set(runs.loc[runs["kind"] == "policy", "name"])
+    for policy, group in curves[curves["name"].isin(policies)].groupby("name", sort=True):
         ax.plot(group["epoch"], group["val_accuracy"], marker="o", ms=3, label=policy)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
@@ -121,7 +121,7 @@ def draw(name: str, runs_csv: Path, curves_csv: Path, out: Path, optimizations_c
     curves = (
         pd.read_csv(curves_csv)
         if Path(curves_csv).stat().st_size > 1
-        else pd.DataFrame(columns=["policy", "epoch", "val_accuracy"])
+        else pd.DataFrame(columns=["name", "epoch", "val_accuracy"])
     )
     fig, ax = plt.subplots(figsize=(9, 4.5) if name == "speedups" else (7, 4.5), dpi=120)
     if name == "speedups":

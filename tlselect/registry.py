@@ -8,11 +8,12 @@ from pathlib import Path
 import jsonschema
 
 from tlselect.atomic import write_json
+from tlselect.errors import TLSelectError
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "registry.schema.json"
 
 
-class RegistryError(ValueError):
+class RegistryError(TLSelectError):
     """A registry record is missing or does not match the schema."""
 
 
@@ -42,3 +43,18 @@ def read_record(path: str | Path) -> dict:
         raise RegistryError(f"cannot read registry record {path}: {error}") from error
     validate_record(record, str(path))
     return record
+
+
+def rank(records: list[dict]) -> list[dict]:
+    """Completed runs first, by final validation accuracy (descending), ties by name. Never by test.
+
+    The one selection rule: the study's table, its summary and notebook, and the model search
+    all choose ``rank(records)[0]``.
+    """
+
+    def key(record):
+        val = record["metrics"]["val_accuracy"]
+        ok = record["status"] == "completed" and val is not None
+        return (not ok, -(val if ok else 0.0), record["name"])
+
+    return sorted(records, key=key)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from tlselect.registry import read_record
+from tlselect.registry import rank, read_record
 
 COLUMNS = [
     "run_id",
     "kind",
-    "policy",
+    "name",
     "backbone",
     "init",
     "freeze",
@@ -41,24 +41,27 @@ COLUMNS = [
 
 
 def runs_table(records: list[dict]) -> pd.DataFrame:
-    """One row per run; ``selected`` marks the run with the best final validation accuracy."""
+    """One row per run; ``selected`` marks the run :func:`tlselect.registry.rank` puts first.
+
+    Policies and probes are both candidates: a probe is a frozen backbone with a trained head.
+    """
     rows = []
     for r in records:
         c = r["config"]
         rows.append(
             {
                 "run_id": r["run_id"],
-                "kind": "probe" if c.get("features") else "policy",
-                "policy": r["policy"],
+                "kind": r["kind"],
+                "name": r["name"],
                 "backbone": c["backbone"],
                 "init": c["init"],
-                "freeze": c["freeze"],
+                "freeze": c.get("freeze", ""),
                 "layer": c.get("layer") or "",
                 "epochs": c["epochs"],
                 "lr": c["lr"],
-                "augment": c["augment"],
-                "amp": c["amp"],
-                "cache_features": c["cache_features"],
+                "augment": c.get("augment", False),
+                "amp": c.get("amp", False),
+                "cache_features": c.get("cache_features", False),
                 "status": r["status"],
                 "trainable_params": r["parameters"]["trainable"],
                 "total_params": r["parameters"]["total"],
@@ -73,17 +76,16 @@ def runs_table(records: list[dict]) -> pd.DataFrame:
             }
         )
     table = pd.DataFrame(rows, columns=COLUMNS[:-1])
-    completed = table["status"] == "completed"
-    table["selected"] = False
-    if completed.any():
-        table.loc[table.loc[completed, "val_accuracy"].astype(float).idxmax(), "selected"] = True
+    best = rank(records)[0] if records else None
+    chosen = best["run_id"] if best and best["status"] == "completed" else None
+    table["selected"] = table["run_id"] == chosen
     return table.sort_values(["val_accuracy", "run_id"], ascending=[False, True], na_position="last").reset_index(
         drop=True
     )
 
 
 def curves_table(records: list[dict]) -> pd.DataFrame:
-    rows = [{"run_id": r["run_id"], "policy": r["policy"], **c} for r in records for c in r["curves"]]
+    rows = [{"run_id": r["run_id"], "kind": r["kind"], "name": r["name"], **c} for r in records for c in r["curves"]]
     return pd.DataFrame(rows)
 
 
@@ -113,26 +115,38 @@ def markdown_table(frame: pd.DataFrame) -> str:
 def summary_markdown(table: pd.DataFrame, source_seconds: float | None = None) -> str:
     """Markdown report: the selected run, the comparison table, diverged runs."""
     shown = table[
-        ["policy", "init", "freeze", "status", "val_accuracy", "test_accuracy", "train_seconds", "trainable_params"]
+        [
+            "name",
+            "kind",
+            "init",
+            "freeze",
+            "layer",
+            "status",
+            "val_accuracy",
+            "test_accuracy",
+            "train_seconds",
+            "trainable_params",
+        ]  # fmt: skip
     ]
     parts = ["# Transfer-learning study: summary", ""]
     chosen = table[table["selected"]]
     if len(chosen):
         best = chosen.iloc[0]
         parts.append(
-            f"Selected on validation accuracy: **{best['policy']}** (init {best['init']}, freeze {best['freeze']}): "
+            f"Selected on validation accuracy: **{best['name']}** ({best['kind']}, init {best['init']}"
+            f"{', freeze ' + best['freeze'] if best['freeze'] else ', layer ' + best['layer']}): "
             f"validation {best['val_accuracy']:.4f}, test {best['test_accuracy']:.4f}, "
             f"{best['train_seconds']:.1f} s of training."
         )
     else:
         parts.append("No run completed: every run diverged.")
     front = pareto_front(table)
-    parts += ["", "Pareto front (validation accuracy vs training time): " + ", ".join(front["policy"]) + "."]
+    parts += ["", "Pareto front (validation accuracy vs training time): " + ", ".join(front["name"]) + "."]
     if source_seconds is not None:
         parts.append(f"The source model took {source_seconds:.1f} s to pretrain, once, for every run with init source.")
     diverged = table[table["status"] == "diverged"]
     if len(diverged):
-        parts.append("Diverged (non-finite loss): " + ", ".join(diverged["policy"]) + ".")
+        parts.append("Diverged (non-finite loss): " + ", ".join(diverged["name"]) + ".")
     parts += ["", markdown_table(shown), ""]
     return "\n".join(parts)
 

@@ -1,7 +1,7 @@
 """Model search over a candidate pool: grid, random search, successive halving and Hyperband.
 
-The pool (``search`` in ``config.yaml``) is the product of backbones, inits, generic freeze depths,
-learning rates and input resolutions; every candidate has a readable, stable id. Random search and
+The pool (``search`` in ``config.yaml``; :func:`tlselect.runs.candidate_runs`) is the product of
+backbones, inits, generic freeze depths, learning rates and input resolutions. Random search and
 Hyperband's brackets draw seeded samples of it. Successive halving (SH) and Hyperband (HB, Li et
 al., JMLR 2018) are unrolled statically: how many candidates each rung keeps and for how many
 epochs is known from the config alone (:func:`brackets`); which candidates survive is decided at
@@ -17,29 +17,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlselect.config import (
-    HYPER_KEYS,
-    ConfigError,
-    _check_init,
-    _data_identity,
-    _digest,
-    _init_label,
-    feature_inits,
-    feature_layers,
-    resolve_init,
-    source_settings,
-)
-from tlselect.models import BACKBONES, NO_FREEZE
+from tlselect.backbones import BACKBONES
+from tlselect.config import ConfigError, check_init
+from tlselect.registry import RegistryError, rank
+from tlselect.runs import candidate_runs, resolve_init
 
 METHODS = ("grid", "random", "sh", "hb")
-# Generic freeze depths, mapped onto each backbone's stage table.
-FREEZES = ("none", "early", "most")
-
-
-def freeze_stage(backbone: str, depth: str) -> str:
-    """The stage that ``depth`` freezes through: early = the 2nd stage, most = the second-to-last."""
-    stages = BACKBONES[backbone].stage_names
-    return {"none": NO_FREEZE, "early": stages[1], "most": stages[-2]}[depth]
 
 
 def check(config: dict) -> None:
@@ -49,79 +32,13 @@ def check(config: dict) -> None:
         if backbone not in BACKBONES:
             raise ConfigError(f"search.backbones: unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}")
     for init in search["inits"]:
-        _check_init("search.inits", resolve_init(config, init))
+        check_init("search.inits", resolve_init(config, init))
     if search["min_epochs"] > search["max_epochs"]:
         raise ConfigError(
             f"search.min_epochs ({search['min_epochs']}) must not exceed search.max_epochs ({search['max_epochs']})"
         )
-    if search["enabled"] and not pool(config):
+    if search["enabled"] and not candidate_runs(config):
         raise ConfigError("search: the candidate pool is empty (scratch is never frozen); add an init or freezes: none")
-
-
-def feature_chains(config: dict) -> dict[str, list[str]]:
-    """``{backbone: cached stages}``: the probes' chain, and every stage of each searched backbone
-    (proxies score the last one). Chains only grow at their end, so no cached stage changes."""
-    chains = {config["backbone"]: feature_layers(config)} if feature_layers(config) else {}
-    if config["search"]["enabled"]:
-        chains.update({b: BACKBONES[b].stage_names for b in config["search"]["backbones"]})
-    return chains
-
-
-def cached_inits(config: dict) -> dict[str, str]:
-    """``{label: init}`` whose features are cached: the probes' inits and the searched ones."""
-    inits = feature_inits(config)
-    if config["search"]["enabled"]:
-        inits.update({_init_label(init): init for init in (resolve_init(config, i) for i in config["search"]["inits"])})
-    return inits
-
-
-def proxy_folders(config: dict) -> list[str]:
-    """Feature folders the proxies score: the last stage of every searched (backbone, init)."""
-    labels = sorted({_init_label(resolve_init(config, i)) for i in config["search"]["inits"]})
-    return [
-        f"results/features/{b}/{label}/{BACKBONES[b].stage_names[-1]}"
-        for b in config["search"]["backbones"]
-        for label in labels
-    ]
-
-
-def search_hyper(config: dict) -> dict:
-    """The search runs' hyperparameters: the ``train`` defaults, overridden by ``search.train``."""
-    return {k: config["search"]["train"].get(k, config["train"][k]) for k in HYPER_KEYS}
-
-
-def pool(config: dict) -> dict[str, dict]:
-    """``{candidate_id: train settings}`` of every valid candidate (scratch is never frozen)."""
-    search = config["search"]
-    hyper = search_hyper(config)
-    out = {}
-    for backbone in search["backbones"]:
-        for init_name in search["inits"]:
-            init = resolve_init(config, init_name)
-            for depth in search["freezes"]:
-                if init == "scratch" and depth != "none":
-                    continue
-                for lr in search["lrs"]:
-                    for resolution in search["resolutions"]:
-                        settings = {
-                            "policy": "search",
-                            "backbone": backbone,
-                            "init": init,
-                            "freeze": freeze_stage(backbone, depth),
-                            "resolution": resolution,
-                            "seed": config["seed"],
-                            **hyper,
-                            "lr": lr,
-                        }
-                        identity = {"run": settings, "data": _data_identity(config)}
-                        if init == "source":
-                            identity["source"] = {
-                                "settings": source_settings(config, backbone),
-                                "data": config["source"],
-                            }
-                        label = f"{backbone}-{_init_label(init)}-{depth}-lr{lr:g}-r{resolution}"
-                        out[f"{label}-{_digest(identity)}"] = settings
-    return out
 
 
 def sample(candidates: list[str], count: int, seed: int, stream: str) -> list[str]:
@@ -168,7 +85,7 @@ def brackets(config: dict, method: str) -> list[Bracket]:
     a seeded sample of the pool, at max_epochs * eta^-s epochs, and keeps 1/eta of them per rung.
     """
     search = config["search"]
-    candidates = list(pool(config))
+    candidates = list(candidate_runs(config))
     s_max = max_bracket(search)
     eta, top, low = search["eta"], search["max_epochs"], search["min_epochs"]
     if method == "sh":
@@ -183,18 +100,7 @@ def brackets(config: dict, method: str) -> list[Bracket]:
 
 def random_candidates(config: dict) -> list[str]:
     """Random search: a seeded sample of the pool, each trained to max_epochs (the grid's own runs)."""
-    return sample(list(pool(config)), config["search"]["random_samples"], config["seed"], "random")
-
-
-def rank(records: list[dict]) -> list[dict]:
-    """Completed runs first, by validation accuracy (descending), ties by candidate id. Never test."""
-
-    def key(record):
-        val = record["metrics"]["val_accuracy"]
-        ok = record["status"] == "completed" and val is not None
-        return (not ok, -(val if ok else 0.0), record["policy"])
-
-    return sorted(records, key=key)
+    return sample(list(candidate_runs(config)), config["search"]["random_samples"], config["seed"], "random")
 
 
 def promote(records: dict[str, dict], keep: int) -> list[dict]:
@@ -207,7 +113,7 @@ def promote(records: dict[str, dict], keep: int) -> list[dict]:
     return [
         {
             "slot": slot,
-            "candidate": r["policy"],
+            "candidate": r["name"],
             "record": paths[id(r)],
             "checkpoint": str(Path(paths[id(r)]).with_suffix(".pt")),
             "val_accuracy": r["metrics"]["val_accuracy"],
@@ -223,22 +129,22 @@ def job_cost(record: dict, first_epoch: int) -> tuple[int, float]:
 
 
 def benchmark_seconds(path: str | Path) -> float:
-    """Wall seconds of a job from its Snakemake benchmark file (``s`` column, 0 when missing)."""
-    path = Path(path)
-    if not path.is_file():
-        return 0.0
-    with path.open() as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t"))
-    return float(rows[-1]["s"]) if rows else 0.0
+    """Wall seconds of a job from its Snakemake benchmark file (the ``s`` column of its last row)."""
+    try:
+        with Path(path).open() as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+        return float(rows[-1]["s"])
+    except (OSError, IndexError, KeyError, ValueError) as error:
+        raise RegistryError(f"cannot read the job's wall time from its benchmark file {path}: {error!r}") from error
 
 
 @dataclass
 class Job:
-    """One search job: its record, the epochs it continued from, its benchmark file."""
+    """One search job: its record, the epochs it continued from, its Snakemake benchmark file."""
 
     record: dict
-    first_epoch: int = 0
-    benchmark: str = ""
+    first_epoch: int
+    benchmark: str
 
 
 def compare(jobs: dict[str, list[Job]], finals: dict[str, list[dict]]) -> list[dict]:
@@ -254,12 +160,12 @@ def compare(jobs: dict[str, list[Job]], finals: dict[str, list[dict]]) -> list[d
         rows.append(
             {
                 "method": method,
-                "candidates": len({j.record["policy"] for j in method_jobs}),
+                "candidates": len({j.record["name"] for j in method_jobs}),
                 "jobs": len(method_jobs),
                 "epochs": sum(e for e, _ in costs),
                 "train_seconds": sum(s for _, s in costs),
-                "wall_seconds": sum(benchmark_seconds(j.benchmark) for j in method_jobs if j.benchmark),
-                "chosen": chosen["policy"],
+                "wall_seconds": sum(benchmark_seconds(j.benchmark) for j in method_jobs),
+                "chosen": chosen["name"],
                 "val_accuracy": chosen["metrics"]["val_accuracy"],
                 "test_accuracy": chosen["metrics"]["test_accuracy"],
             }

@@ -10,6 +10,7 @@ Every epoch is checkpointed, so a killed run resumes from its last finished epoc
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from torch import nn
 
 from tlselect.atomic import load_torch, save_torch
 from tlselect.data import image_folder_loader, load_split
+from tlselect.errors import TLSelectError
 from tlselect.features import load_features
 from tlselect.models import NO_FREEZE, StagedNet, initialize
 
@@ -32,13 +34,16 @@ from tlselect.models import NO_FREEZE, StagedNet, initialize
 class TrainConfig:
     """Every knob of a training run; ``scripts/train.py`` turns each field into a flag."""
 
-    data: str = field(default="results/data", metadata={"help": "folder with train.pt, val.pt and (optional) test.pt"})
-    out: str = field(default="results/models/run.pt", metadata={"help": "checkpoint to write"})
+    data: str = field(default="", metadata={"help": "folder with train.pt, val.pt and (optional) test.pt (required)"})
+    out: str = field(default="", metadata={"help": "checkpoint to write (required)"})
     record: str = field(default="", metadata={"help": "registry record (JSON) to write; empty: none"})
-    run_id: str = field(default="run", metadata={"help": "name of the run in logs and its record"})
-    policy: str = field(default="", metadata={"help": "policy name, recorded for the report"})
+    run_id: str = field(default="run", metadata={"help": "id of the run in logs and its record"})
+    kind: str = field(default="policy", metadata={"help": "policy | probe | source | candidate (tlselect.runs)"})
+    name: str = field(default="", metadata={"help": "the run's name within its kind (policy name, probe_<layer>, ...)"})
     backbone: str = field(default="resnet18", metadata={"help": "backbone name (see tlselect.models.BACKBONES)"})
-    init: str = field(default="scratch", metadata={"help": "scratch | imagenet | source | path to a state dict"})
+    init: str = field(
+        default="scratch", metadata={"help": "scratch | imagenet | source | state-dict path (a probe: its features')"}
+    )
     source_checkpoint: str = field(default="", metadata={"help": "checkpoint used by --init source"})
     freeze: str = field(default=NO_FREEZE, metadata={"help": "freeze stages up to and including this one, or none"})
     resolution: int = field(default=32, metadata={"help": "input side in pixels (images are resized to it)"})
@@ -68,11 +73,9 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: leave torch's default)"})
     eval_batch_size: int = field(default=1024, metadata={"help": "evaluation batch size"})
-    features: str = field(
-        default="", metadata={"help": "probe mode: folder of cached activations <layer>/<split>.npy (see --layer)"}
-    )
-    layer: str = field(default="", metadata={"help": "probe mode: which cached layer to train a linear probe on"})
-    pool: int = field(default=1, metadata={"help": "probe mode: adaptive average pooling to pool x pool (0: none)"})
+    features: str = field(default="", metadata={"help": "a probe: folder of one cached layer's <split>.npy"})
+    layer: str = field(default="", metadata={"help": "a probe: the name of that layer (recorded)"})
+    pool: int = field(default=1, metadata={"help": "a probe: adaptive average pooling to pool x pool (0: none)"})
     keep_state: bool = field(
         default=False,
         metadata={"help": "keep the training state (optimizer, RNG) in the checkpoint for --continue-from"},
@@ -86,7 +89,12 @@ class TrainConfig:
 # Knobs that may change when a killed run resumes (they do not change its results on one device).
 RESUMABLE = {"threads", "device", "workers", "eval_batch_size"}
 # Knobs that may differ between a run and the run it continues (successive-halving rungs).
-CONTINUABLE = {"epochs", "out", "record", "run_id", "policy", "continue_from", "keep_state"}
+CONTINUABLE = {"epochs", "out", "record", "run_id", "name", "continue_from", "keep_state"}
+KINDS = ("policy", "probe", "source", "candidate")
+# Image-model knobs a linear probe on cached activations never uses; its record leaves them out.
+PROBE_UNUSED = {"source_checkpoint", "freeze", "resolution", "augment", "amp", "amp_dtype", "compile", "data_path",
+                "workers", "cache_features"}  # fmt: skip
+SPLITS = ("train", "val", "test")
 
 
 def _same_run(saved: dict, current: dict, allowed: set, differences: bool = False):
@@ -102,11 +110,11 @@ class LinearProbe(nn.Module):
         super().__init__()
         self.fc = nn.Linear(in_features, num_classes)
 
-    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(x, 1))
 
 
-class TrainingError(RuntimeError):
+class TrainingError(TLSelectError):
     """A run cannot start as configured; the message names the knob and the fix."""
 
 
@@ -172,8 +180,8 @@ def memory_batches(images, labels, batch_size, generator=None, augment=False, de
 
 
 @torch.no_grad()
-def evaluate(model, batches, config, device, start: int = 0):
-    """(accuracy, mean loss, predictions) of ``model`` run from stage ``start`` over ``batches``."""
+def evaluate(model, forward, batches, config, device):
+    """(accuracy, mean loss, predictions) of ``forward`` (``model``'s forward pass) over ``batches``."""
     model.eval()
     correct, loss_sum, predictions, count = 0, 0.0, [], 0
     for x, y in batches:
@@ -181,7 +189,7 @@ def evaluate(model, batches, config, device, start: int = 0):
         y = y.to(device, non_blocking=True)
         count += len(y)
         with autocast(config, device):
-            logits = model(x, start=start)
+            logits = forward(x)
         loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
         pred = logits.argmax(1)
         correct += (pred == y).sum().item()
@@ -226,12 +234,22 @@ def resume_path(config: TrainConfig) -> Path:
     return Path(config.out).with_suffix(".resume.pt")
 
 
-def train(config: TrainConfig, log=print) -> dict:
-    """Run one training run to completion (or divergence); write checkpoint and record; return the record."""
-    wall_start = time.perf_counter()
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
+def check_settings(config: TrainConfig) -> None:
+    """Settings that cannot run together, rejected before any data is read."""
+    if not (config.data and config.out):
+        raise TrainingError("give --data (the decoded subset's folder) and --out (the checkpoint to write)")
+    if not (config.data and config.out):
+        raise TrainingError("give --data (the decoded subset's folder) and --out (the checkpoint to write)")
+    if config.kind not in KINDS:
+        raise TrainingError(f"unknown kind {config.kind!r}; use one of {', '.join(KINDS)}")
+    if config.data_path not in ("memory", "naive"):
+        raise TrainingError(f"unknown data path {config.data_path!r}; use memory or naive")
+    if config.kind == "probe":
+        if not (config.features and config.layer):
+            raise TrainingError("a probe needs --features (a cached layer's folder) and --layer (its name)")
+        if config.data_path == "naive":
+            raise TrainingError("the naive data path reads images: a probe trains on cached features")
+        return
     if config.cache_features and config.freeze == NO_FREEZE:
         raise TrainingError(
             "--cache-features needs a frozen prefix (--freeze STAGE); nothing to cache with freeze none"
@@ -241,202 +259,200 @@ def train(config: TrainConfig, log=print) -> dict:
             "--cache-features with augmentation is not exact: a cached prefix sees each image once, "
             "unaugmented. Turn augmentation off for this policy, or drop --cache-features."
         )
-
-    if config.data_path not in ("memory", "naive"):
-        raise TrainingError(f"unknown data path {config.data_path!r}; use memory or naive")
-    if config.data_path == "naive" and (config.features or config.cache_features):
+    if config.cache_features and config.data_path == "naive":
         raise TrainingError("the naive data path reads images: it cannot be combined with cached features")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
 
+
+@dataclass
+class Splits:
+    """The run's data: ``{split: (inputs, labels)}`` (test may be absent) and where it came from."""
+
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    num_classes: int
+    subset: dict | None  # subset.json beside the tensors, when there is one
+    seconds: float
+
+
+def load_splits(config: TrainConfig, device: torch.device) -> Splits:
+    """Decoded subset tensors (a probe's inputs: its cached layer's activations); training data on ``device``."""
     t0 = time.perf_counter()
     data_dir = Path(config.data)
-    train_x, train_y = load_split(data_dir / "train.pt")
-    val_x, val_y = load_split(data_dir / "val.pt")
-    has_test = (data_dir / "test.pt").is_file()
-    test_x, test_y = load_split(data_dir / "test.pt") if has_test else (None, None)
-    num_classes = int(max(train_y.max(), val_y.max())) + 1
+    names = ["train", "val"] + (["test"] if (data_dir / "test.pt").is_file() else [])
+    tensors = {split: load_split(data_dir / f"{split}.pt") for split in names}
+    num_classes = int(max(tensors["train"][1].max(), tensors["val"][1].max())) + 1
     subset_file = data_dir / "subset.json"
     subset = json.loads(subset_file.read_text()) if subset_file.is_file() else None
-    data_checksum = subset["source"]["sha256"] if subset else None
+    if config.kind == "probe":
+        tensors = {
+            s: (load_features(Path(config.features) / f"{s}.npy", config.pool), y) for s, (_, y) in tensors.items()
+        }
+        tensors["val"] = (tensors["val"][0].to(device), tensors["val"][1])
     if config.data_path == "memory":
-        train_x, train_y = train_x.to(device), train_y.to(device)
+        tensors["train"] = tuple(t.to(device) for t in tensors["train"])
     elif subset is None:
         raise TrainingError(f"the naive data path needs {subset_file} (it names the image files)")
-    data_seconds = time.perf_counter() - t0
+    return Splits(tensors, num_classes, subset, time.perf_counter() - t0)
 
-    torch.manual_seed(config.seed)
-    if config.features:
-        if not config.layer:
-            raise TrainingError("probe mode (--features) needs --layer: which cached layer to probe")
-        folder = Path(config.features) / config.layer
-        train_x, val_x = (load_features(folder / f"{s}.npy", config.pool).to(device) for s in ("train", "val"))
-        test_x = load_features(folder / "test.npy", config.pool) if has_test else None
-        model = LinearProbe(train_x[0].numel(), num_classes)
-        init_note = {"source": f"features:{folder}", "classifier_replaced": False, "skipped_keys": []}
+
+def build_model(config: TrainConfig, splits: Splits, device: torch.device) -> tuple[nn.Module, dict]:
+    """The network with its init applied and its prefix frozen (a probe: a linear head); and the init note."""
+    if config.kind == "probe":
+        model = LinearProbe(splits.tensors["train"][0][0].numel(), splits.num_classes)
+        note = {"source": f"features:{config.features}", "classifier_replaced": False, "skipped_keys": []}
     else:
-        model = StagedNet(config.backbone, num_classes, config.resolution)
-        init_note = initialize(model, config.init, config.source_checkpoint or None)
+        model = StagedNet(config.backbone, splits.num_classes, config.resolution)
+        note = initialize(model, config.init, config.source_checkpoint or None)
         model.freeze_through(config.freeze)
     model.to(device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    optimizer = build_optimizer(config, [p for p in model.parameters() if p.requires_grad])
-    generator = torch.Generator().manual_seed(config.seed)
+    return model, note
 
-    start = 0
-    cache_seconds = 0.0
-    if config.cache_features and not config.features:  # probes read features cached on disk
-        t0 = time.perf_counter()
-        start = model.frozen_stop()
-        train_x = run_prefix(model, train_x, start, config, device)
-        val_x = run_prefix(model, val_x, start, config, device)
-        if has_test:
-            test_x = run_prefix(model, test_x, start, config, device)
-        cache_seconds = time.perf_counter() - t0
 
+def cache_prefix(model: nn.Module, splits: Splits, config: TrainConfig, device: torch.device) -> tuple[int, float]:
+    """With ``cache_features``, replace every split's images by the frozen prefix's outputs.
+
+    Returns the stage the training forward pass starts from, and the seconds it took.
+    """
+    if not config.cache_features or config.kind == "probe":
+        return 0, 0.0
+    t0 = time.perf_counter()
+    start = model.frozen_stop()
+    for split, (x, y) in splits.tensors.items():
+        splits.tensors[split] = (run_prefix(model, x, start, config, device), y)
+    return start, time.perf_counter() - t0
+
+
+def batch_source(config: TrainConfig, splits: Splits, generator: torch.Generator):
+    """``batches(split, shuffled)``: shuffled (augmented) training batches, or evaluation batches in order."""
     if config.data_path == "naive":
         loaders = {
-            split: image_folder_loader(subset, split, config, generator if split == "train" else None)
-            for split in ("train", "val", "test")
-            if split != "test" or has_test
+            split: image_folder_loader(splits.subset, split, config, generator if split == "train" else None)
+            for split in splits.tensors
         }
+        return lambda split, shuffled=False: loaders[split]
+    augment = config.augment and config.kind != "probe"
 
-        def batches(split, shuffled=False):
-            return loaders[split]
+    def batches(split: str, shuffled: bool = False):
+        size = config.batch_size if shuffled else config.eval_batch_size
+        return memory_batches(*splits.tensors[split], size, generator if shuffled else None, shuffled and augment)
 
-    else:
-        splits = {"train": (train_x, train_y), "val": (val_x, val_y), "test": (test_x, test_y)}
+    return batches
 
-        def batches(split, shuffled=False):
-            size = config.batch_size if shuffled else config.eval_batch_size
-            rng = generator if shuffled else None
-            return memory_batches(*splits[split], size, rng, shuffled and config.augment)
 
-    # Full batches only (the remainder is reshuffled into later epochs): uniform shapes, and no
-    # single-image batch for BatchNorm to choke on.
-    steps_per_epoch = max(1, len(train_y) // config.batch_size)
-    forward = torch.compile(model) if config.compile else model
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and config.amp_dtype == "float16")
-    curves: list[dict] = []
-    first_epoch = 0
-    status = "completed"
-    resumed_from = None
-    resume_file = resume_path(config)
+@dataclass
+class TrainingState:
+    """Everything a killed run needs to resume, and a finished one to continue (--keep-state)."""
 
-    def restore(state: dict) -> int:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])  # dropout (e.g. mobilenet's head) draws from it
-        curves[:] = state["curves"]
-        return len(curves)
+    config: TrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    images: int  # training images (or cached activations) per epoch
+    curves: list[dict] = field(default_factory=list)
 
-    if resume_file.is_file():
-        state = load_torch(resume_file)
-        if _same_run(state["config"], asdict(config), RESUMABLE):
-            first_epoch = resumed_from = restore(state)
-            log(f"[{config.run_id}] resuming after epoch {first_epoch} from {resume_file}")
-        else:
-            log(f"[{config.run_id}] ignoring {resume_file}: it was written with another configuration")
-    if config.continue_from and not first_epoch:
-        state = load_torch(config.continue_from).get("training_state")
-        if state is None:
-            raise TrainingError(f"{config.continue_from} holds no training state; train it with --keep-state")
-        differing = _same_run(state["config"], asdict(config), CONTINUABLE | RESUMABLE, differences=True)
-        if differing:
-            raise TrainingError(f"cannot continue {config.continue_from}: its run differs in {', '.join(differing)}")
-        first_epoch = restore(state)
-        if first_epoch > config.epochs:
-            raise TrainingError(f"{config.continue_from} already trained {first_epoch} epochs (> --epochs)")
-        log(f"[{config.run_id}] continuing {config.continue_from} after epoch {first_epoch}")
-
-    what = f"probe on {config.layer}" if config.features else f"freeze={config.freeze}"
-    log(
-        f"[{config.run_id}] {config.backbone} init={config.init} {what} on {device}: "
-        f"{len(train_y)} train / {len(val_y)} val images, {trainable:,}/{total:,} trainable parameters"
-    )
-
-    def training_state() -> dict:
+    def save(self) -> dict:
         return {
-            "config": asdict(config),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "generator": generator.get_state(),
+            "config": asdict(self.config),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "curves": curves,
+            "curves": self.curves,
         }
 
-    for epoch in range(first_epoch, config.epochs):
-        model.train()
-        t0 = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for step, (x, y) in enumerate(batches("train", shuffled=True)):
-            x = prepare_input(x.to(device, non_blocking=True), config)
-            y = y.to(device, non_blocking=True)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(config, epoch * steps_per_epoch + step, steps_per_epoch)
-            with autocast(config, device):
-                logits = forward(x, start=start)
-            loss = nn.functional.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += len(y)
-        train_loss = float(loss_sum) / seen
-        train_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        val_acc, val_loss, _ = evaluate(forward, batches("val"), config, device, start)
-        eval_seconds = time.perf_counter() - t0
-        curves.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": train_loss,
-                "train_accuracy": int(correct) / seen,
-                "val_loss": val_loss,
-                "val_accuracy": val_acc,
-                "lr": optimizer.param_groups[0]["lr"],
-                "train_seconds": train_seconds,
-                "eval_seconds": eval_seconds,
-                "images": seen,
-            }
-        )
-        log(
-            f"[{config.run_id}] epoch {epoch + 1}/{config.epochs} loss {train_loss:.4f} "
-            f"val_acc {val_acc:.4f} ({train_seconds:.1f}s train, {eval_seconds:.1f}s eval)"
-        )
-        if not math.isfinite(train_loss):
-            status = "diverged"
-            log(f"[{config.run_id}] training loss is {train_loss}: the run diverged; lower the learning rate")
-            break
-        save_torch(resume_file, training_state())
+    def load(self, saved: dict) -> int:
+        """Restore ``saved``; returns the epochs it had finished."""
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])  # dropout (e.g. mobilenet's head) draws from it
+        self.curves[:] = saved["curves"]
+        return len(self.curves)
 
-    test_acc = test_loss = None
-    test_predictions = None
-    if has_test and status == "completed":
-        test_acc, test_loss, test_predictions = evaluate(forward, batches("test"), config, device, start)
+
+def restore(state: TrainingState, log) -> tuple[int, int | None]:
+    """Resume a killed run from its resume file, or continue a finished one (--continue-from).
+
+    Returns (first epoch to train, epoch resumed after or None).
+    """
+    config = state.config
+    resume_file = resume_path(config)
+    if resume_file.is_file():
+        saved = load_torch(resume_file)
+        if _same_run(saved["config"], asdict(config), RESUMABLE):
+            first = state.load(saved)
+            log(f"[{config.run_id}] resuming after epoch {first} from {resume_file}")
+            return first, first
+        log(f"[{config.run_id}] ignoring {resume_file}: it was written with another configuration")
+    if not config.continue_from:
+        return 0, None
+    saved = load_torch(config.continue_from).get("training_state")
+    if saved is None:
+        raise TrainingError(f"{config.continue_from} holds no training state; train it with --keep-state")
+    differing = _same_run(saved["config"], asdict(config), CONTINUABLE | RESUMABLE, differences=True)
+    if differing:
+        raise TrainingError(f"cannot continue {config.continue_from}: its run differs in {', '.join(differing)}")
+    first = state.load(saved)
+    if first > config.epochs:
+        raise TrainingError(f"{config.continue_from} already trained {first} epochs (> --epochs)")
+    log(f"[{config.run_id}] continuing {config.continue_from} after epoch {first}")
+    return first, None
+
+
+def fit_epoch(state: TrainingState, forward, batches, epoch: int, steps_per_epoch: int, scaler, device):
+    """One epoch of optimizer steps; returns (mean training loss, training accuracy, images seen)."""
+    config, optimizer = state.config, state.optimizer
+    state.model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for step, (x, y) in enumerate(batches("train", shuffled=True)):
+        x = prepare_input(x.to(device, non_blocking=True), config)
+        y = y.to(device, non_blocking=True)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(config, epoch * steps_per_epoch + step, steps_per_epoch)
+        with autocast(config, device):
+            logits = forward(x)
+        loss = nn.functional.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+    return float(loss_sum) / seen, int(correct) / seen, seen
+
+
+def recorded_settings(config: TrainConfig) -> dict:
+    """The settings a record keeps: a probe's leave out the image-model knobs it never uses."""
+    settings = asdict(config)
+    return {k: v for k, v in settings.items() if k not in PROBE_UNUSED} if config.kind == "probe" else settings
+
+
+def make_record(
+    state: TrainingState, status: str, splits: Splits, init_note: dict, test, timings, device, resumed_from
+) -> dict:
+    """The registry record of a finished (or diverged) run."""
+    config, model, curves = state.config, state.model, state.curves
+    test_acc, test_loss = test
     train_total = sum(c["train_seconds"] for c in curves)
-    eval_total = sum(c["eval_seconds"] for c in curves)
-    record = {
+    return {
         "run_id": config.run_id,
-        "policy": config.policy,
+        "kind": config.kind,
+        "name": config.name,
         "status": status,
-        "config": asdict(config),
+        "config": recorded_settings(config),
         "seed": config.seed,
-        "data_checksum": data_checksum,
+        "data_checksum": splits.subset["source"]["sha256"] if splits.subset else None,
         "init": init_note,
-        "num_classes": num_classes,
-        "parameters": {"trainable": trainable, "total": total},
-        "data": {"train": len(train_y), "val": len(val_y), "test": len(test_y) if has_test else 0},
+        "num_classes": splits.num_classes,
+        "parameters": {
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total": sum(p.numel() for p in model.parameters()),
+        },
+        "data": {split: len(splits.tensors[split][1]) if split in splits.tensors else 0 for split in SPLITS},
         "timings": {
-            "data_seconds": data_seconds,
-            "cache_seconds": cache_seconds,
+            **timings,
             "train_seconds": train_total,
-            "eval_seconds": eval_total,
-            "wall_seconds": time.perf_counter() - wall_start,
+            "eval_seconds": sum(c["eval_seconds"] for c in curves),
             "epoch_seconds": [c["train_seconds"] for c in curves],
         },
         "throughput_images_per_second": sum(c["images"] for c in curves) / train_total if train_total else None,
@@ -452,19 +468,102 @@ def train(config: TrainConfig, log=print) -> dict:
         "hardware": {**hardware(), "device": str(device)},
         "versions": versions(),
     }
+
+
+def fit(state: TrainingState, forward, batches, first_epoch: int, scaler, device, log) -> str:
+    """Train from ``first_epoch`` to the last epoch, validating and checkpointing each; the run's status."""
+    config = state.config
+    # Full batches only (the remainder is reshuffled into later epochs): uniform shapes, and no
+    # single-image batch for BatchNorm to choke on.
+    steps_per_epoch = max(1, state.images // config.batch_size)
+    for epoch in range(first_epoch, config.epochs):
+        t0 = time.perf_counter()
+        train_loss, train_acc, seen = fit_epoch(state, forward, batches, epoch, steps_per_epoch, scaler, device)
+        train_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        val_acc, val_loss, _ = evaluate(state.model, forward, batches("val"), config, device)
+        eval_seconds = time.perf_counter() - t0
+        state.curves.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                "train_accuracy": train_acc,
+                "val_loss": val_loss,
+                "val_accuracy": val_acc,
+                "lr": state.optimizer.param_groups[0]["lr"],
+                "train_seconds": train_seconds,
+                "eval_seconds": eval_seconds,
+                "images": seen,
+            }
+        )
+        log(
+            f"[{config.run_id}] epoch {epoch + 1}/{config.epochs} loss {train_loss:.4f} "
+            f"val_acc {val_acc:.4f} ({train_seconds:.1f}s train, {eval_seconds:.1f}s eval)"
+        )
+        if not math.isfinite(train_loss):
+            log(f"[{config.run_id}] training loss is {train_loss}: the run diverged; lower the learning rate")
+            return "diverged"
+        save_torch(resume_path(config), state.save())
+    return "completed"
+
+
+def save_checkpoint(state: TrainingState, status: str, test_predictions) -> None:
+    """The finished run's weights (torchvision's keys), test predictions and, with --keep-state, its state."""
+    model, config = state.model, state.config
     weights = model.net.state_dict() if isinstance(model, StagedNet) else model.state_dict()
     checkpoint = {"model": weights, "run_id": config.run_id, "status": status}
     if test_predictions is not None:
         checkpoint["test_predictions"] = test_predictions
     if config.keep_state:
-        checkpoint["training_state"] = training_state()
+        checkpoint["training_state"] = state.save()
     save_torch(config.out, checkpoint)
-    resume_file.unlink(missing_ok=True)
-    log(
-        f"[{config.run_id}] {status}: val_acc {record['metrics']['val_accuracy']} test_acc {test_acc} "
-        f"in {record['timings']['wall_seconds']:.1f}s"
-    )
+    resume_path(config).unlink(missing_ok=True)
+
+
+def train(config: TrainConfig, log=print) -> dict:
+    """Run one training run to completion (or divergence); write its checkpoint; return its record."""
+    wall_start = time.perf_counter()
+    check_settings(config)
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    splits = load_splits(config, device)
+    torch.manual_seed(config.seed)
+    model, init_note = build_model(config, splits, device)
+    optimizer = build_optimizer(config, [p for p in model.parameters() if p.requires_grad])
+    images = len(splits.tensors["train"][1])
+    state = TrainingState(config, model, optimizer, torch.Generator().manual_seed(config.seed), images)
+    start, cache_seconds = cache_prefix(model, splits, config, device)
+    batches = batch_source(config, splits, state.generator)
+    compiled = torch.compile(model) if config.compile else model
+    forward = functools.partial(compiled, start=start) if start else compiled  # a cached prefix is skipped
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and config.amp_dtype == "float16")
+    first_epoch, resumed_from = restore(state, log)
+    log(f"[{config.run_id}] {describe(config, splits, model)} on {device}")
+    status = fit(state, forward, batches, first_epoch, scaler, device, log)
+    test = (None, None, None)
+    if "test" in splits.tensors and status == "completed":
+        test = evaluate(model, forward, batches("test"), config, device)
+    timings = {"data_seconds": splits.seconds, "cache_seconds": cache_seconds}
+    timings["wall_seconds"] = time.perf_counter() - wall_start
+    record = make_record(state, status, splits, init_note, test[:2], timings, device, resumed_from)
+    save_checkpoint(state, status, test[2])
+    log(f"[{config.run_id}] {status}: val_acc {record['metrics']['val_accuracy']} test_acc {test[0]} "
+        f"in {timings['wall_seconds']:.1f}s")  # fmt: skip
     return record
+
+
+def describe(config: TrainConfig, splits: Splits, model: nn.Module) -> str:
+    """One line on what the run trains, for its log."""
+    what = f"probe on {config.layer}" if config.kind == "probe" else f"freeze={config.freeze}"
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (
+        f"{config.backbone} init={config.init} {what}: {len(splits.tensors['train'][1])} train / "
+        f"{len(splits.tensors['val'][1])} val images, {trainable:,}/"
+        f"{sum(p.numel() for p in model.parameters()):,} trainable parameters"
+    )
 
 
 def config_from_args(argv=None, description: str = "") -> TrainConfig:

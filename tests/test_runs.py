@@ -1,0 +1,117 @@
+"""Run specs (tlselect.runs): stable ids, one spec per kind of run, flags the trainer accepts."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import yaml
+from conftest import REPO
+from snakemake.utils import validate
+
+from tlselect import runs
+from tlselect.train import PROBE_UNUSED, TrainConfig, config_from_args
+
+SCHEMA = str(REPO / "schemas" / "config.schema.yaml")
+
+
+def load_default():
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    validate(config, SCHEMA)
+    return config
+
+
+def every_spec(config):
+    """One spec of each kind the workflow trains."""
+    config["pretrained"] = "source"
+    return [
+        next(iter(runs.policy_runs(config).values())),
+        next(iter(runs.probe_runs(config).values())),
+        runs.source_run(config),
+        next(iter(runs.candidate_runs(config).values())),
+    ]
+
+
+def test_run_ids_of_existing_configs_stay_the_same():
+    """Ids name the files of a user's results/: they must not change with the code that computes them."""
+    config = load_default()
+    assert "finetune-resnet18-imagenet-b0183430" in runs.policy_runs(config)
+    assert "mobilenet_v3_small-imagenet-most-lr0.02-r32-f64e9cd3" in runs.candidate_runs(config)
+    config["pretrained"] = "source"  # the source model's settings are part of the id
+    assert "finetune-resnet18-source-90053ddd" in runs.policy_runs(config)
+    assert "scratch-resnet18-scratch-65e61447" in runs.policy_runs(config)
+    assert "resnet18-source-most-lr0.1-r32-03f465c8" in runs.candidate_runs(config)
+
+
+def test_run_ids_are_readable_stable_and_local():
+    config = load_default()
+    before = runs.policy_runs(config)
+    assert runs.policy_runs(copy.deepcopy(config)) == before
+    config["policies"][3]["lr"] = 0.01
+    after = runs.policy_runs(config)
+    changed = set(before) ^ set(after)
+    assert len(changed) == 2 and all(r.startswith("freeze_most-") for r in changed)
+
+
+def test_source_settings_reach_the_ids_of_runs_that_start_from_it():
+    config = load_default()
+    config["pretrained"] = "source"
+    before = {**runs.policy_runs(config), **runs.probe_runs(config), **runs.candidate_runs(config)}
+    config["source"]["train"]["epochs"] += 1
+    after = {**runs.policy_runs(config), **runs.probe_runs(config), **runs.candidate_runs(config)}
+    changed = {before[r].name for r in set(before) - set(after)}
+    assert changed and all(before[r].settings["init"] == "source" for r in set(before) - set(after))
+    assert not any(before[r].settings["init"] == "source" for r in set(before) & set(after))
+
+
+def test_every_kind_has_its_flags_round_trip_through_the_cli():
+    for spec in every_spec(load_default()):
+        parsed = config_from_args(spec.flags().split())
+        for key, value in spec.settings.items():
+            assert getattr(parsed, key) == value, (spec.kind, key)
+        assert parsed.kind == spec.kind and parsed.name == spec.name
+
+
+def test_probe_specs_hold_only_what_a_probe_uses():
+    config = load_default()
+    probes = runs.probe_runs(config)
+    assert len(probes) == len(config["features"]["layers"]) * len(config["features"]["inits"])
+    for spec in probes.values():
+        assert not PROBE_UNUSED & set(spec.settings), spec.settings
+        assert spec.features == (
+            spec.settings["backbone"],
+            runs.init_label(spec.settings["init"]),
+            spec.settings["layer"],
+        )
+        assert spec.name == f"probe_{spec.settings['layer']}" and spec.id.startswith(spec.name)
+
+
+def test_needs_name_the_source_model_of_the_runs_backbone():
+    config = load_default()
+    config["pretrained"] = "source"
+    for spec in runs.candidate_runs(config).values():
+        assert spec.source == (spec.settings["backbone"] if spec.settings["init"] == "source" else "")
+    assert runs.source_backbones(runs.candidate_runs(config).values()) == sorted(config["search"]["backbones"])
+
+
+def test_candidates_are_named_by_their_id_and_overrides_win_in_flags():
+    spec = next(iter(runs.candidate_runs(load_default()).values()))
+    assert spec.name == spec.id and spec.kind == "candidate"
+    parsed = config_from_args(spec.flags(epochs=3, keep_state=True).split())
+    assert parsed.epochs == 3 and parsed.keep_state and isinstance(parsed, TrainConfig)
+
+
+def test_parsing_the_snakefile_imports_neither_torch_nor_torchvision(tmp_path):
+    """A dry run with torch made unimportable still plans the whole default study."""
+    for name in ("torch", "torchvision"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('{name} imported while parsing')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--directory", str(tmp_path / "work"), "--snakefile", "Snakefile",
+         "--configfile", str(REPO / "config.yaml")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "imported while parsing" not in result.stdout + result.stderr
+    assert "train" in result.stdout and "search_grid" in result.stdout

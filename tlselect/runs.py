@@ -1,0 +1,260 @@
+"""Run specs: every kind of run the workflow trains, from the config, in one place.
+
+A run is one training job. Its :class:`RunSpec` holds a stable id, the trainer settings (the
+fields of ``tlselect.train.TrainConfig``, so :meth:`RunSpec.flags` are ``scripts/train.py``'s
+flags) and what the job needs besides the decoded subset: the source model of a backbone, or a
+cached feature layer. Kinds of run:
+
+- ``policy``: one entry of ``policies`` (the study's compared runs);
+- ``probe``: a linear probe on one cached layer of one init (``features``);
+- ``source``: the model the workflow pretrains itself for init ``source``;
+- ``candidate``: one member of the model search's pool (``search``).
+
+Ids are readable (``<name>-<backbone>-<init>-<hash>``) and the hash covers everything that
+determines the run (its settings, the subset, and the source model it starts from), so the same
+config names the same files and any change names new ones. Rules turn specs into jobs and own
+every path; nothing else merges hyperparameters or invents ids. Importing this module does not
+import torch, so parsing the Snakefile stays fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlselect.backbones import BACKBONES, NO_FREEZE
+
+# Hyperparameters the ``train`` block sets and a policy (or source.train, search.train) overrides.
+HYPER_KEYS = (
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "schedule",
+    "warmup_epochs",
+    "label_smoothing",
+    "augment",
+    "amp",
+    "cache_features",
+)
+# What a linear probe on fixed cached activations uses of them (no augmentation, precision or caching).
+PROBE_HYPER_KEYS = HYPER_KEYS[:9]
+NAMED_INITS = ("scratch", "imagenet", "source")
+# Generic freeze depths of the search pool, mapped onto each backbone's stage table.
+FREEZE_DEPTHS = ("none", "early", "most")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: its id, its trainer settings, and the inputs it needs beyond the decoded subset."""
+
+    id: str
+    settings: dict  # TrainConfig fields, ``kind`` and ``name`` included
+    source: str = ""  # backbone whose pretrained source model the run starts from ("": none)
+    features: tuple[str, str, str] | None = None  # (backbone, init label, layer) a probe trains on
+
+    @property
+    def kind(self) -> str:
+        return self.settings["kind"]
+
+    @property
+    def name(self) -> str:
+        return self.settings["name"]
+
+    def flags(self, **overrides) -> str:
+        """Command-line flags of ``scripts/train.py`` for the settings (``overrides`` win)."""
+        flags = []
+        for key, value in {**self.settings, **overrides}.items():
+            flag = "--" + key.replace("_", "-")
+            if isinstance(value, bool):
+                flags.append(flag if value else "--no-" + key.replace("_", "-"))
+            else:
+                flags += [flag, shlex.quote(str(value))]
+        return " ".join(flags)
+
+
+def resolve_init(config: dict, init: str) -> str:
+    """'pretrained' means the study's ``pretrained`` setting; the rest name themselves."""
+    return config["pretrained"] if init == "pretrained" else init
+
+
+def init_label(init: str) -> str:
+    """A resolved init as it appears in ids and folder names (a weights file by its stem)."""
+    return init if init in NAMED_INITS else "file-" + Path(init).stem.replace("_", "-")
+
+
+def hyperparameters(config: dict, overrides: dict, keys: tuple[str, ...] = HYPER_KEYS) -> dict:
+    """The ``train`` defaults, overridden key by key (by a policy, ``source.train`` or ``search.train``)."""
+    return {k: overrides.get(k, config["train"][k]) for k in keys}
+
+
+def _digest(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _subset_identity(config: dict) -> dict:
+    data = config["data"]
+    return {k: data[k] for k in ("name", "classes", "train_per_class", "val_per_class", "test_per_class", "image_size")}
+
+
+def _run_id(config: dict, label: str, tag: str, settings: dict, **more) -> str:
+    """``<label>-<hash>``; the hash covers the settings, the subset, the source model and ``more``.
+
+    ``tag`` is the name the hash has always been computed under (a policy's name, ``search`` for
+    pool candidates), so ids of unchanged configs stay the same across versions.
+    """
+    run = {"policy": tag, **{k: v for k, v in settings.items() if k not in ("kind", "name")}}
+    identity = {"run": run, "data": _subset_identity(config), **more}
+    if settings["init"] == "source":
+        source = source_run(config, settings["backbone"]).settings
+        identity["source"] = {
+            "settings": {k: v for k, v in source.items() if k not in ("kind", "name")},
+            "data": config["source"],
+        }
+    return f"{label}-{_digest(identity)}"
+
+
+def _model_settings(config: dict, backbone: str, init: str, freeze: str, resolution: int) -> dict:
+    return {"backbone": backbone, "init": init, "freeze": freeze, "resolution": resolution, "seed": config["seed"]}
+
+
+def source_run(config: dict, backbone: str | None = None) -> RunSpec:
+    """The source model the workflow pretrains itself (default: the study's backbone), from scratch."""
+    backbone = backbone or config["backbone"]
+    hyper = hyperparameters(config, config["source"]["train"])
+    hyper["cache_features"] = False
+    settings = {
+        "kind": "source",
+        "name": "source",
+        **_model_settings(config, backbone, "scratch", NO_FREEZE, config["resolution"]),
+        **hyper,
+    }
+    return RunSpec(f"source-{backbone}", settings)
+
+
+def policy_runs(config: dict) -> dict[str, RunSpec]:
+    """``{run_id: spec}`` of every entry of ``policies``."""
+    out = {}
+    for policy in config["policies"]:
+        init = resolve_init(config, policy["init"])
+        backbone = config["backbone"]
+        settings = {
+            "kind": "policy",
+            "name": policy["name"],
+            **_model_settings(config, backbone, init, policy["freeze"], config["resolution"]),
+            **hyperparameters(config, policy),
+        }
+        run_id = _run_id(config, f"{policy['name']}-{backbone}-{init_label(init)}", policy["name"], settings)
+        out[run_id] = RunSpec(run_id, settings, source=backbone if init == "source" else "")
+    return out
+
+
+def feature_inits(config: dict) -> dict[str, str]:
+    """``{label: init}`` of the inits whose probe features are cached (labels name folders)."""
+    inits = (resolve_init(config, i) for i in config["features"]["inits"]) if config["features"]["layers"] else ()
+    return {init_label(init): init for init in inits}
+
+
+def feature_layers(config: dict) -> list[str]:
+    """The probes' cached chain: every stage from the first to the deepest probed one, in order.
+
+    Each is extracted from the one before it, so adding a probed layer never changes how the
+    others are computed (and never re-runs their probes).
+    """
+    stages = BACKBONES[config["backbone"]].stage_names
+    wanted = config["features"]["layers"]
+    return stages[: max(stages.index(layer) for layer in wanted) + 1] if wanted else []
+
+
+def probe_runs(config: dict) -> dict[str, RunSpec]:
+    """``{run_id: spec}`` of one linear probe per probed layer and init."""
+    feats, backbone = config["features"], config["backbone"]
+    hyper = hyperparameters(config, feats["probe"], PROBE_HYPER_KEYS)
+    stages = BACKBONES[backbone].stage_names
+    out = {}
+    for label, init in feature_inits(config).items():
+        for layer in sorted(feats["layers"], key=stages.index):
+            settings = {
+                "kind": "probe",
+                "name": f"probe_{layer}",
+                "backbone": backbone,
+                "init": init,
+                "layer": layer,
+                "pool": feats["pool"],
+                "seed": config["seed"],
+                **hyper,
+            }
+            features = {"resolution": config["resolution"], "dtype": feats["dtype"]}
+            run_id = _run_id(config, f"probe_{layer}-{backbone}-{label}", f"probe_{layer}", settings, features=features)
+            out[run_id] = RunSpec(
+                run_id, settings, source=backbone if init == "source" else "", features=(backbone, label, layer)
+            )
+    return out
+
+
+def freeze_stage(backbone: str, depth: str) -> str:
+    """The stage that ``depth`` freezes through: early = the 2nd stage, most = the second-to-last."""
+    stages = BACKBONES[backbone].stage_names
+    return {"none": NO_FREEZE, "early": stages[1], "most": stages[-2]}[depth]
+
+
+def candidate_runs(config: dict) -> dict[str, RunSpec]:
+    """``{candidate_id: spec}`` of the search pool: the product of the ``search`` lists.
+
+    Scratch is never frozen. A candidate's ``name`` is its id; the search rules set its epochs.
+    """
+    search = config["search"]
+    hyper = hyperparameters(config, search["train"])
+    out = {}
+    for backbone in search["backbones"]:
+        for init in dict.fromkeys(resolve_init(config, i) for i in search["inits"]):
+            for depth in search["freezes"]:
+                if init == "scratch" and depth != "none":
+                    continue
+                for lr in search["lrs"]:
+                    for resolution in search["resolutions"]:
+                        settings = {
+                            "kind": "candidate",
+                            **_model_settings(config, backbone, init, freeze_stage(backbone, depth), resolution),
+                            **hyper,
+                            "lr": lr,
+                        }
+                        label = f"{backbone}-{init_label(init)}-{depth}-lr{lr:g}-r{resolution}"
+                        run_id = _run_id(config, label, "search", settings)
+                        out[run_id] = RunSpec(
+                            run_id, {**settings, "name": run_id}, source=backbone if init == "source" else ""
+                        )
+    return out
+
+
+def feature_chains(config: dict) -> dict[str, list[str]]:
+    """``{backbone: cached stages}``: the probes' chain, and every stage of each searched backbone
+    (the proxies score the last one). Chains only grow at their end, so no cached stage changes."""
+    chains = {config["backbone"]: feature_layers(config)} if feature_layers(config) else {}
+    if config["search"]["enabled"]:
+        chains.update({b: BACKBONES[b].stage_names for b in config["search"]["backbones"]})
+    return chains
+
+
+def cached_inits(config: dict) -> dict[str, str]:
+    """``{label: init}`` whose features are cached: the probes' inits and the searched ones."""
+    inits = feature_inits(config)
+    if config["search"]["enabled"]:
+        inits.update({init_label(i): i for i in (resolve_init(config, i) for i in config["search"]["inits"])})
+    return inits
+
+
+def proxy_layers(config: dict) -> list[tuple[str, str, str]]:
+    """``(backbone, init label, last stage)`` of every searched backbone and init: what the proxies score."""
+    labels = sorted({init_label(resolve_init(config, i)) for i in config["search"]["inits"]})
+    return [(b, label, BACKBONES[b].stage_names[-1]) for b in config["search"]["backbones"] for label in labels]
+
+
+def source_backbones(specs) -> list[str]:
+    """The backbones whose source model some of ``specs`` start from, sorted."""
+    return sorted({spec.source for spec in specs if spec.source})
