@@ -21,5 +21,5 @@ rule all:
         "results/tables/runs.csv",
         "results/tables/summary.md",
         expand("results/figures/{figure}.png", figure=FIGURES),
-        "results/report/solution.html",
+        expand("results/report/{report}.html", report=REPORTS),
         SEARCH_OUTPUTS.values(),

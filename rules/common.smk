@@ -4,6 +4,8 @@ import os
 import re
 import sys
 
+import yaml
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -12,9 +14,19 @@ sys.path.insert(0, workflow.basedir)
 
 from tlselect import runs, search  # noqa: E402
 from tlselect.backbones import BACKBONES  # noqa: E402
-from tlselect.config import ConfigError, check, uses_source  # noqa: E402
+from tlselect.config import (
+    ConfigError,
+    check,
+    coerce_cli_values,
+    uses_source,
+)  # noqa: E402
 
-validate(config, "../schemas/config.schema.yaml")
+SCHEMA = f"{workflow.basedir}/schemas/config.schema.yaml"
+with open(SCHEMA) as schema:
+    coerce_cli_values(
+        config, yaml.safe_load(schema)
+    )  # --config 'search={enabled: true}'
+validate(config, SCHEMA)
 try:
     check(config)
     search.check(config)
@@ -35,13 +47,18 @@ DATA_ROOT = f"resources/{config['data']['name']}"
 SUBSET = "results/data/subset.json"
 SOURCE_SUBSET = "results/source/data/subset.json"
 RUNG = "results/search/{method}/b{bracket}/rung{rung}"
-FIGURES = [
+STUDY_FIGURES = [
     "accuracy_vs_time",
     "accuracy_by_policy",
     "validation_curves",
     "accuracy_by_layer",
 ]
-FIGURES += ["speedups"] if BENCHMARKS else []
+FIGURES = STUDY_FIGURES + (["speedups"] if BENCHMARKS else [])
+# The study first: its jobs (policies, probes, their features, table, figures and notebook) go
+# before the model search's and the benchmark's whenever both are ready. The study's notebook
+# (results/report/study.html) is then done early; solution.html adds the search and benchmark.
+STUDY_FIRST = 50
+REPORTS = ["solution"] + (["study"] if SEARCH or BENCHMARKS else [])
 # The model search's report files by name; the study asks for them when the search is on.
 SEARCH_FILES = {
     "search": "results/tables/search.csv",
@@ -264,3 +281,19 @@ def proxy_inputs(wildcards):
         "grid": [record for record, _ in grid_jobs()],
         **subset_files(),
     }
+
+
+def notebook_inputs(wildcards):
+    """The study's tables and figures; the solution notebook adds the benchmark's and the search's."""
+    full = wildcards.report == "solution"
+    inputs = {
+        "notebook": f"{workflow.basedir}/notebooks/solution.ipynb",
+        "runs": "results/tables/runs.csv",
+        "curves": "results/tables/curves.csv",
+        "figures": [
+            f"results/figures/{f}.png" for f in (FIGURES if full else STUDY_FIGURES)
+        ],
+    }
+    if full and BENCHMARKS:
+        inputs["optimizations"] = OPTIMIZATIONS
+    return inputs | (SEARCH_OUTPUTS if full else {})

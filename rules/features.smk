@@ -14,6 +14,7 @@ rule extract_features:
         backbone=one_of(FEATURE_CHAINS),
         init=one_of(FEATURE_INITS),
         layer=one_of(sorted({s for chain in FEATURE_CHAINS.values() for s in chain})),
+    priority: STUDY_FIRST
     conda:
         "../envs/torch.yaml"
     threads: config["threads"]

@@ -10,6 +10,7 @@ rule aggregate:
         summary=report("results/tables/summary.md", category="Tables"),
     log:
         "results/logs/aggregate.log",
+    priority: STUDY_FIRST
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -52,6 +53,7 @@ rule figure:
         "results/logs/figures/{figure}.log",
     wildcard_constraints:
         figure="|".join(FIGURES),
+    priority: STUDY_FIRST
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -71,17 +73,15 @@ rule figure:
 
 rule notebook:
     input:
-        **({"optimizations": OPTIMIZATIONS} if BENCHMARKS else {}),
-        **SEARCH_OUTPUTS,
-        notebook=f"{workflow.basedir}/notebooks/solution.ipynb",
-        runs="results/tables/runs.csv",
-        curves="results/tables/curves.csv",
-        figures=expand("results/figures/{figure}.png", figure=FIGURES),
+        unpack(notebook_inputs),
     output:
-        notebook="results/report/solution.ipynb",
-        html=report("results/report/solution.html", category="Notebook"),
+        notebook="results/report/{report}.ipynb",
+        html=report("results/report/{report}.html", category="Notebook"),
     log:
-        "results/logs/notebook.log",
+        "results/logs/notebook/{report}.log",
+    wildcard_constraints:
+        report="study|solution",
+    priority: STUDY_FIRST
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -98,9 +98,9 @@ rule notebook:
     # rename both into place, so no reader ever sees a half-executed notebook.
     shell:
         "(tmp=$(mktemp -d results/report/.notebook.XXXXXX) && trap 'rm -rf $tmp' EXIT "
-        "&& papermill {input.notebook} $tmp/solution.ipynb --cwd . "
+        "&& papermill {input.notebook} $tmp/{wildcards.report}.ipynb --cwd . "
         "-p runs_csv {input.runs} -p curves_csv {input.curves} -p figures_dir {params.figures_dir} "
         "{params.tables} "
-        "&& jupyter nbconvert --to html $tmp/solution.ipynb --output-dir $tmp "
-        "&& mv $tmp/solution.html {output.html} && mv $tmp/solution.ipynb {output.notebook}) "
-        "> {log} 2>&1"
+        "&& jupyter nbconvert --to html $tmp/{wildcards.report}.ipynb --output-dir $tmp "
+        "&& mv $tmp/{wildcards.report}.html {output.html} "
+        "&& mv $tmp/{wildcards.report}.ipynb {output.notebook}) > {log} 2>&1"

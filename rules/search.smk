@@ -18,6 +18,7 @@ use rule train as search_grid with:
         "results/benchmarks/search/grid/{candidate}.tsv"
     wildcard_constraints:
         candidate=one_of(POOL),
+    priority: 0
     params:
         args=lambda wildcards, input: train_args(
             POOL[wildcards.candidate], input, epochs=config["search"]["max_epochs"]
@@ -39,6 +40,7 @@ use rule train as search_first_rung with:
         method="sh|hb",
         bracket=r"\d+",
         slot=r"\d+",
+    priority: 0
     params:
         args=lambda wildcards, input: train_args(
             first_rung_candidate(wildcards),
@@ -91,6 +93,7 @@ use rule train as search_next_rung with:
         bracket=r"\d+",
         rung=r"[1-9]\d*",
         slot=r"\d+",
+    priority: 0
     params:
         script=script("search.py"),
         args=lambda wildcards, input: (

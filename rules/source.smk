@@ -10,6 +10,7 @@ rule source_data:
         **subset_files(SOURCE_SUBSET, ["train", "val"]),
     log:
         "results/logs/source_data.log",
+    priority: STUDY_FIRST
     conda:
         "../envs/torch.yaml"
     threads: 1

@@ -14,6 +14,7 @@ rule train:
         "results/benchmarks/train/{run_id}.tsv"
     wildcard_constraints:
         run_id=one_of(RUNS),
+    priority: STUDY_FIRST
     conda:
         "../envs/torch.yaml"
     threads: config["threads"]

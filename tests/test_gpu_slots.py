@@ -149,6 +149,8 @@ def dry_run(tmp_path_factory, tiny_archive):
         "pretrained": "source",
         "source": {"train_per_class": 4, "val_per_class": 1},
         "features": {"layers": ["stem"], "inits": ["scratch"]},
+        "search": {"enabled": True},
+        "benchmarks": {"enabled": True},
     }
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
 

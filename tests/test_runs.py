@@ -102,16 +102,16 @@ def test_candidates_are_named_by_their_id_and_overrides_win_in_flags():
 
 
 def test_parsing_the_snakefile_imports_neither_torch_nor_torchvision(tmp_path):
-    """A dry run with torch made unimportable still plans the whole default study."""
+    """A dry run with torch made unimportable still plans the whole study, search and benchmark included."""
     for name in ("torch", "torchvision"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(f"raise ImportError('{name} imported while parsing')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "--directory", str(tmp_path / "work"), "--snakefile", "Snakefile",
-         "--configfile", str(REPO / "config.yaml")],
+         "--configfile", str(REPO / "config.yaml"), "--config", "search={enabled: true}", "benchmarks={enabled: true}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "imported while parsing" not in result.stdout + result.stderr
-    assert "train" in result.stdout and "search_grid" in result.stdout
+    assert all(rule in result.stdout for rule in ("train", "probe", "search_grid", "benchmark_optimizations"))

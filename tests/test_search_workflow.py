@@ -26,9 +26,9 @@ def search_study(tmp_path_factory, tiny_archive):
         "policies": [{"name": "finetune", "init": "pretrained", "freeze": "none"}],
         "features": {"layers": [], "inits": []},
         "benchmarks": {"enabled": False},
-        "search": {"backbones": ["resnet18", "mobilenet_v3_small"], "inits": ["pretrained", "scratch"],
-                   "freezes": ["none"], "lrs": [0.05], "random_samples": 2, "eta": 2, "min_epochs": 1,
-                   "max_epochs": 2, "brackets": 2},
+        "search": {"enabled": True, "backbones": ["resnet18", "mobilenet_v3_small"],
+                   "inits": ["pretrained", "scratch"], "freezes": ["none"], "lrs": [0.05], "random_samples": 2,
+                   "eta": 2, "min_epochs": 1, "max_epochs": 2, "brackets": 2},
     }  # fmt: skip
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
     snakemake(workdir)

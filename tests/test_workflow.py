@@ -47,8 +47,8 @@ def study(tmp_path_factory, tiny_archive):
         "source": {"train_per_class": 4, "val_per_class": 1, "train": {"epochs": 1}},
         "train": {"epochs": 1, "batch_size": 8},
         "features": {"layers": ["layer2", "layer4"], "inits": ["pretrained", "scratch"], "probe": {"epochs": 2}},
-        "benchmarks": {"epochs": 1, "accuracy_epochs": 1},
-        "search": {"enabled": False},  # tests/test_search_workflow.py runs it
+        "benchmarks": {"enabled": True, "epochs": 1, "accuracy_epochs": 1},
+        "search": {"enabled": False},  # off by default; tests/test_search_workflow.py runs it
     }
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
     snakemake(workdir)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from tlselect.backbones import BACKBONES, NO_FREEZE
 from tlselect.data import archive_image_counts
 from tlselect.errors import TLSelectError
@@ -17,6 +19,45 @@ from tlselect.runs import NAMED_INITS, hyperparameters, policy_runs, probe_runs,
 
 class ConfigError(TLSelectError):
     """An invalid configuration; the message names the key and the fix."""
+
+
+def coerce_cli_values(config: dict, schema: dict) -> dict:
+    """Type the strings that ``--config 'key={nested: value}'`` leaves where the schema wants a scalar.
+
+    Snakemake parses the values inside a ``--config`` mapping as plain strings, so
+    ``search={enabled: true}`` arrives as ``"true"``. Where the schema asks for a boolean, integer
+    or number, such a string is read as YAML (``"true"``, ``"100"``, ``"0.5"``); strings the schema
+    wants as strings stay as they are. Returns ``config``, changed in place.
+    """
+
+    def resolve(node: dict) -> dict:
+        while "$ref" in node:  # "#/$defs/name/...": a pointer into this schema
+            target = schema
+            for part in node["$ref"].removeprefix("#/").split("/"):
+                target = target[part]
+            node = target
+        return node
+
+    def walk(value, node: dict):
+        node = resolve(node)
+        wanted = node.get("type")
+        if isinstance(value, str) and wanted in ("boolean", "integer", "number"):
+            parsed = yaml.safe_load(value)
+            if wanted == "boolean":
+                return parsed if isinstance(parsed, bool) else value
+            return parsed if isinstance(parsed, int | float) and not isinstance(parsed, bool) else value
+        if isinstance(value, dict):
+            properties = dict(node.get("properties", {}))
+            for part in node.get("allOf", []):  # policies: their own keys and the shared overrides
+                properties.update(resolve(part).get("properties", {}))
+            for key, item in value.items():
+                if key in properties:
+                    value[key] = walk(item, properties[key])
+        elif isinstance(value, list) and "items" in node:
+            value[:] = [walk(item, node["items"]) for item in value]
+        return value
+
+    return walk(config, schema)
 
 
 def check_init(key: str, init: str) -> None:
