@@ -46,6 +46,8 @@ SPLITS = ["train", "val", "test"]
 DATA_ROOT = f"resources/{config['data']['name']}"
 SUBSET = "results/data/subset.json"
 SOURCE_SUBSET = "results/source/data/subset.json"
+# ImageNet weights, fetched once by a local rule (jobs on offline compute nodes read this file).
+IMAGENET_WEIGHTS = "resources/weights/{backbone}-imagenet.pth"
 RUNG = "results/search/{method}/b{bracket}/rung{rung}"
 STUDY_FIGURES = [
     "accuracy_vs_time",
@@ -95,6 +97,15 @@ def source_model(backbone):
     return f"results/source/{backbone}.pt"
 
 
+def weights_file(init, backbone):
+    """The weights a pretrained init loads: the source model, or the fetched ImageNet weights."""
+    return (
+        source_model(backbone)
+        if init == "source"
+        else IMAGENET_WEIGHTS.format(backbone=backbone)
+    )
+
+
 def feature_files(backbone, init, layer, splits=SPLITS):
     return [
         f"results/features/{backbone}/{init}/{layer}/{split}.npy" for split in splits
@@ -102,10 +113,10 @@ def feature_files(backbone, init, layer, splits=SPLITS):
 
 
 def run_inputs(spec):
-    """What a run reads: the decoded subset, its source model, a probe's cached layer."""
+    """What a run reads: the decoded subset, its pretrained weights, a probe's cached layer."""
     inputs = subset_files()
-    if spec.source:
-        inputs["source"] = source_model(spec.source)
+    if spec.weights:
+        inputs["weights"] = weights_file(*spec.weights)
     if spec.features:
         inputs["features"] = feature_files(*spec.features)
     return inputs
@@ -114,8 +125,8 @@ def run_inputs(spec):
 def train_args(spec, input, **overrides):
     """scripts/train.py's arguments for a run: its flags and the folders of its inputs."""
     args = f"{spec.flags(**overrides)} --data {os.path.dirname(input.subset)}"
-    if spec.source:
-        args += f" --source-checkpoint {input.source}"
+    if spec.weights:
+        args += f" --weights {input.weights}"
     if spec.features:
         args += f" --features {os.path.dirname(input.features[0])}"
     return args
@@ -132,7 +143,7 @@ SMALL_RESOURCES = {"mem_mb": lambda wildcards, attempt: 1000 * attempt, "runtime
 
 
 def feature_inputs(wildcards):
-    """The previous cached layer (or the decoded images for the first), plus the source model."""
+    """The previous cached layer (or the decoded images for the first), plus the init's weights."""
     chain = FEATURE_CHAINS[wildcards.backbone]
     index = chain.index(wildcards.layer)
     if index == 0:
@@ -143,9 +154,8 @@ def feature_inputs(wildcards):
                 wildcards.backbone, wildcards.init, chain[index - 1]
             )
         }
-    if FEATURE_INITS[wildcards.init] == "source":
-        inputs["source"] = source_model(wildcards.backbone)
-    return inputs
+    weights = runs.weights_of(FEATURE_INITS[wildcards.init], wildcards.backbone)
+    return inputs | ({"weights": weights_file(*weights)} if weights else {})
 
 
 def feature_args(wildcards, input):
@@ -156,17 +166,17 @@ def feature_args(wildcards, input):
         args += f" --from-layer {chain[index - 1]} --inputs {os.path.dirname(input.previous[0])}"
     else:
         args += f" --inputs {os.path.dirname(input.subset)}"
-    if "source" in input.keys():
-        args += f" --source-checkpoint {input.source}"
+    if "weights" in input.keys():
+        args += f" --weights {input.weights}"
     return args
 
 
 def benchmark_inputs(wildcards):
-    """Decoded subset and image folder (the naive path reads images), plus the source model."""
-    inputs = {**subset_files(), "images": DATA_ROOT}
-    if config["pretrained"] == "source":
-        inputs["source"] = source_model(config["backbone"])
-    return inputs
+    """Decoded subset and image folder (the naive path reads images), plus the init's weights."""
+    weights = runs.weights_of(config["pretrained"], config["backbone"])
+    return {**subset_files(), "images": DATA_ROOT} | (
+        {"weights": weights_file(*weights)} if weights else {}
+    )
 
 
 def benchmark_args(wildcards, input):
@@ -178,8 +188,8 @@ def benchmark_args(wildcards, input):
         f"--batch-size {config['train']['batch_size']} --lr {config['train']['lr']} "
         f"--data {os.path.dirname(input.subset)}"
     )
-    if "source" in input.keys():
-        args += f" --source-checkpoint {input.source}"
+    if "weights" in input.keys():
+        args += f" --weights {input.weights}"
     return args + (" --compile" if bench["compile"] else "")
 
 
@@ -242,17 +252,17 @@ def first_rung_candidate(wildcards):
 
 def next_rung_inputs(wildcards):
     """The promotion file and every checkpoint of the previous rung (which slot continues which is
-    decided at run time), the data and the source models the candidates may start from.
+    decided at run time), the data and the weights files the candidates may start from.
     """
     previous = (wildcards.method, wildcards.bracket, int(wildcards.rung) - 1)
     plan = PLAN[wildcards.method][int(wildcards.bracket)]
-    sources = runs.source_backbones(POOL[c] for c in plan.candidates)
+    weights = {POOL[c].weights for c in plan.candidates if POOL[c].weights}
     return {
         "promoted": f"{RUNG.format(**wildcards)}/promoted.json",
         "records": rung_slots(*previous),
         "checkpoints": rung_slots(*previous, suffix=".pt"),
         **subset_files(),
-        "source": [source_model(b) for b in sources],
+        "weights": sorted(weights_file(*w) for w in weights),
     }
 
 

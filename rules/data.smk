@@ -3,6 +3,7 @@
 
 localrules:
     fetch_data,
+    fetch_weights,
 
 
 rule fetch_data:
@@ -54,3 +55,25 @@ rule subset:
     shell:
         "python {params.script} subset --root {input} --out {params.out} "
         "--classes {params.classes} {params.sizes} {params.skip} 2>&1 | tee {log}"
+
+
+# ImageNet weights through torchvision's weights API, once, where Snakemake runs (with network);
+# training jobs read the file, so they work on offline compute nodes. Offline, the error names
+# the file to place (torchvision's own cache under $TORCH_HOME is used when it has it).
+rule fetch_weights:
+    output:
+        IMAGENET_WEIGHTS,
+    log:
+        "results/logs/fetch_weights/{backbone}.log",
+    wildcard_constraints:
+        backbone=one_of(BACKBONES),
+    conda:
+        "../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=30,
+    params:
+        script=script("prepare_data.py"),
+    shell:
+        "python {params.script} weights --backbone {wildcards.backbone} --out {output} 2>&1 | tee {log}"

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--accuracy-epochs", type=int, default=8, help="epochs of the fast-vs-naive check (0: skip)")
     parser.add_argument("--layers", nargs="+", default=["layer1", "layer2", "layer3", "layer4"])
     parser.add_argument("--init", default="scratch", help="init of the measured runs (see train.py --init)")
-    parser.add_argument("--source-checkpoint", default="")
+    parser.add_argument("--weights", default="", help="the init's weights file (source model, ImageNet weights)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     base = TrainConfig(
         data=args.data,
         init=args.init,
-        source_checkpoint=args.source_checkpoint,
+        weights=args.weights,
         batch_size=args.batch_size,
         lr=args.lr,
         warmup_epochs=1,

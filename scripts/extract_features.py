@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--from-layer", default="", help="cached stage --inputs holds (empty: the images)")
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--init", default="scratch", help="scratch | imagenet | source | state-dict path")
-    parser.add_argument("--source-checkpoint", default="", help="checkpoint used by --init source")
+    parser.add_argument("--weights", default="", help="the init's weights file (source model, ImageNet weights)")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0, help="seed of a scratch init")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     model = StagedNet(args.backbone, 2, args.resolution)
-    initialize(model, args.init, args.source_checkpoint or None)
+    initialize(model, args.init, args.weights or None)
     model.to(device)
     stop = model.stage_index(args.layer) + 1
     start = model.stage_index(args.from_layer) + 1 if args.from_layer else 0

@@ -4,6 +4,7 @@
 prepare_data.py fetch  --dest resources/cifar10 [--archive FILE]
 prepare_data.py subset --root resources/cifar10 --out results/data [sizes, --classes, --seed, --skip-unreadable]
 prepare_data.py source --root resources/cifar10 --subset results/data/subset.json --out results/source/data
+prepare_data.py weights --backbone resnet18 --out resources/weights/resnet18-imagenet.pth
 """
 
 import argparse
@@ -27,6 +28,13 @@ def fetch(args) -> None:
     layout = data.scan_image_folder(dest)
     counts = {split: sum(len(f) for f in classes.values()) for split, classes in layout.items()}
     print(f"image folder ready: {len(layout['train'])} classes, {counts}", flush=True)
+
+
+def weights(args) -> None:
+    from tlselect.models import fetch_imagenet_weights  # torch only for this step
+
+    fetch_imagenet_weights(args.backbone, args.out)
+    print(f"ImageNet weights of {args.backbone} written to {args.out}", flush=True)
 
 
 def save_all(out: Path, tensors: dict, skipped: list[str]) -> None:
@@ -108,6 +116,10 @@ def main(argv=None) -> int:
         help="leave out non-image files and images that do not decode (listed in subset.json) instead of failing",
     )
     commands.choices["source"].add_argument("--subset", required=True, help="the target subset.json")
+    p = commands.add_parser("weights", help="fetch a backbone's ImageNet weights (torchvision) into one file")
+    p.add_argument("--backbone", required=True, help="backbone name (tlselect.backbones.BACKBONES)")
+    p.add_argument("--out", required=True, help="weights file to write")
+    p.set_defaults(func=weights)
     args = parser.parse_args(argv)
     args.func(args)
     return 0

@@ -1,9 +1,11 @@
 """Staged backbones: stage composition, freezing semantics and initializations."""
 
 import pickle
+import sys
 
 import pytest
 import torch
+from conftest import REPO
 from torch import nn
 
 from tlselect import models
@@ -147,3 +149,26 @@ def test_other_backbones_are_table_entries(images):
         full = model(images)
         cut = model.stage_index("block2") + 1
         assert torch.allclose(model(model(images, stop=cut), start=cut), full, atol=1e-5)
+
+
+def test_the_weights_step_writes_the_file_jobs_read_and_offline_names_it(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import prepare_data
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    dest = tmp_path / "resources/weights/resnet18-imagenet.pth"
+
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    assert prepare_data.main(["weights", "--backbone", "resnet18", "--out", str(dest)]) == 2
+    error = capsys.readouterr().err
+    assert str(dest) in error and str(models.imagenet_weights_path("resnet18")) in error and not dest.exists()
+
+    cached = models.imagenet_weights_path("resnet18")  # a user placed torchvision's file in its cache
+    torch.save(_torchvision_state(), cached)
+    assert prepare_data.main(["weights", "--backbone", "resnet18", "--out", str(dest)]) == 0
+    model = StagedNet("resnet18", 10)
+    assert models.initialize(model, "imagenet", str(dest))["source"] == "imagenet"
+    assert torch.equal(model.net.layer1[0].conv1.weight, _torchvision_state()["layer1.0.conv1.weight"])

@@ -86,12 +86,18 @@ def test_probe_specs_hold_only_what_a_probe_uses():
         assert spec.name == f"probe_{spec.settings['layer']}" and spec.id.startswith(spec.name)
 
 
-def test_needs_name_the_source_model_of_the_runs_backbone():
+def test_needs_name_the_weights_of_the_runs_init_and_backbone():
     config = load_default()
+    for pretrained in ("source", "imagenet"):
+        config["pretrained"] = pretrained
+        for spec in [*runs.candidate_runs(config).values(), *runs.policy_runs(config).values()]:
+            init, backbone = spec.settings["init"], spec.settings["backbone"]
+            assert spec.weights == (None if init == "scratch" else (pretrained, backbone))
+        for spec in runs.probe_runs(config).values():
+            assert spec.weights is None  # a probe reads cached features, never weights
     config["pretrained"] = "source"
-    for spec in runs.candidate_runs(config).values():
-        assert spec.source == (spec.settings["backbone"] if spec.settings["init"] == "source" else "")
     assert runs.source_backbones(runs.candidate_runs(config).values()) == sorted(config["search"]["backbones"])
+    assert runs.source_run(config).weights is None
 
 
 def test_candidates_are_named_by_their_id_and_overrides_win_in_flags():

@@ -24,7 +24,7 @@ def snakemake(workdir, *args, check=True):
     env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
     command = [
         sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--cores", "2", "--configfile", str(REPO / "config.yaml"), str(workdir / "tiny.yaml"), *args,
+        "--cores", "2", *args, "--configfile", str(REPO / "config.yaml"), str(workdir / "tiny.yaml"),
     ]  # fmt: skip
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
@@ -109,7 +109,8 @@ def test_changing_one_policy_reruns_only_it_and_the_report(study):
     policies = yaml.safe_load((REPO / "config.yaml").read_text())["policies"]
     policies[3]["lr"] = 0.011  # freeze_most
     out = dry_run_after(study, lambda tiny: tiny.update(policies=policies))
-    assert job_counts(out) == {"train": 1, "aggregate": 1, "figure": 5, "notebook": 1, "all": 1}
+    # the study's notebook and the full one (the benchmark is on here) both show the new table
+    assert job_counts(out) == {"train": 1, "aggregate": 1, "figure": 5, "notebook": 2, "all": 1}
     assert "benchmark_optimizations" not in out
     assert re.search(r"results/models/freeze_most-resnet18-source-\w+\.pt", out)
 
@@ -117,7 +118,7 @@ def test_changing_one_policy_reruns_only_it_and_the_report(study):
 def test_adding_a_layer_runs_only_its_probes(study):
     out = dry_run_after(study, lambda tiny: tiny["features"].update(layers=["layer1", "layer2", "layer4"]))
     # layer1 is already cached (the chain runs stem..layer4): only its two probes are new
-    assert job_counts(out) == {"probe": 2, "aggregate": 1, "figure": 5, "notebook": 1, "all": 1}
+    assert job_counts(out) == {"probe": 2, "aggregate": 1, "figure": 5, "notebook": 2, "all": 1}
     assert len(set(re.findall(r"results/models/(probe_layer1-[\w-]+)\.pt", out))) == 2
 
 
@@ -125,3 +126,34 @@ def test_one_figure_regenerates_alone(study):
     (study / "results/figures/validation_curves.png").unlink()
     out = snakemake(study, "--dry-run", "results/figures/validation_curves.png").stdout
     assert job_counts(out) == {"figure": 1}
+
+
+def test_imagenet_weights_come_through_a_workflow_step(tmp_path, tiny_archive, monkeypatch):
+    """fetch_weights writes resources/weights/<backbone>-imagenet.pth; training jobs read that file."""
+    import torch
+    import torchvision
+
+    from tlselect.models import imagenet_weights_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # torchvision's cache holds the file, as offline
+    cached = imagenet_weights_path("resnet18")
+    cached.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), cached)
+    tiny = {
+        "data": tiny_data(tiny_archive),
+        "pretrained": "imagenet",
+        "threads": 1,
+        "train": {"epochs": 1, "batch_size": 8},
+        "policies": [{"name": "finetune", "init": "pretrained", "freeze": "none"}],
+        "features": {"layers": []},
+    }
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    result = snakemake(tmp_path, "results/tables/runs.csv")
+    assert "rule fetch_weights" in result.stdout + result.stderr
+    weights = tmp_path / "resources/weights/resnet18-imagenet.pth"
+    assert weights.is_file()
+    (record,) = (read_record(p) for p in (tmp_path / "results/registry").glob("*.json"))
+    assert (
+        record["init"]["source"] == "imagenet"
+        and record["config"]["weights"] == "resources/weights/resnet18-imagenet.pth"
+    )

@@ -17,6 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
+from tlselect.atomic import save_torch
 from tlselect.backbones import NO_FREEZE, BackboneError, backbone_spec
 from tlselect.errors import TLSelectError
 
@@ -141,26 +142,38 @@ def imagenet_weights_path(backbone: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
 
 
-def fetch_imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
-    """ImageNet weights through torchvision's weights API, downloaded once into ``$TORCH_HOME``."""
+def download_imagenet_weights(backbone: str, place_at: str | Path | None = None) -> Path:
+    """torchvision's ImageNet weights file for ``backbone``, downloaded once into ``$TORCH_HOME``.
+
+    Offline, the error names where to put the file: ``place_at`` (the workflow's weights file)
+    and torchvision's cache.
+    """
     weights = imagenet_weights(backbone)
     path = imagenet_weights_path(backbone)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        hash_prefix = path.stem.rsplit("-", 1)[-1]
-        previous_timeout = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(30)  # a dead network fails in seconds instead of hanging
-        try:
-            torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=hash_prefix, progress=True)
-        except (urllib.error.URLError, OSError) as error:
-            raise InitError(
-                f"cannot download ImageNet weights for {backbone} from {weights.url} ({error}). "
-                f"Offline, place that file at {path} (set TORCH_HOME to choose the folder), or use "
-                "init 'source' (a model this workflow pretrains) or a path to a state-dict file."
-            ) from error
-        finally:
-            socket.setdefaulttimeout(previous_timeout)
-    return load_state_dict_file(path)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hash_prefix = path.stem.rsplit("-", 1)[-1]
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # a dead network fails in seconds instead of hanging
+    try:
+        torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=hash_prefix, progress=True)
+    except (urllib.error.URLError, OSError) as error:
+        where = f"{place_at} or at {path}" if place_at else f"{path} (set TORCH_HOME to choose the folder)"
+        raise InitError(
+            f"cannot download ImageNet weights for {backbone} from {weights.url} ({error}). "
+            f"Offline, place that file at {where}, or use init 'source' (a model this workflow "
+            "pretrains) or a path to a state-dict file."
+        ) from error
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+    return path
+
+
+def fetch_imagenet_weights(backbone: str, dest: str | Path) -> None:
+    """Write ``backbone``'s ImageNet state dict to ``dest`` (the file training jobs read), checked first."""
+    state = load_state_dict_file(download_imagenet_weights(backbone, place_at=dest))
+    save_torch(dest, state)
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -211,14 +224,20 @@ def load_backbone_weights(model: StagedNet, state: dict[str, torch.Tensor], sour
     return {"source": source, "classifier_replaced": True, "skipped_keys": head_keys}
 
 
-def initialize(model: StagedNet, init: str, source_checkpoint: str | None = None) -> dict:
-    """Apply an init: 'scratch', 'imagenet', 'source' (needs ``source_checkpoint``) or a file path."""
+def initialize(model: StagedNet, init: str, weights: str | None = None) -> dict:
+    """Apply an init: 'scratch', 'imagenet', 'source' or a file path.
+
+    ``weights`` is the file holding the init's weights: the pretrained source model (needed for
+    'source'), or the workflow's copy of the ImageNet weights ('imagenet'; without it, torchvision's
+    cache under ``$TORCH_HOME``, downloaded when missing).
+    """
     if init == "scratch":
         return {"source": "scratch", "classifier_replaced": False, "skipped_keys": []}
     if init == "imagenet":
-        return load_backbone_weights(model, fetch_imagenet_state_dict(model.backbone), "imagenet")
+        path = weights or download_imagenet_weights(model.backbone)
+        return load_backbone_weights(model, load_state_dict_file(path), "imagenet")
     if init == "source":
-        if source_checkpoint is None:
-            raise InitError("init 'source' needs the path of the pretrained source checkpoint")
-        return load_backbone_weights(model, load_state_dict_file(source_checkpoint), f"source:{source_checkpoint}")
+        if not weights:
+            raise InitError("init 'source' needs the path of the pretrained source model (--weights)")
+        return load_backbone_weights(model, load_state_dict_file(weights), f"source:{weights}")
     return load_backbone_weights(model, load_state_dict_file(init), init)

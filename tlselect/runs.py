@@ -10,6 +10,9 @@ cached feature layer. Kinds of run:
 - ``source``: the model the workflow pretrains itself for init ``source``;
 - ``candidate``: one member of the model search's pool (``search``).
 
+A run that starts from pretrained weights names them as ``weights``: ``("source", backbone)`` (the
+model the workflow pretrains) or ``("imagenet", backbone)`` (the file the workflow fetches).
+
 Ids are readable (``<name>-<backbone>-<init>-<hash>``) and the hash covers everything that
 determines the run (its settings, the subset, and the source model it starts from), so the same
 config names the same files and any change names new ones. Rules turn specs into jobs and own
@@ -55,7 +58,7 @@ class RunSpec:
 
     id: str
     settings: dict  # TrainConfig fields, ``kind`` and ``name`` included
-    source: str = ""  # backbone whose pretrained source model the run starts from ("": none)
+    weights: tuple[str, str] | None = None  # (init, backbone) of the pretrained weights file it loads
     features: tuple[str, str, str] | None = None  # (backbone, init label, layer) a probe trains on
 
     @property
@@ -119,6 +122,11 @@ def _run_id(config: dict, label: str, tag: str, settings: dict, **more) -> str:
     return f"{label}-{_digest(identity)}"
 
 
+def weights_of(init: str, backbone: str) -> tuple[str, str] | None:
+    """The weights file a run with this init loads, as ``(init, backbone)``; None for scratch or a path."""
+    return (init, backbone) if init in ("source", "imagenet") else None
+
+
 def _model_settings(config: dict, backbone: str, init: str, freeze: str, resolution: int) -> dict:
     return {"backbone": backbone, "init": init, "freeze": freeze, "resolution": resolution, "seed": config["seed"]}
 
@@ -150,7 +158,7 @@ def policy_runs(config: dict) -> dict[str, RunSpec]:
             **hyperparameters(config, policy),
         }
         run_id = _run_id(config, f"{policy['name']}-{backbone}-{init_label(init)}", policy["name"], settings)
-        out[run_id] = RunSpec(run_id, settings, source=backbone if init == "source" else "")
+        out[run_id] = RunSpec(run_id, settings, weights=weights_of(init, backbone))
     return out
 
 
@@ -191,9 +199,7 @@ def probe_runs(config: dict) -> dict[str, RunSpec]:
             }
             features = {"resolution": config["resolution"], "dtype": feats["dtype"]}
             run_id = _run_id(config, f"probe_{layer}-{backbone}-{label}", f"probe_{layer}", settings, features=features)
-            out[run_id] = RunSpec(
-                run_id, settings, source=backbone if init == "source" else "", features=(backbone, label, layer)
-            )
+            out[run_id] = RunSpec(run_id, settings, features=(backbone, label, layer))
     return out
 
 
@@ -226,9 +232,7 @@ def candidate_runs(config: dict) -> dict[str, RunSpec]:
                         }
                         label = f"{backbone}-{init_label(init)}-{depth}-lr{lr:g}-r{resolution}"
                         run_id = _run_id(config, label, "search", settings)
-                        out[run_id] = RunSpec(
-                            run_id, {**settings, "name": run_id}, source=backbone if init == "source" else ""
-                        )
+                        out[run_id] = RunSpec(run_id, {**settings, "name": run_id}, weights=weights_of(init, backbone))
     return out
 
 
@@ -256,5 +260,7 @@ def proxy_layers(config: dict) -> list[tuple[str, str, str]]:
 
 
 def source_backbones(specs) -> list[str]:
-    """The backbones whose source model some of ``specs`` start from, sorted."""
-    return sorted({spec.source for spec in specs if spec.source})
+    """The backbones whose pretrained source model some of ``specs`` start from (a probe: its features)."""
+    return sorted(
+        {spec.settings["backbone"] for spec in specs if spec.settings["init"] == "source" and spec.kind != "source"}
+    )

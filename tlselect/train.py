@@ -44,7 +44,9 @@ class TrainConfig:
     init: str = field(
         default="scratch", metadata={"help": "scratch | imagenet | source | state-dict path (a probe: its features')"}
     )
-    source_checkpoint: str = field(default="", metadata={"help": "checkpoint used by --init source"})
+    weights: str = field(
+        default="", metadata={"help": "the init's weights file: the source model, or the fetched ImageNet weights"}
+    )
     freeze: str = field(default=NO_FREEZE, metadata={"help": "freeze stages up to and including this one, or none"})
     resolution: int = field(default=32, metadata={"help": "input side in pixels (images are resized to it)"})
     epochs: int = field(default=10, metadata={"help": "training epochs"})
@@ -92,7 +94,7 @@ RESUMABLE = {"threads", "device", "workers", "eval_batch_size"}
 CONTINUABLE = {"epochs", "out", "record", "run_id", "name", "continue_from", "keep_state"}
 KINDS = ("policy", "probe", "source", "candidate")
 # Image-model knobs a linear probe on cached activations never uses; its record leaves them out.
-PROBE_UNUSED = {"source_checkpoint", "freeze", "resolution", "augment", "amp", "amp_dtype", "compile", "data_path",
+PROBE_UNUSED = {"weights", "freeze", "resolution", "augment", "amp", "amp_dtype", "compile", "data_path",
                 "workers", "cache_features"}  # fmt: skip
 SPLITS = ("train", "val", "test")
 
@@ -301,7 +303,7 @@ def build_model(config: TrainConfig, splits: Splits, device: torch.device) -> tu
         note = {"source": f"features:{config.features}", "classifier_replaced": False, "skipped_keys": []}
     else:
         model = StagedNet(config.backbone, splits.num_classes, config.resolution)
-        note = initialize(model, config.init, config.source_checkpoint or None)
+        note = initialize(model, config.init, config.weights or None)
         model.freeze_through(config.freeze)
     model.to(device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
     return model, note
