@@ -307,3 +307,16 @@ def notebook_inputs(wildcards):
     if full and BENCHMARKS:
         inputs["optimizations"] = OPTIMIZATIONS
     return inputs | (SEARCH_OUTPUTS if full else {})
+
+
+def checkpoints():
+    """Every checkpoint the current config's training jobs write (their resume files sit beside)."""
+    specs = [*RUNS.values(), *PROBES.values(), *POOL.values()]
+    paths = [f"results/models/{run_id}.pt" for run_id in [*RUNS, *PROBES]]
+    paths += [source_model(b) for b in runs.source_backbones(specs)]
+    paths += [record.replace(".json", ".pt") for record, _ in grid_jobs()]
+    if SEARCH:
+        paths += [
+            record.replace(".json", ".pt") for m in PLAN for record, _ in search_jobs(m)
+        ]
+    return paths

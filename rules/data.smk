@@ -4,6 +4,7 @@
 localrules:
     fetch_data,
     fetch_weights,
+    remove_stale_resume_files,
 
 
 rule fetch_data:
@@ -77,3 +78,20 @@ rule fetch_weights:
         script=script("prepare_data.py"),
     shell:
         "python {params.script} weights --backbone {wildcards.backbone} --out {output} 2>&1 | tee {log}"
+
+
+# Housekeeping, run by name only: `snakemake remove_stale_resume_files` (same --config as the
+# study) lists and removes the resume files of runs the config no longer has; nothing else.
+rule remove_stale_resume_files:
+    log:
+        "results/logs/remove_stale_resume_files.log",
+    conda:
+        "../envs/torch.yaml"
+    threads: 1
+    resources:
+        **SMALL_RESOURCES,
+    params:
+        script=script("housekeeping.py"),
+        keep=lambda wildcards: " ".join(checkpoints()),
+    shell:
+        "python {params.script} --results results --keep {params.keep} 2>&1 | tee {log}"

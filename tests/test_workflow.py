@@ -157,3 +157,24 @@ def test_imagenet_weights_come_through_a_workflow_step(tmp_path, tiny_archive, m
         record["init"]["source"] == "imagenet"
         and record["config"]["weights"] == "resources/weights/resnet18-imagenet.pth"
     )
+
+
+def test_housekeeping_removes_only_the_resume_files_of_runs_no_longer_in_the_config(study):
+    run_id = next(p.stem for p in (study / "results/registry").glob("finetune-*.json"))
+    current = study / f"results/models/{run_id}.resume.pt"  # a run of the config, killed mid-way
+    stale = [study / "results/models/finetune-resnet18-source-0ld0ld00.resume.pt", study / "results/x/y.resume.pt"]
+    other = study / "results/models/notes.txt"
+    for path in (current, *stale, other):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"state")
+    try:
+        result = snakemake(study, "remove_stale_resume_files")
+        assert not any(path.exists() for path in stale) and current.exists() and other.exists()
+        log = (study / "results/logs/remove_stale_resume_files.log").read_text()
+        assert all(str(path.relative_to(study)) in log for path in stale) and "2 stale resume file(s) removed" in log
+        trained = {"train", "probe", "pretrain_source", "extract_features"}
+        assert not trained & set(job_counts(snakemake(study, "--dry-run").stdout))  # no run's outputs touched
+    finally:
+        current.unlink(missing_ok=True)
+        other.unlink(missing_ok=True)
+    assert result.returncode == 0
