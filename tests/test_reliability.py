@@ -29,7 +29,7 @@ import pytest
 import torch
 import torchvision
 import yaml
-from conftest import REPO
+from conftest import REPO, strict_json
 from snakemake.utils import validate
 
 from tlselect import data
@@ -339,6 +339,17 @@ def test_no_reader_sees_a_half_written_notebook_record_or_subset(parallel_study)
     assert (workdir / "results/report/solution.html").stat().st_size > 10_000
 
 
+def test_every_json_output_is_strict_and_a_diverged_loss_is_null(parallel_study):
+    workdir, by_policy, _ = parallel_study
+    outputs = sorted((workdir / "results").rglob("*.json"))
+    assert len(outputs) == 3  # subset.json and the two records
+    for path in outputs:
+        strict_json(path)  # NaN or Infinity would raise
+    wild = strict_json(workdir / f"results/registry/{by_policy['wild']}.json")
+    assert wild["status"] == "diverged"
+    assert None in [curve[loss] for curve in wild["curves"] for loss in ("train_loss", "val_loss")]
+
+
 def test_every_record_carries_the_seed(parallel_study):
     workdir, by_policy, _ = parallel_study
     subset = json.loads((workdir / "results/data/subset.json").read_text())
@@ -360,8 +371,27 @@ def test_all_runs_diverged_still_gives_tables_and_every_figure(tmp_path):
         assert (tmp_path / f"{figure}.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_diverged_training_writes_a_strict_json_record_with_null_losses(tmp_path):
+    tensors = small_tensors(tmp_path / "data")
+    argv = [
+        "--data", str(tensors), "--out", str(tmp_path / "m.pt"), "--record", str(tmp_path / "wild.json"),
+        "--epochs", "2", "--batch-size", "8", "--lr", "1e6", "--device", "cpu",
+    ]  # fmt: skip
+    assert train_cli.main(argv) == 0
+    record = strict_json(tmp_path / "wild.json")  # NaN or Infinity would raise
+    assert record["status"] == "diverged" and record["metrics"]["test_loss"] is None
+    assert None in [curve[loss] for curve in record["curves"] for loss in ("train_loss", "val_loss")]
+    assert read_record(tmp_path / "wild.json") == record  # and the schema accepts the nulls
+
+
 # ---------------------------------------------------------------------------------------------
 # Atomic outputs; aggregation refuses bad records
+
+
+def test_json_outputs_hold_null_for_non_finite_floats(tmp_path):
+    nan, inf = float("nan"), float("inf")
+    write_json(tmp_path / "out.json", {"loss": [nan, inf, -inf, 1.5], "nested": {"pair": (nan, 2)}})
+    assert strict_json(tmp_path / "out.json") == {"loss": [None, None, None, 1.5], "nested": {"pair": [None, 2]}}
 
 
 def test_a_writer_dying_midway_leaves_the_old_file_and_no_temporary(tmp_path):
