@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tarfile
@@ -37,6 +38,15 @@ def write_image_folder(root: Path, classes=CLASSES, train: int = 12, test: int =
 def tiny_data(archive: Path) -> dict:
     """The ``data`` block of a tiny study over :func:`tiny_archive` (8 train, 2 val, 4 test per class)."""
     return {"archive": str(archive), "name": "tiny", "train_per_class": 8, "val_per_class": 2, "test_per_class": 4}
+
+
+def strict_json(path: Path):
+    """Parse a JSON file as strict parsers do: NaN and Infinity are errors, not numbers."""
+
+    def refuse(constant):
+        raise ValueError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -49,6 +50,22 @@ def first_line(process, timeout):
     return process.stdout.readline().strip()
 
 
+def gpu_message(process, timeout):
+    """The job's first ``gpus:`` line on stderr (it claimed GPUs, or waits for them), or None after ``timeout`` s."""
+    text, fd, deadline = "", process.stderr.fileno(), time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while selector.select(max(0.0, deadline - time.monotonic())):
+            chunk = os.read(fd, 4096).decode()  # raw reads: no buffered line is left unseen by select
+            if not chunk:
+                return None
+            text += chunk
+            lines = [line for line in text.split("\n")[:-1] if line.startswith("gpus:")]
+            if lines:
+                return lines[0]
+    return None
+
+
 @pytest.fixture
 def jobs():
     started = []
@@ -65,14 +82,14 @@ def test_parallel_jobs_get_distinct_gpus_and_a_killed_jobs_gpu_is_reclaimed(slot
 
     waiting = start_job(slots)
     jobs.append(waiting)
-    assert first_line(waiting, 2) is None  # all three GPUs are held: the fourth job waits
+    message = gpu_message(waiting, 30)  # all three GPUs are held: the fourth job says it waits ...
+    assert message is not None and message.startswith("gpus: waiting for 1 free GPU(s)"), message
+    assert first_line(waiting, 0) is None  # ... and got none
 
     victim = jobs[1]
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert first_line(waiting, 15) == seen[1]  # the kernel dropped the killed job's lock
-    waiting.kill()
-    assert "waiting for 1 free GPU(s)" in waiting.communicate()[1]
 
 
 def test_a_job_with_two_gpus_gets_two_free_ones(slots, jobs):

@@ -9,6 +9,7 @@ tiny generated archive of ``conftest.py``.
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import dataclasses
 import json
@@ -28,7 +29,7 @@ import pytest
 import torch
 import torchvision
 import yaml
-from conftest import REPO
+from conftest import REPO, strict_json
 from snakemake.utils import validate
 
 from tlselect import data
@@ -135,7 +136,11 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
 
 
 def train_processes(workdir: Path) -> list[int]:
-    """Pids of the ``scripts/train.py`` interpreters running in ``workdir`` (read from /proc)."""
+    """Pids of the ``scripts/train.py`` interpreters running in ``workdir`` (read from /proc).
+
+    A child an interpreter forks shows the same command line until it execs (torch runs
+    ``ldconfig -p`` at import, ``platform.processor()`` runs ``uname -p``): more pids than jobs.
+    """
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -175,7 +180,8 @@ def test_sigkilled_training_job_resumes_through_snakemake(tmp_path, tiny_archive
     os.killpg(job.pid, signal.SIGKILL)  # like a node crash: the job and snakemake die at once
     job.wait()
     for pid in train_processes(workdir):  # belt and braces: nothing of the killed job survives
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # it may be exiting already
+            os.kill(pid, signal.SIGKILL)
 
     done = len(load_torch(resume_file)["curves"])
     assert 1 <= done < 6
@@ -226,9 +232,19 @@ def test_resume_restores_the_global_rng_and_the_lr_schedule(tmp_path):
 # Two training jobs in parallel; one of them diverges; tables, figures and notebook follow
 
 
+def job_interval(workdir: Path, run_id: str) -> tuple[float, float]:
+    """When the training job of ``run_id`` ran, from its Snakemake benchmark file.
+
+    The file holds the job's wall time in seconds (``s``), and Snakemake touches it as the job ends.
+    """
+    path = workdir / f"results/benchmarks/train/{run_id}.tsv"
+    end = path.stat().st_mtime
+    return end - float(pd.read_csv(path, sep="\t")["s"].iloc[0]), end
+
+
 @pytest.fixture(scope="module")
 def parallel_study(tmp_path_factory, tiny_archive):
-    """The whole workflow with two policies, run with --cores 2 while /proc and the outputs are watched."""
+    """The whole workflow with two policies, run with --cores 2 while its outputs are watched."""
     workdir = tmp_path_factory.mktemp("parallel")
     ids = make_study(
         workdir,
@@ -239,7 +255,7 @@ def parallel_study(tmp_path_factory, tiny_archive):
         ],
         epochs=3,
     )
-    seen = {"parallel": 0, "notebooks": 0, "partial": []}
+    seen = {"notebook_job": 0, "notebooks": 0, "partial": []}
     job = subprocess.Popen(
         snakemake_command(workdir, "results/report/solution.html", "results/tables/summary.md"),
         cwd=workdir,
@@ -252,9 +268,12 @@ def parallel_study(tmp_path_factory, tiny_archive):
     reader = threading.Thread(target=lambda: output.extend(job.stdout), daemon=True)
     reader.start()
     notebook = workdir / "results/report/solution.ipynb"
-    while job.poll() is None:
-        seen["parallel"] = max(seen["parallel"], len(train_processes(workdir)))
-        for path in [notebook, *workdir.glob("results/registry/*.json"), workdir / "results/data/subset.json"]:
+
+    def look():
+        if notebook.parent.is_dir() and not notebook.with_suffix(".html").exists():
+            seen["notebook_job"] += 1  # the notebook job runs: Snakemake made its output folder, the HTML is not there
+        records = [p for p in workdir.glob("results/registry/*.json") if not p.name.startswith(".")]  # no temporaries
+        for path in [notebook, *records, workdir / "results/data/subset.json"]:
             try:
                 text = path.read_text()
             except FileNotFoundError:
@@ -269,7 +288,11 @@ def parallel_study(tmp_path_factory, tiny_archive):
                 code = [c for c in content["cells"] if c["cell_type"] == "code"]
                 if any(c.get("execution_count") is None for c in code):
                     seen["partial"].append(f"{path} (cells not yet executed)")
+
+    while job.poll() is None:
+        look()
         time.sleep(0.05)
+    look()  # and once after the end, when every output is in place
     reader.join(timeout=10)
     assert job.returncode == 0, "".join(output)[-6000:]
     by_policy = {spec.name: run_id for run_id, spec in ids.items()}
@@ -277,8 +300,9 @@ def parallel_study(tmp_path_factory, tiny_archive):
 
 
 def test_two_training_jobs_run_in_parallel_without_interfering(parallel_study):
-    workdir, by_policy, seen = parallel_study
-    assert seen["parallel"] == 2, "the two training jobs never ran at the same time"
+    workdir, by_policy, _ = parallel_study
+    (start_a, end_a), (start_b, end_b) = (job_interval(workdir, run_id) for run_id in by_policy.values())
+    assert start_a < end_b and start_b < end_a, f"the two training jobs never ran at the same time: {by_policy}"
     for policy, run_id in by_policy.items():
         record = read_record(workdir / f"results/registry/{run_id}.json")
         assert record["run_id"] == run_id and record["name"] == policy and record["kind"] == "policy"
@@ -315,10 +339,21 @@ def test_diverged_run_is_recorded_and_shown_in_tables_figures_and_notebook(paral
 
 def test_no_reader_sees_a_half_written_notebook_record_or_subset(parallel_study):
     workdir, _, seen = parallel_study
-    assert seen["notebooks"] > 0, "the notebook was never observed"
-    assert seen["partial"] == []
+    assert seen["notebook_job"] > 0, "the outputs were never watched while the notebook job ran"
+    assert seen["notebooks"] > 0 and seen["partial"] == []
     assert not list((workdir / "results").rglob(".*.tmp*")) and not list((workdir / "results").rglob(".notebook.*"))
     assert (workdir / "results/report/solution.html").stat().st_size > 10_000
+
+
+def test_every_json_output_is_strict_and_a_diverged_loss_is_null(parallel_study):
+    workdir, by_policy, _ = parallel_study
+    outputs = sorted((workdir / "results").rglob("*.json"))
+    assert len(outputs) == 3  # subset.json and the two records
+    for path in outputs:
+        strict_json(path)  # NaN or Infinity would raise
+    wild = strict_json(workdir / f"results/registry/{by_policy['wild']}.json")
+    assert wild["status"] == "diverged"
+    assert None in [curve[loss] for curve in wild["curves"] for loss in ("train_loss", "val_loss")]
 
 
 def test_every_record_carries_the_seed(parallel_study):
@@ -342,8 +377,27 @@ def test_all_runs_diverged_still_gives_tables_and_every_figure(tmp_path):
         assert (tmp_path / f"{figure}.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_diverged_training_writes_a_strict_json_record_with_null_losses(tmp_path):
+    tensors = small_tensors(tmp_path / "data")
+    argv = [
+        "--data", str(tensors), "--out", str(tmp_path / "m.pt"), "--record", str(tmp_path / "wild.json"),
+        "--epochs", "2", "--batch-size", "8", "--lr", "1e6", "--device", "cpu",
+    ]  # fmt: skip
+    assert train_cli.main(argv) == 0
+    record = strict_json(tmp_path / "wild.json")  # NaN or Infinity would raise
+    assert record["status"] == "diverged" and record["metrics"]["test_loss"] is None
+    assert None in [curve[loss] for curve in record["curves"] for loss in ("train_loss", "val_loss")]
+    assert read_record(tmp_path / "wild.json") == record  # and the schema accepts the nulls
+
+
 # ---------------------------------------------------------------------------------------------
 # Atomic outputs; aggregation refuses bad records
+
+
+def test_json_outputs_hold_null_for_non_finite_floats(tmp_path):
+    nan, inf = float("nan"), float("inf")
+    write_json(tmp_path / "out.json", {"loss": [nan, inf, -inf, 1.5], "nested": {"pair": (nan, 2)}})
+    assert strict_json(tmp_path / "out.json") == {"loss": [None, None, None, 1.5], "nested": {"pair": [None, 2]}}
 
 
 def test_a_writer_dying_midway_leaves_the_old_file_and_no_temporary(tmp_path):

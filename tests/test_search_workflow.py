@@ -6,6 +6,7 @@ import json
 import pandas as pd
 import pytest
 import yaml
+from conftest import strict_json
 from test_workflow import job_counts, snakemake
 
 from tlselect.registry import read_record
@@ -63,6 +64,13 @@ def test_search_compares_every_method(search_study):
     outputs = "".join(json.dumps(cell.get("outputs", [])) for cell in notebook["cells"])
     assert "of the grid" in outputs and "weighted Kendall tau" in outputs and "Error" not in outputs
     assert (search_study / "results/source/mobilenet_v3_small.pt").is_file()
+
+
+def test_every_search_json_output_is_strict(search_study):
+    outputs = sorted((search_study / "results").rglob("*.json"))
+    assert any(path.name == "promoted.json" for path in outputs)
+    for path in outputs:
+        strict_json(path)  # NaN or Infinity would raise
 
 
 def test_search_rerun_has_nothing_to_do(search_study):

@@ -13,7 +13,7 @@ import sys
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, tiny_data
+from conftest import REPO, strict_json, tiny_data
 
 from tlselect.registry import read_record
 
@@ -87,6 +87,13 @@ def test_full_run_produces_every_output(study):
     assert (study / "results/report/solution.html").stat().st_size > 10_000
     assert (study / "results/source/resnet18.pt").is_file()
     assert "Selected on validation accuracy" in (study / "results/tables/summary.md").read_text()
+
+
+def test_every_json_output_is_strict(study):
+    outputs = sorted((study / "results").rglob("*.json"))
+    assert any(path.parent.name == "registry" for path in outputs)
+    for path in outputs:
+        strict_json(path)  # NaN or Infinity would raise
 
 
 def test_second_run_has_nothing_to_do(study):

@@ -1,13 +1,15 @@
 """Atomic file output: write to a temporary file beside the target, then rename it into place.
 
 Readers (aggregation, the notebook, a parallel job) therefore never see a half-written file, and
-a job killed mid-write leaves at most a stray temporary file, never a truncated output.
+a job killed mid-write leaves at most a stray temporary file, never a truncated output. JSON is
+written strictly: a non-finite float (the loss of a diverged run) becomes null, never ``NaN``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -31,10 +33,22 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def finite(data: Any) -> Any:
+    """``data`` with every NaN or infinite float, however deeply nested, replaced by None."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: finite(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [finite(value) for value in data]
+    return data
+
+
 def write_json(target: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as indented JSON, atomically."""
+    """Write ``data`` as indented, strict JSON (non-finite floats as null), atomically."""
+    text = json.dumps(finite(data), indent=2, sort_keys=False, allow_nan=False)
     with atomic_path(target) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text + "\n")
 
 
 def save_torch(target: str | os.PathLike, obj: Any) -> None:

@@ -1,0 +1,143 @@
+"""The report in a real browser: headless Chromium opens the executed notebook's HTML and the page of
+``snakemake --report``; every figure must load and no notebook cell may show an error.
+
+Each page is opened as a copy with a probe script appended, which waits for the page to load, looks
+at its images (and, in Snakemake's report, opens every figure as a reader would) and writes what it
+saw into the DOM that ``chromium --dump-dom`` prints. Skipped without Chromium (Debian: ``apt-get
+install chromium``), unless TLSELECT_REQUIRE_BROWSER=1 (CI), which makes that a failure.
+"""
+
+import base64
+import html
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import test_workflow
+from PIL import Image
+from test_workflow import snakemake
+
+pytestmark = pytest.mark.workflow
+
+study = test_workflow.study  # the workflow tests' tiny study: every policy, source model, probes, benchmark
+
+# Collects the page's own script errors, from the top of <head> on.
+ERRORS = '<script>window.pageErrors = []; window.addEventListener("error", (e) => pageErrors.push(e.message));</script>'
+
+PROBE = """<script>
+window.addEventListener("load", () => setTimeout(async () => {
+  const pause = (ms) => new Promise((done) => setTimeout(done, ms));
+  const loaded = async (img) => {
+    for (let i = 0; i < 50 && !img.complete; i++) await pause(100);
+    return img.complete && img.naturalWidth > 0;
+  };
+  const seen = {images: [], figures: [], errors: window.pageErrors, carried: [], outputs: []};
+  for (const img of document.images) seen.images.push(await loaded(img));
+  const errorOutputs = '.output_error, [data-mime-type="application/vnd.jupyter.stderr"]';
+  seen.outputs = [...document.querySelectorAll(errorOutputs)].map((el) => el.innerText);
+  // Snakemake's report (a React app): open its Figures category, then view every figure listed there
+  const menu = [...document.querySelectorAll("nav a")].find((a) => a.textContent.trim() === "Figures");
+  if (typeof results === "object" && menu) {
+    seen.carried = Object.keys(results);
+    menu.click();
+    await pause(500);
+    for (let i = 0; i < document.querySelectorAll("tbody tr").length; i++) {
+      const row = document.querySelectorAll("tbody tr")[i];
+      const path = row.querySelector("td").textContent.trim();
+      row.querySelector("a").click();
+      await pause(500);
+      const shown = [...document.images].find((img) => results[path] && img.src === results[path].data_uri);
+      seen.figures.push({path, ok: shown ? await loaded(shown) : false});
+    }
+  }
+  seen.text = document.body.innerText;
+  const out = document.createElement("pre");
+  out.id = "browser-check";
+  out.textContent = JSON.stringify(seen);
+  document.body.append(out);
+}, 0));
+</script>
+"""
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    found = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    if found is None:
+        message = "no headless browser: install Chromium (Debian: apt-get install chromium)"
+        if os.environ.get("TLSELECT_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def render(chromium: str, page: Path, folder: Path) -> dict:
+    """What the probe saw in ``page`` (a copy of it in ``folder``, probe appended) in headless Chromium."""
+    text = page.read_text()
+    text = re.sub(r"<head[^>]*>", lambda m: m.group(0) + ERRORS, text, count=1)
+    at = text.rfind("</body>")
+    copy = folder / f"probed-{page.name}"
+    copy.write_text(text[:at] + PROBE + text[at:])
+    command = [
+        chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={folder / 'chromium'}",
+        "--host-resolver-rules=MAP * ~NOTFOUND",  # offline: the notebook's CDN scripts fail at once
+        "--virtual-time-budget=60000", "--dump-dom", copy.as_uri(),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    found = re.search(r'<pre id="browser-check">(.*?)</pre>', result.stdout, re.S)
+    assert found, f"{page.name} never finished loading in Chromium (rc {result.returncode}):\n{result.stderr[-3000:]}"
+    return json.loads(html.unescape(found.group(1)))
+
+
+def shown_errors(seen: dict) -> list[str]:
+    """Error outputs (tracebacks) the rendered notebook shows; warnings on stderr are no errors."""
+    return [text for text in seen["outputs"] if "Traceback" in text or "Error" in text]
+
+
+def test_notebook_html_shows_every_figure_and_no_error(chromium, study, tmp_path):
+    notebook = json.loads((study / "results/report/solution.ipynb").read_text())
+    outputs = [output for cell in notebook["cells"] for output in cell.get("outputs", [])]
+    figures = sum("image/png" in output.get("data", {}) for output in outputs)
+    seen = render(chromium, study / "results/report/solution.html", tmp_path)
+    assert figures >= 5 and seen["images"] == [True] * figures, seen["images"]
+    assert shown_errors(seen) == [] and "Traceback" not in seen["text"]
+    assert "Selected" in seen["text"] and "Measured on" in seen["text"]  # the conclusions rendered
+
+
+def test_snakemake_report_shows_every_figure_and_the_notebook(chromium, study, tmp_path):
+    report = tmp_path / "report.html"
+    snakemake(study, "--report", str(report))
+    seen = render(chromium, report, tmp_path)
+    assert seen["errors"] == []
+    figures = sorted(str(path.relative_to(study)) for path in (study / "results/figures").glob("*.png"))
+    assert len(figures) == 5 and seen["figures"] == [{"path": path, "ok": True} for path in figures]
+    assert {"results/report/solution.html", "results/tables/runs.csv"} <= set(seen["carried"])
+
+
+def png(colour: str) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_the_probe_sees_a_broken_figure_and_an_error_cell(chromium, tmp_path):
+    """The checks above can fail: a figure that does not decode and a cell that raised are seen."""
+    cell = nbformat.v4.new_code_cell("show()")
+    cell.outputs = [
+        nbformat.v4.new_output("display_data", {"image/png": png("red"), "text/plain": "fine"}),
+        nbformat.v4.new_output("display_data", {"image/png": png("blue")[:40], "text/plain": "truncated"}),
+        nbformat.v4.new_output("error", ename="ValueError", evalue="broken", traceback=["Traceback", "ValueError"]),
+    ]
+    nbformat.write(nbformat.v4.new_notebook(cells=[cell]), tmp_path / "broken.ipynb")
+    jupyter = [sys.executable, "-m", "nbconvert", "--to", "html", str(tmp_path / "broken.ipynb")]
+    subprocess.run(jupyter, check=True, capture_output=True, timeout=120)
+    seen = render(chromium, tmp_path / "broken.html", tmp_path)
+    assert seen["images"] == [True, False]
+    assert shown_errors(seen) == ["Traceback\nValueError"] and "Traceback" in seen["text"]
