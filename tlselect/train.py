@@ -351,7 +351,7 @@ class TrainingState:
     images: int  # training images (or cached activations) per epoch
     curves: list[dict] = field(default_factory=list)
 
-    def save(self) -> dict:
+    def snapshot(self) -> dict:
         return {
             "config": asdict(self.config),
             "model": self.model.state_dict(),
@@ -361,7 +361,7 @@ class TrainingState:
             "curves": self.curves,
         }
 
-    def load(self, saved: dict) -> int:
+    def restore(self, saved: dict) -> int:
         """Restore ``saved``; returns the epochs it had finished."""
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -371,7 +371,7 @@ class TrainingState:
         return len(self.curves)
 
 
-def restore(state: TrainingState, log) -> tuple[int, int | None]:
+def resume_or_continue(state: TrainingState, log) -> tuple[int, int | None]:
     """Resume a killed run from its resume file, or continue a finished one (--continue-from).
 
     Returns (first epoch to train, epoch resumed after or None).
@@ -381,7 +381,7 @@ def restore(state: TrainingState, log) -> tuple[int, int | None]:
     if resume_file.is_file():
         saved = load_torch(resume_file)
         if _same_run(saved["config"], asdict(config), RESUMABLE):
-            first = state.load(saved)
+            first = state.restore(saved)
             log(f"[{config.run_id}] resuming after epoch {first} from {resume_file}")
             return first, first
         log(f"[{config.run_id}] ignoring {resume_file}: it was written with another configuration")
@@ -393,7 +393,7 @@ def restore(state: TrainingState, log) -> tuple[int, int | None]:
     differing = _same_run(saved["config"], asdict(config), CONTINUABLE | RESUMABLE, differences=True)
     if differing:
         raise TrainingError(f"cannot continue {config.continue_from}: its run differs in {', '.join(differing)}")
-    first = state.load(saved)
+    first = state.restore(saved)
     if first > config.epochs:
         raise TrainingError(f"{config.continue_from} already trained {first} epochs (> --epochs)")
     log(f"[{config.run_id}] continuing {config.continue_from} after epoch {first}")
@@ -505,7 +505,7 @@ def fit(state: TrainingState, forward, batches, first_epoch: int, scaler, device
         if not math.isfinite(train_loss):
             log(f"[{config.run_id}] training loss is {train_loss}: the run diverged; lower the learning rate")
             return "diverged"
-        save_torch(resume_path(config), state.save())
+        save_torch(resume_path(config), state.snapshot())
     return "completed"
 
 
@@ -517,7 +517,7 @@ def save_checkpoint(state: TrainingState, status: str, test_predictions) -> None
     if test_predictions is not None:
         checkpoint["test_predictions"] = test_predictions
     if config.keep_state:
-        checkpoint["training_state"] = state.save()
+        checkpoint["training_state"] = state.snapshot()
     save_torch(config.out, checkpoint)
     resume_path(config).unlink(missing_ok=True)
 
@@ -542,7 +542,7 @@ def train(config: TrainConfig, log=print) -> dict:
     compiled = torch.compile(model) if config.compile else model
     forward = functools.partial(compiled, start=start) if start else compiled  # a cached prefix is skipped
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and config.amp_dtype == "float16")
-    first_epoch, resumed_from = restore(state, log)
+    first_epoch, resumed_from = resume_or_continue(state, log)
     log(f"[{config.run_id}] {describe(config, splits, model)} on {device}")
     status = fit(state, forward, batches, first_epoch, scaler, device, log)
     test = (None, None, None)
