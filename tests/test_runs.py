@@ -2,9 +2,11 @@
 
 import copy
 import os
+import re
 import subprocess
 import sys
 
+import pytest
 import yaml
 from conftest import REPO
 from snakemake.utils import validate
@@ -107,17 +109,39 @@ def test_candidates_are_named_by_their_id_and_overrides_win_in_flags():
     assert parsed.epochs == 3 and parsed.keep_state and isinstance(parsed, TrainConfig)
 
 
-def test_parsing_the_snakefile_imports_neither_torch_nor_torchvision(tmp_path):
-    """A dry run with torch made unimportable still plans the whole study, search and benchmark included."""
+@pytest.fixture(scope="module")
+def full_dry_run(tmp_path_factory):
+    """A dry run of the default study with the search and the benchmark turned on from the command
+    line, with torch and torchvision made unimportable."""
+    tmp_path = tmp_path_factory.mktemp("dry-run")
     for name in ("torch", "torchvision"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(f"raise ImportError('{name} imported while parsing')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "--directory", str(tmp_path / "work"), "--snakefile", "Snakefile",
          "--configfile", str(REPO / "config.yaml"), "--config", "search={enabled: true}", "benchmarks={enabled: true}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
+
+
+def test_parsing_the_snakefile_imports_neither_torch_nor_torchvision(full_dry_run):
+    result = full_dry_run
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "imported while parsing" not in result.stdout + result.stderr
     assert all(rule in result.stdout for rule in ("train", "probe", "search_grid", "benchmark_optimizations"))
+
+
+def test_the_study_goes_before_the_search_and_the_benchmark(full_dry_run):
+    """Whenever jobs of both are ready, Snakemake starts the higher priority first."""
+    priorities: dict[str, set[int]] = {}
+    for block in re.split(r"^(?=(?:local)?rule \w+:)", full_dry_run.stdout, flags=re.M):
+        name = re.match(r"(?:local)?rule (\w+):", block)
+        if name:
+            found = re.search(r"^\s+priority: (\d+)", block, re.M)
+            priorities.setdefault(name.group(1), set()).add(int(found.group(1)) if found else 0)
+    study = {"train", "probe", "extract_features", "aggregate", "figure", "notebook"}
+    later = {"search_grid", "search_first_rung", "search_next_rung", "benchmark_optimizations"}
+    assert study | later <= set(priorities)
+    assert min(min(priorities[r]) for r in study) > max(max(priorities[r]) for r in later)
+    assert "results/report/study.html" in full_dry_run.stdout and "results/report/solution.html" in full_dry_run.stdout
