@@ -141,7 +141,8 @@ def summary_markdown(table: pd.DataFrame, source_seconds: float | None = None) -
     else:
         parts.append("No run completed: every run diverged.")
     front = pareto_front(table)
-    parts += ["", "Pareto front (validation accuracy vs training time): " + ", ".join(f"{r.name} ({r.init})" for r in front.itertuples()) + "."]
+    front_names = ", ".join(f"{r.name} ({r.init})" for r in front.itertuples())
+    parts += ["", f"Pareto front (validation accuracy vs training time): {front_names}."]
     if source_seconds is not None:
         parts.append(f"The source model took {source_seconds:.1f} s to pretrain, once, for every run with init source.")
     diverged = table[table["status"] == "diverged"]
