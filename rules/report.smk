@@ -97,7 +97,7 @@ rule notebook:
     # papermill saves its output after every cell: execute and convert in a temporary folder, then
     # rename both into place, so no reader ever sees a half-executed notebook.
     shell:
-        "(tmp=$(mktemp -d results/report/.notebook.XXXXXX) && trap 'rm -rf $tmp' EXIT "
+        "(tmp=$(mktemp -d $(dirname {output.notebook})/.notebook.XXXXXX) && trap 'rm -rf $tmp' EXIT "
         "&& papermill {input.notebook} $tmp/{wildcards.report}.ipynb --cwd . "
         "-p runs_csv {input.runs} -p curves_csv {input.curves} -p figures_dir {params.figures_dir} "
         "{params.tables} "

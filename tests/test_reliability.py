@@ -441,7 +441,10 @@ def test_every_output_file_is_written_through_a_temporary_path():
     )
     # and the notebook rule executes and converts in a temporary folder, then renames into place
     rule = (REPO / "rules/report.smk").read_text().split("rule notebook:")[1]
-    assert "mktemp -d results/report/" in rule and "mv $tmp/{wildcards.report}.ipynb {output.notebook}" in rule
+    assert (
+        "mktemp -d $(dirname {output.notebook})/" in rule
+        and "mv $tmp/{wildcards.report}.ipynb {output.notebook}" in rule
+    )
 
 
 @pytest.fixture(scope="module")
