@@ -92,6 +92,7 @@ rule remove_stale_resume_files:
         **SMALL_RESOURCES,
     params:
         script=script("housekeeping.py"),
+        results="results",
         keep=lambda wildcards: " ".join(checkpoints()),
     shell:
-        "python {params.script} --results results --keep {params.keep} 2>&1 | tee {log}"
+        "python {params.script} --results {params.results} --keep {params.keep} 2>&1 | tee {log}"
