@@ -111,15 +111,16 @@ def _run_id(config: dict, label: str, tag: str, settings: dict, **more) -> str:
     ``tag`` is the name the hash has always been computed under (a policy's name, ``search`` for
     pool candidates), so ids of unchanged configs stay the same across versions.
     """
-    run = {"policy": tag, **{k: v for k, v in settings.items() if k not in ("kind", "name")}}
-    identity = {"run": run, "data": _subset_identity(config), **more}
+    identity = {"run": {"policy": tag, **_unnamed(settings)}, "data": _subset_identity(config), **more}
     if settings["init"] == "source":
         source = source_run(config, settings["backbone"]).settings
-        identity["source"] = {
-            "settings": {k: v for k, v in source.items() if k not in ("kind", "name")},
-            "data": config["source"],
-        }
+        identity["source"] = {"settings": _unnamed(source), "data": config["source"]}
     return f"{label}-{_digest(identity)}"
+
+
+def _unnamed(settings: dict) -> dict:
+    """Settings without ``kind`` and ``name``: what determines a run, not what it is called."""
+    return {k: v for k, v in settings.items() if k not in ("kind", "name")}
 
 
 def weights_of(init: str, backbone: str) -> tuple[str, str] | None:

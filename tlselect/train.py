@@ -446,10 +446,7 @@ def make_record(
         "data_checksum": splits.subset["source"]["sha256"] if splits.subset else None,
         "init": init_note,
         "num_classes": splits.num_classes,
-        "parameters": {
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "total": sum(p.numel() for p in model.parameters()),
-        },
+        "parameters": parameter_counts(model),
         "data": {split: len(splits.tensors[split][1]) if split in splits.tensors else 0 for split in SPLITS},
         "timings": {
             **timings,
@@ -560,12 +557,20 @@ def train(config: TrainConfig, log=print) -> dict:
 def describe(config: TrainConfig, splits: Splits, model: nn.Module) -> str:
     """One line on what the run trains, for its log."""
     what = f"probe on {config.layer}" if config.kind == "probe" else f"freeze={config.freeze}"
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counts = parameter_counts(model)
     return (
         f"{config.backbone} init={config.init} {what}: {len(splits.tensors['train'][1])} train / "
-        f"{len(splits.tensors['val'][1])} val images, {trainable:,}/"
-        f"{sum(p.numel() for p in model.parameters()):,} trainable parameters"
+        f"{len(splits.tensors['val'][1])} val images, {counts['trainable']:,}/{counts['total']:,} "
+        "trainable parameters"
     )
+
+
+def parameter_counts(model: nn.Module) -> dict:
+    """``{"trainable": n, "total": n}`` parameters of ``model`` (frozen ones are not trainable)."""
+    return {
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def config_from_args(argv=None, description: str = "") -> TrainConfig:
