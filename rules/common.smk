@@ -17,7 +17,9 @@ from tlselect.backbones import BACKBONES  # noqa: E402
 from tlselect.config import (
     ConfigError,
     check,
+    check_renamed,
     coerce_cli_values,
+    plan_flags,
     uses_source,
 )  # noqa: E402
 
@@ -26,8 +28,9 @@ with open(SCHEMA) as schema:
     coerce_cli_values(
         config, yaml.safe_load(schema)
     )  # --config 'search={enabled: true}'
-validate(config, SCHEMA)
 try:
+    check_renamed(config)
+    validate(config, SCHEMA)
     check(config)
     search.check(config)
 except ConfigError as error:
@@ -71,6 +74,9 @@ SEARCH_FILES = {
 }
 SEARCH_OUTPUTS = SEARCH_FILES if SEARCH else {}
 OPTIMIZATIONS = "results/tables/optimizations.csv"
+# Execution plans measured per kind of device (tlselect.plan): the first job on one writes it.
+PLANS = "results/plans"
+PLAN_FLAGS = f"{plan_flags(config)} --plans {PLANS}"
 # GPUs each training/extraction job asks for: none on device cpu, else one. A local run's
 # --resources gpu=N caps the total (gpu=0 lowers it to 0, so device auto runs on the CPU); on SLURM
 # the profile's set-resources decide. The job claims its GPU itself (tlselect.gpus, --gpus).
@@ -124,7 +130,7 @@ def run_inputs(spec):
 
 def train_args(spec, input, **overrides):
     """scripts/train.py's arguments for a run: its flags and the folders of its inputs."""
-    args = f"{spec.flags(**overrides)} --data {os.path.dirname(input.subset)}"
+    args = f"{spec.flags(**overrides)} {PLAN_FLAGS} --data {os.path.dirname(input.subset)}"
     if spec.weights:
         args += f" --weights {input.weights}"
     if spec.features:
@@ -186,7 +192,8 @@ def benchmark_args(wildcards, input):
         f"--accuracy-epochs {bench['accuracy_epochs']} --init {config['pretrained']} "
         f"--layers {' '.join(config['features']['layers'] or ['layer1', 'layer2', 'layer3', 'layer4'])} "
         f"--batch-size {config['train']['batch_size']} --lr {config['train']['lr']} "
-        f"--data {os.path.dirname(input.subset)}"
+        f"--data {os.path.dirname(input.subset)} --plans {PLANS} "
+        "--auto precision,channels_last,threads,eval_batch_size"
     )
     if "weights" in input.keys():
         args += f" --weights {input.weights}"

@@ -8,6 +8,7 @@ rule aggregate:
         runs=report("results/tables/runs.csv", category="Tables"),
         curves="results/tables/curves.csv",
         summary=report("results/tables/summary.md", category="Tables"),
+        plans="results/tables/plans.csv",
     log:
         "results/logs/aggregate.log",
     priority: STUDY_FIRST
@@ -23,7 +24,7 @@ rule aggregate:
         ),
     shell:
         "python {params.script} {input.records} {params.source} --runs {output.runs} "
-        "--curves {output.curves} --summary {output.summary} 2>&1 | tee {log}"
+        "--curves {output.curves} --summary {output.summary} --plans {output.plans} 2>&1 | tee {log}"
 
 
 rule optimizations_table:

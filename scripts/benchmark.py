@@ -1,13 +1,12 @@
 #!/usr/bin/env python
 """Measure the speedups of the optimizations in one run (ratios, so machine noise mostly cancels).
 
-Suites: ``training`` (trainer vs bare loop; in-memory tensors, mixed precision, channels_last vs the
-naive ImageFolder + PIL + DataLoader fp32 path; fast vs naive accuracy) and ``features`` (staged
-per-layer cache vs recomputing from pixels). Prints a table and writes it as JSON.
+Suites: ``training`` (trainer vs bare loop; in-memory tensors, mixed precision, channels_last and the
+device's chosen plan vs the naive ImageFolder + PIL + DataLoader fp32 path; fast vs naive accuracy)
+and ``features`` (staged per-layer cache vs recomputing from pixels). Prints a table and writes it as JSON.
 """
 
 import argparse
-import dataclasses
 import sys
 import time
 
@@ -40,6 +39,8 @@ def main(argv=None) -> int:
         "--gpus", type=int, default=None, help="GPUs given to this job, claimed before CUDA starts (0: hide all)"
     )
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the naive path")
+    parser.add_argument("--plans", default="", help="folder of measured execution plans (tlselect.plan)")
+    parser.add_argument("--auto", default="", help="plan knobs the device's plan sets (see train.py --auto)")
     args = parser.parse_args(argv)
     assign(args.gpus, args.device)
     if args.threads:
@@ -55,13 +56,15 @@ def main(argv=None) -> int:
         threads=args.threads,
         workers=args.workers,
         compile=args.compile,
+        plans=args.plans,
+        auto=args.auto,
     )
     start = time.perf_counter()
     rows = []
     if "training" in args.suites:
         rows += training_suite(base, args.accuracy_epochs)
     if "features" in args.suites:
-        rows += features_suite(dataclasses.replace(base, amp=True), args.layers, args.epochs)
+        rows += features_suite(base, args.layers, args.epochs)
     device = resolve_device(args.device)
     print(f"\nOptimizations on {hardware().get('cuda_device', hardware()['processor'] or 'CPU')} ({device}):")
     for r in rows:

@@ -26,14 +26,15 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default="", help="runs table to write (CSV), with the records")
     parser.add_argument("--curves", default="", help="per-epoch curves to write (CSV), with the records")
     parser.add_argument("--summary", default="", help="Markdown summary to write, with the records")
+    parser.add_argument("--plans", default="", help="table of the runs' measured execution plans (CSV)")
     parser.add_argument("--source-record", default="", help="record of the source pretraining, if any")
     parser.add_argument("--optimizations", default="", help="output of scripts/benchmark.py")
     parser.add_argument("--optimizations-table", default="", help="its table to write (CSV)")
     args = parser.parse_args(argv)
     if not args.records and not args.optimizations:
         parser.error("give registry records, --optimizations, or both")
-    if args.records and not (args.runs and args.curves and args.summary):
-        parser.error("records need --runs, --curves and --summary")
+    if args.records and not (args.runs and args.curves and args.summary and args.plans):
+        parser.error("records need --runs, --curves, --summary and --plans")
     if args.optimizations:
         if not args.optimizations_table:
             parser.error("--optimizations needs --optimizations-table")
@@ -47,8 +48,10 @@ def main(argv=None) -> int:
     table = report.runs_table(records)
     write_csv(table, args.runs)
     write_csv(report.curves_table(records), args.curves)
+    plans = report.plan_table([*records, *([source] if source else [])])
+    write_csv(plans, args.plans)
     source_seconds = source["timings"]["wall_seconds"] if source else None
-    summary = report.summary_markdown(table, source_seconds)
+    summary = report.summary_markdown(table, source_seconds, report.plan_summary(plans))
     with atomic_path(args.summary) as tmp:
         tmp.write_text(summary)
     print(summary)

@@ -16,6 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 CLASSES = ("cat", "dog", "frog")
+# Workflow tests pin the execution plan (no calibration per test); tests/test_workflow.py's study measures it.
+PINNED_PLAN = {"precision": "float32", "channels_last": False, "threads": "all", "compile": False,
+               "eval_batch_size": 64}  # fmt: skip
 
 
 def write_image_folder(root: Path, classes=CLASSES, train: int = 12, test: int = 6, size: int = 32) -> Path:

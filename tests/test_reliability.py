@@ -29,7 +29,7 @@ import pytest
 import torch
 import torchvision
 import yaml
-from conftest import REPO, strict_json
+from conftest import PINNED_PLAN, REPO, strict_json
 from snakemake.utils import validate
 
 from tlselect import data
@@ -95,7 +95,8 @@ def make_study(workdir: Path, archive: Path, policies: list[dict], **train_setti
         },
         "threads": 1,
         "device": "cpu",
-        "train": {"batch_size": 8, "amp": False, **train_settings},
+        "train": {"batch_size": 8, **train_settings},
+        "plan": PINNED_PLAN,
         "features": {"layers": []},
         "policies": policies,
     }
@@ -123,7 +124,11 @@ def snakemake_env() -> dict:
 
 def table_args(folder: Path) -> list[str]:
     """scripts/evaluate.py's output arguments for tables in ``folder``."""
-    return [arg for name in ("runs.csv", "curves.csv", "summary.md") for arg in (f"--{name[:-4]}", str(folder / name))]
+    return [
+        arg
+        for name in ("runs.csv", "curves.csv", "summary.md", "plans.csv")
+        for arg in (f"--{name[:-4]}", str(folder / name))
+    ]
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -210,7 +215,7 @@ def test_resume_restores_the_global_rng_and_the_lr_schedule(tmp_path):
     tensors = small_tensors(tmp_path / "data", sizes=(("train", 32), ("val", 12), ("test", 12)))
     cfg = TrainConfig(
         data=str(tensors), out=str(tmp_path / "killed/m.pt"), backbone="mobilenet_v3_small", epochs=2,
-        batch_size=16, amp=False, device="cpu", seed=3, warmup_epochs=1, schedule="cosine",
+        batch_size=16, precision="float32", device="cpu", seed=3, warmup_epochs=1, schedule="cosine",
     )  # fmt: skip
 
     def crash_in_epoch_two(message):
@@ -562,7 +567,7 @@ def test_weights_for_another_number_of_classes_replace_the_head_and_say_so(tmp_p
     weights = tmp_path / "seven_classes.pt"
     torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), weights)
     cfg = TrainConfig(data=str(small_tensors(tmp_path / "data")), out=str(tmp_path / "m.pt"), epochs=1, batch_size=8)
-    record = train(dataclasses.replace(cfg, init=str(weights), freeze="layer4", amp=False, device="cpu"), log=quiet)
+    record = train(dataclasses.replace(cfg, init=str(weights), freeze="layer4", device="cpu"), log=quiet)
     assert record["status"] == "completed" and record["num_classes"] == 3
     assert record["init"] == {
         "source": str(weights),

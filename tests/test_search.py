@@ -120,7 +120,7 @@ def test_a_promoted_slot_continues_its_checkpoint(tensor_data, tmp_path):
         cfg = TrainConfig(
             data=str(tensor_data), out=str(rung0 / f"slot{slot}.pt"), record=str(rung0 / f"slot{slot}.json"),
             run_id=f"slot{slot}", kind="candidate", name=f"cand{slot}", epochs=1, batch_size=32, lr=lr,
-            schedule="constant", amp=False, device="cpu", keep_state=True, eval_batch_size=64,
+            schedule="constant", precision="float32", device="cpu", keep_state=True, eval_batch_size=64,
         )  # fmt: skip
         write_record(cfg.record, train(cfg, log=lambda _: None))
     promoted = tmp_path / "rung1" / "promoted.json"

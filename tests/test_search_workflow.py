@@ -6,7 +6,7 @@ import json
 import pandas as pd
 import pytest
 import yaml
-from conftest import strict_json
+from conftest import PINNED_PLAN, strict_json
 from test_workflow import job_counts, snakemake
 
 from tlselect.registry import read_record
@@ -24,6 +24,7 @@ def search_study(tmp_path_factory, tiny_archive):
         "threads": 1,
         "source": {"train_per_class": 4, "val_per_class": 1, "train": {"epochs": 1}},
         "train": {"epochs": 1, "batch_size": 8},
+        "plan": PINNED_PLAN,
         "policies": [{"name": "finetune", "init": "pretrained", "freeze": "none"}],
         "features": {"layers": [], "inits": []},
         "benchmarks": {"enabled": False},

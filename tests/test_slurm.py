@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO
+from conftest import PINNED_PLAN, REPO
 
 pytestmark = pytest.mark.slurm
 
@@ -112,6 +112,7 @@ def studies(tmp_path_factory, tiny_archive):
         "threads": 1,
         "source": {"train_per_class": 4, "val_per_class": 1, "train": {"epochs": 1}},
         "train": {"epochs": 2, "batch_size": 8},
+        "plan": PINNED_PLAN,
         "policies": policies,
         "features": {"layers": ["stem"], "inits": ["scratch"], "probe": {"epochs": 2}},
     }  # fmt: skip

@@ -17,7 +17,7 @@ def config(tensor_data, tmp_path, **kw):
         epochs=2,
         batch_size=32,
         lr=0.05,
-        amp=False,
+        precision="float32",
         device="cpu",
         seed=7,
         eval_batch_size=64,

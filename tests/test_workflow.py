@@ -13,7 +13,7 @@ import sys
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, strict_json, tiny_data
+from conftest import PINNED_PLAN, REPO, strict_json, tiny_data
 
 from tlselect.registry import read_record
 
@@ -151,6 +151,7 @@ def test_imagenet_weights_come_through_a_workflow_step(tmp_path, tiny_archive, m
         "pretrained": "imagenet",
         "threads": 1,
         "train": {"epochs": 1, "batch_size": 8},
+        "plan": PINNED_PLAN,
         "policies": [{"name": "finetune", "init": "pretrained", "freeze": "none"}],
         "features": {"layers": []},
     }

@@ -20,7 +20,8 @@ from torch import nn
 from tlselect.data import load_split
 from tlselect.features import extract_all_in_memory
 from tlselect.models import StagedNet
-from tlselect.train import TrainConfig, autocast, resolve_device, train
+from tlselect.plan import KNOBS
+from tlselect.train import TrainConfig, autocast, execution, resolve_device, resolve_plan, train
 
 
 class PeakMemory:
@@ -93,7 +94,7 @@ def bare_loop_images_per_second(config: TrainConfig, steps: int = 12) -> float:
     """Images/s of the plain step (forward, loss, backward, SGD) on random tensors already in memory."""
     device = resolve_device(config.device)
     model = StagedNet(config.backbone, 10, config.resolution)
-    model.to(device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
+    model.to(device, memory_format=execution(config).memory_format())
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     generator = torch.Generator().manual_seed(0)
@@ -126,20 +127,31 @@ def epoch_images_per_second(config: TrainConfig, log) -> tuple[float, float, dic
     return last["images"] / (last["train_seconds"] + last["eval_seconds"]), peak, record
 
 
+CHOSEN = "the chosen plan (in-memory + this device's measured plan)"
+
+
 def training_suite(base: TrainConfig, accuracy_epochs: int, log=print) -> list[dict]:
-    """Efficiency against the bare loop, speedups over the naive path, accuracy of fast vs naive."""
+    """Efficiency against the bare loop, speedups over the naive path, accuracy of fast vs naive.
+
+    ``base`` carries the plan knobs (``auto`` and ``plans``): the chosen-plan variant runs with them,
+    the single-optimization variants each change one knob of the naive float32 path.
+    """
     quiet = lambda message: None  # noqa: E731
-    fast = dataclasses.replace(base, data_path="memory", amp=True, channels_last=True, compile=False, epochs=2)
-    naive = dataclasses.replace(base, data_path="naive", amp=False, channels_last=False, compile=False, epochs=2)
+    fast = dataclasses.replace(base, data_path="memory", epochs=2)
+    naive = dataclasses.replace(
+        base, data_path="naive", precision="float32", channels_last=False, compile=False, auto="", epochs=2
+    )
     variants = {
         "naive fp32 (ImageFolder + PIL + DataLoader)": naive,
         "in-memory tensors + batched augmentation": dataclasses.replace(naive, data_path="memory"),
-        "mixed precision (bfloat16 autocast)": dataclasses.replace(naive, amp=True),
+        "bfloat16 autocast": dataclasses.replace(naive, precision="bfloat16"),
         "channels_last": dataclasses.replace(naive, channels_last=True),
-        "combined (in-memory + bfloat16 + channels_last)": fast,
+        CHOSEN: fast,
     }
+    if resolve_device(base.device).type == "cuda":
+        variants["float16 autocast"] = dataclasses.replace(naive, precision="float16")
     if base.compile:
-        variants["combined + torch.compile"] = dataclasses.replace(fast, compile=True)
+        variants["chosen plan + torch.compile"] = dataclasses.replace(fast, compile=True)
     measured = {}
     for name, config in variants.items():
         log(f"training suite: {name} ...")
@@ -154,12 +166,15 @@ def training_suite(base: TrainConfig, accuracy_epochs: int, log=print) -> list[d
     rows = []
     baseline_name = next(iter(variants))
     base_ips, base_peak, _ = measured[baseline_name]
-    for name, (ips, peak, _) in list(measured.items())[1:]:
-        goal = 2.5 if name.startswith("combined (") else None
-        rows.append(row("training", name, baseline_name, 1 / ips, 1 / base_ips, goal, peak, base_peak, "per image"))
+    for name, (ips, peak, record) in list(measured.items())[1:]:
+        note = "per image"
+        if name == CHOSEN:
+            note += "; plan: " + ", ".join(f"{k}={record['config'][k]}" for k in KNOBS)
+        rows.append(row("training", name, baseline_name, 1 / ips, 1 / base_ips, None, peak, base_peak, note))
 
-    bare = bare_loop_images_per_second(fast)
-    trainer_ips = measured["combined (in-memory + bfloat16 + channels_last)"][0]
+    chosen = TrainConfig(**{**dataclasses.asdict(fast), **{k: measured[CHOSEN][2]["config"][k] for k in KNOBS}})
+    bare = bare_loop_images_per_second(dataclasses.replace(chosen, auto=""))
+    trainer_ips = measured[CHOSEN][0]
     rows.append(
         row(
             "training",
@@ -176,7 +191,7 @@ def training_suite(base: TrainConfig, accuracy_epochs: int, log=print) -> list[d
 
     if accuracy_epochs:
         accuracy = {}
-        for name, config in (("fast", fast), ("naive", naive)):
+        for name, config in (("fast", chosen), ("naive", naive)):
             log(f"accuracy check: {name} path, {accuracy_epochs} epochs ...")
             _, _, record = epoch_images_per_second(dataclasses.replace(config, epochs=accuracy_epochs), quiet)
             accuracy[name] = record
@@ -258,7 +273,8 @@ def features_suite(base: TrainConfig, layers: list[str], epochs: int = 10, log=p
     batch = base.batch_size
     rows = []
 
-    amp_dtype = getattr(torch, base.amp_dtype) if base.amp else None
+    base, _ = resolve_plan(base, device, len(images), log)  # the device's plan (precision, batch, threads)
+    amp_dtype = None if base.precision == "float32" else getattr(torch, base.precision)
 
     def staged():
         return extract_all_in_memory(model, images, layers, batch, amp_dtype)

@@ -41,6 +41,9 @@ def coerce_cli_values(config: dict, schema: dict) -> dict:
     def walk(value, node: dict):
         node = resolve(node)
         wanted = node.get("type")
+        if isinstance(value, str) and "enum" in node and value not in node["enum"]:  # plan={compile: true}
+            parsed = yaml.safe_load(value)
+            return parsed if parsed in node["enum"] else value
         if isinstance(value, str) and wanted in ("boolean", "integer", "number"):
             parsed = yaml.safe_load(value)
             if wanted == "boolean":
@@ -58,6 +61,33 @@ def coerce_cli_values(config: dict, schema: dict) -> dict:
         return value
 
     return walk(config, schema)
+
+
+def check_renamed(config: dict) -> None:
+    """Keys of earlier versions, named with what replaced them (before the schema calls them unknown)."""
+    places = [("train", config.get("train") or {}), ("source.train", (config.get("source") or {}).get("train") or {})]
+    places += [(f"policies[{i}]", p) for i, p in enumerate(config.get("policies") or [])]
+    for key, block in places:
+        if isinstance(block, dict) and "amp" in block:
+            raise ConfigError(
+                f"{key}.amp: mixed precision is now part of the execution plan; remove amp and set "
+                "plan.precision (auto: measured per device, or float32, bfloat16, float16)"
+            )
+
+
+def plan_flags(config: dict) -> str:
+    """scripts/train.py's flags for the ``plan`` block: pinned knobs as flags, the rest as --auto."""
+    plan = config["plan"]
+    auto = [knob for knob in ("precision", "channels_last", "threads", "compile") if plan[knob] == "auto"]
+    flags = [f"--precision {plan['precision']}"] if plan["precision"] != "auto" else []
+    for knob in ("channels_last", "compile"):
+        if plan[knob] != "auto":
+            flags.append(("--" if plan[knob] else "--no-") + knob.replace("_", "-"))
+    if plan["eval_batch_size"]:
+        flags.append(f"--eval-batch-size {plan['eval_batch_size']}")
+    else:
+        auto.append("eval_batch_size")
+    return " ".join(flags + ([f"--auto {','.join(auto)}"] if auto else []))
 
 
 def check_init(key: str, init: str) -> None:

@@ -22,8 +22,9 @@ COLUMNS = [
     "layer",
     "epochs",
     "lr",
+    "batch_size",
     "augment",
-    "amp",
+    "precision",
     "cache_features",
     "status",
     "trainable_params",
@@ -59,8 +60,9 @@ def runs_table(records: list[dict]) -> pd.DataFrame:
                 "layer": c.get("layer") or "",
                 "epochs": c["epochs"],
                 "lr": c["lr"],
+                "batch_size": c["batch_size"],
                 "augment": c.get("augment", False),
-                "amp": c.get("amp", False),
+                "precision": c.get("precision", ""),
                 "cache_features": c.get("cache_features", False),
                 "status": r["status"],
                 "trainable_params": r["parameters"]["trainable"],
@@ -112,7 +114,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def summary_markdown(table: pd.DataFrame, source_seconds: float | None = None) -> str:
+def summary_markdown(table: pd.DataFrame, source_seconds: float | None = None, plans: str = "") -> str:
     """Markdown report: the selected run, the comparison table, diverged runs."""
     shown = table[
         [
@@ -145,11 +147,37 @@ def summary_markdown(table: pd.DataFrame, source_seconds: float | None = None) -
     parts += ["", f"Pareto front (validation accuracy vs training time): {front_names}."]
     if source_seconds is not None:
         parts.append(f"The source model took {source_seconds:.1f} s to pretrain, once, for every run with init source.")
+    if plans:
+        parts += ["", plans]
     diverged = table[table["status"] == "diverged"]
     if len(diverged):
         parts.append("Diverged (non-finite loss): " + ", ".join(diverged["name"]) + ".")
     parts += ["", markdown_table(shown), ""]
     return "\n".join(parts)
+
+
+PLAN_COLUMNS = ["device_key", "knob", "value", "against", "gain", "kept", "images_per_second", "note"]
+
+
+def plan_table(records: list[dict]) -> pd.DataFrame:
+    """The measured execution plans the runs used: per device, each knob tried, its gain and whether it was kept."""
+    rows, seen = [], set()
+    for r in records:
+        plan = r.get("plan") or {}
+        if plan.get("device_key") and plan["device_key"] not in seen:
+            seen.add(plan["device_key"])
+            rows += [{"device_key": plan["device_key"], **m} for m in plan.get("measurements", [])]
+    return pd.DataFrame(rows, columns=PLAN_COLUMNS)
+
+
+def plan_summary(plans: pd.DataFrame) -> str:
+    """One line per device: the knobs its plan enabled, with their measured gains."""
+    lines = []
+    for key, rows in plans.groupby("device_key", sort=True):
+        kept = rows[rows["kept"] == True]  # noqa: E712 (a column of booleans and missing values)
+        parts = [f"{r.knob}={r.value} ({r.gain:.2f}x vs {r.against})" for r in kept.itertuples()]
+        lines.append(f"Execution plan measured on `{key}`: " + (", ".join(parts) or "the defaults") + ".")
+    return "\n".join(lines)
 
 
 def optimizations_table(benchmark: dict) -> pd.DataFrame:

@@ -42,10 +42,9 @@ HYPER_KEYS = (
     "warmup_epochs",
     "label_smoothing",
     "augment",
-    "amp",
     "cache_features",
 )
-# What a linear probe on fixed cached activations uses of them (no augmentation, precision or caching).
+# What a linear probe on fixed cached activations uses of them (no augmentation or caching).
 PROBE_HYPER_KEYS = HYPER_KEYS[:9]
 NAMED_INITS = ("scratch", "imagenet", "source")
 # Generic freeze depths of the search pool, mapped onto each backbone's stage table.

@@ -10,6 +10,7 @@ Every epoch is checkpointed, so a killed run resumes from its last finished epoc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -28,6 +29,7 @@ from tlselect.data import image_folder_loader, load_split
 from tlselect.errors import TLSelectError
 from tlselect.features import load_features
 from tlselect.models import NO_FREEZE, StagedNet, initialize
+from tlselect.plan import KNOBS, ExecutionPlan, Workload, check_precision, resolve
 
 
 @dataclass
@@ -59,9 +61,9 @@ class TrainConfig:
     warmup_epochs: float = field(default=0.0, metadata={"help": "linear warmup length in epochs"})
     label_smoothing: float = field(default=0.0, metadata={"help": "cross-entropy label smoothing"})
     augment: bool = field(default=True, metadata={"help": "random crop (padding 4) and horizontal flip"})
-    amp: bool = field(default=False, metadata={"help": "mixed precision autocast (see --amp-dtype)"})
-    amp_dtype: str = field(
-        default="bfloat16", metadata={"help": "bfloat16 | float16 (float16 adds a gradient scaler; CUDA only)"}
+    precision: str = field(
+        default="float32",
+        metadata={"help": "float32 | bfloat16 | float16 (autocast; float16: CUDA only, with a gradient scaler)"},
     )
     channels_last: bool = field(default=True, metadata={"help": "channels-last memory format for convolutions"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (slow start, faster steps)"})
@@ -75,6 +77,12 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: leave torch's default)"})
     eval_batch_size: int = field(default=1024, metadata={"help": "evaluation batch size"})
+    plans: str = field(default="", metadata={"help": "folder of measured execution plans, one per device"})
+    auto: str = field(
+        default="",
+        metadata={"help": "comma-separated plan knobs (precision, channels_last, threads, compile, eval_batch_size) "
+                  "taken from this device's plan in --plans, measured there first if it has none"},
+    )  # fmt: skip
     features: str = field(default="", metadata={"help": "a probe: folder of one cached layer's <split>.npy"})
     layer: str = field(default="", metadata={"help": "a probe: the name of that layer (recorded)"})
     pool: int = field(default=1, metadata={"help": "a probe: adaptive average pooling to pool x pool (0: none)"})
@@ -89,13 +97,15 @@ class TrainConfig:
 
 
 # Knobs that may change when a killed run resumes (they do not change its results on one device).
-RESUMABLE = {"threads", "device", "workers", "eval_batch_size"}
+RESUMABLE = {"threads", "device", "workers", "eval_batch_size", "channels_last", "compile", "plans", "auto"}
 # Knobs that may differ between a run and the run it continues (successive-halving rungs).
 CONTINUABLE = {"epochs", "out", "record", "run_id", "name", "continue_from", "keep_state"}
 KINDS = ("policy", "probe", "source", "candidate")
 # Image-model knobs a linear probe on cached activations never uses; its record leaves them out.
-PROBE_UNUSED = {"weights", "freeze", "resolution", "augment", "amp", "amp_dtype", "compile", "data_path",
-                "workers", "cache_features"}  # fmt: skip
+PROBE_UNUSED = {"weights", "freeze", "resolution", "augment", "precision", "channels_last", "compile",
+                "data_path", "workers", "cache_features"}  # fmt: skip
+# Plan knobs a probe (a linear head on cached activations) takes from the device's plan.
+PROBE_KNOBS = {"threads", "eval_batch_size"}
 SPLITS = ("train", "val", "test")
 
 
@@ -164,8 +174,13 @@ def build_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
     raise TrainingError(f"unknown optimizer {config.optimizer!r}; use sgd or adamw")
 
 
+def execution(config: TrainConfig) -> ExecutionPlan:
+    """The execution plan a (resolved) config runs with."""
+    return ExecutionPlan(**{knob: getattr(config, knob) for knob in KNOBS})
+
+
 def autocast(config: TrainConfig, device: torch.device):
-    return torch.autocast(device.type, dtype=getattr(torch, config.amp_dtype), enabled=config.amp)
+    return execution(config).autocast(device)
 
 
 def memory_batches(images, labels, batch_size, generator=None, augment=False, device=None):
@@ -201,7 +216,7 @@ def evaluate(model, forward, batches, config, device):
 
 def prepare_input(x: torch.Tensor, config) -> torch.Tensor:
     """4-D batches (images, activations) go channels-last when asked; flat features stay as they are."""
-    return x.contiguous(memory_format=torch.channels_last) if config.channels_last and x.dim() == 4 else x
+    return execution(config).prepare(x)
 
 
 @torch.no_grad()
@@ -238,8 +253,6 @@ def resume_path(config: TrainConfig) -> Path:
 
 def check_settings(config: TrainConfig) -> None:
     """Settings that cannot run together, rejected before any data is read."""
-    if not (config.data and config.out):
-        raise TrainingError("give --data (the decoded subset's folder) and --out (the checkpoint to write)")
     if not (config.data and config.out):
         raise TrainingError("give --data (the decoded subset's folder) and --out (the checkpoint to write)")
     if config.kind not in KINDS:
@@ -523,12 +536,13 @@ def train(config: TrainConfig, log=print) -> dict:
     """Run one training run to completion (or divergence); write its checkpoint; return its record."""
     wall_start = time.perf_counter()
     check_settings(config)
+    device = resolve_device(config.device)
+    splits = load_splits(config, device)
+    config, plan_note = resolve_plan(config, device, len(splits.tensors["train"][1]), log)
     if config.threads > 0:
         torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    splits = load_splits(config, device)
     torch.manual_seed(config.seed)
     model, init_note = build_model(config, splits, device)
     optimizer = build_optimizer(config, [p for p in model.parameters() if p.requires_grad])
@@ -538,20 +552,39 @@ def train(config: TrainConfig, log=print) -> dict:
     batches = batch_source(config, splits, state.generator)
     compiled = torch.compile(model) if config.compile else model
     forward = functools.partial(compiled, start=start) if start else compiled  # a cached prefix is skipped
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and config.amp_dtype == "float16")
+    scaler = execution(config).grad_scaler(device)
     first_epoch, resumed_from = resume_or_continue(state, log)
     log(f"[{config.run_id}] {describe(config, splits, model)} on {device}")
     status = fit(state, forward, batches, first_epoch, scaler, device, log)
     test = (None, None, None)
     if "test" in splits.tensors and status == "completed":
         test = evaluate(model, forward, batches("test"), config, device)
-    timings = {"data_seconds": splits.seconds, "cache_seconds": cache_seconds}
+    timings = {"data_seconds": splits.seconds, "cache_seconds": cache_seconds, "plan_seconds": plan_note["seconds"]}
     timings["wall_seconds"] = time.perf_counter() - wall_start
     record = make_record(state, status, splits, init_note, test[:2], timings, device, resumed_from)
+    record["plan"] = {k: v for k, v in plan_note.items() if k != "seconds"}
     save_checkpoint(state, status, test[2])
     log(f"[{config.run_id}] {status}: val_acc {record['metrics']['val_accuracy']} test_acc {test[0]} "
         f"in {timings['wall_seconds']:.1f}s")  # fmt: skip
     return record
+
+
+def resolve_plan(config: TrainConfig, device: torch.device, images: int, log) -> tuple[TrainConfig, dict]:
+    """The config with its ``auto`` knobs set from this device's measured plan (calibrated first if needed)."""
+    t0 = time.perf_counter()
+    auto = {knob.strip() for knob in config.auto.split(",") if knob.strip()}
+    if config.kind == "probe":
+        auto &= PROBE_KNOBS
+    pinned = execution(config)
+    steps = config.epochs * max(1, images // config.batch_size)
+    work = Workload(config.backbone, config.resolution, config.batch_size, device, job_steps=steps)
+    plan, note = resolve(pinned, auto, config.plans, work, log=lambda message: log(f"[{config.run_id}] {message}"))
+    if config.kind != "probe":
+        check_precision(plan.precision, device)
+    if auto:
+        log(f"[{config.run_id}] plan: " + ", ".join(f"{k}={getattr(plan, k)}" for k in KNOBS))
+    note["seconds"] = time.perf_counter() - t0
+    return dataclasses.replace(config, **dataclasses.asdict(plan)), note
 
 
 def describe(config: TrainConfig, splits: Splits, model: nn.Module) -> str:
