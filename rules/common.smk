@@ -191,7 +191,7 @@ def benchmark_args(wildcards, input):
         f"--suites {' '.join(bench['suites'])} --epochs {bench['epochs']} "
         f"--accuracy-epochs {bench['accuracy_epochs']} --init {config['pretrained']} "
         f"--layers {' '.join(config['features']['layers'] or ['layer1', 'layer2', 'layer3', 'layer4'])} "
-        f"--batch-size {config['train']['batch_size']} --lr {config['train']['lr']} "
+        f"--batch-size {runs.hyperparameters(config, {})['batch_size']} --lr {config['train']['lr']} "
         f"--data {os.path.dirname(input.subset)} --plans {PLANS} "
         "--auto precision,channels_last,threads,eval_batch_size"
     )

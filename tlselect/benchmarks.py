@@ -21,7 +21,15 @@ from tlselect.data import load_split
 from tlselect.features import extract_all_in_memory
 from tlselect.models import StagedNet
 from tlselect.plan import KNOBS
-from tlselect.train import TrainConfig, autocast, execution, resolve_device, resolve_plan, train
+from tlselect.train import (
+    TrainConfig,
+    autocast,
+    execution,
+    resolve_batch_size,
+    resolve_device,
+    resolve_plan,
+    train,
+)
 
 
 class PeakMemory:
@@ -270,6 +278,7 @@ def features_suite(base: TrainConfig, layers: list[str], epochs: int = 10, log=p
     torch.manual_seed(base.seed)
     model = StagedNet(base.backbone, 10, base.resolution).to(device)
     model.freeze_through(layers[-1])
+    base = resolve_batch_size(base, len(train_x))
     batch = base.batch_size
     rows = []
 

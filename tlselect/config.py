@@ -44,6 +44,10 @@ def coerce_cli_values(config: dict, schema: dict) -> dict:
         if isinstance(value, str) and "enum" in node and value not in node["enum"]:  # plan={compile: true}
             parsed = yaml.safe_load(value)
             return parsed if parsed in node["enum"] else value
+        if isinstance(value, str) and "anyOf" in node:  # train={batch_size: 64}
+            parsed = yaml.safe_load(value)
+            wants_int = any(resolve(branch).get("type") == "integer" for branch in node["anyOf"])
+            return parsed if wants_int and isinstance(parsed, int) and not isinstance(parsed, bool) else value
         if isinstance(value, str) and wanted in ("boolean", "integer", "number"):
             parsed = yaml.safe_load(value)
             if wanted == "boolean":

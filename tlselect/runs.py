@@ -92,7 +92,10 @@ def init_label(init: str) -> str:
 
 def hyperparameters(config: dict, overrides: dict, keys: tuple[str, ...] = HYPER_KEYS) -> dict:
     """The ``train`` defaults, overridden key by key (by a policy, ``source.train`` or ``search.train``)."""
-    return {k: overrides.get(k, config["train"][k]) for k in keys}
+    merged = {k: overrides.get(k, config["train"][k]) for k in keys}
+    if merged.get("batch_size") == "auto":
+        merged["batch_size"] = 0  # the trainer sizes it to the training images (tlselect.train.auto_batch_size)
+    return merged
 
 
 def _digest(identity: dict) -> str:

@@ -52,7 +52,11 @@ class TrainConfig:
     freeze: str = field(default=NO_FREEZE, metadata={"help": "freeze stages up to and including this one, or none"})
     resolution: int = field(default=32, metadata={"help": "input side in pixels (images are resized to it)"})
     epochs: int = field(default=10, metadata={"help": "training epochs"})
-    batch_size: int = field(default=256, metadata={"help": "training batch size"})
+    batch_size: int = field(
+        default=256,
+        metadata={"help": "training batch size; 0: auto (about 1/16 of the training images, 32 to 256, with the "
+                  "learning rate scaled by batch/256)"},
+    )  # fmt: skip
     optimizer: str = field(default="sgd", metadata={"help": "sgd | adamw"})
     lr: float = field(default=0.1, metadata={"help": "peak learning rate"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
@@ -538,6 +542,7 @@ def train(config: TrainConfig, log=print) -> dict:
     check_settings(config)
     device = resolve_device(config.device)
     splits = load_splits(config, device)
+    config = resolve_batch_size(config, len(splits.tensors["train"][1]))
     config, plan_note = resolve_plan(config, device, len(splits.tensors["train"][1]), log)
     if config.threads > 0:
         torch.set_num_threads(config.threads)
@@ -567,6 +572,26 @@ def train(config: TrainConfig, log=print) -> dict:
     log(f"[{config.run_id}] {status}: val_acc {record['metrics']['val_accuracy']} test_acc {test[0]} "
         f"in {timings['wall_seconds']:.1f}s")  # fmt: skip
     return record
+
+
+def auto_batch_size(images: int) -> int:
+    """The power of two nearest below 1/16 of the training images, between 32 and 256.
+
+    Small subsets then still take at least 16 optimizer steps an epoch: with a fixed batch of 256, a
+    few thousand images give 9 steps and the runs under-train at equal epochs.
+    """
+    size = 32
+    while size * 2 <= min(256, images // 16):
+        size *= 2
+    return size
+
+
+def resolve_batch_size(config: TrainConfig, images: int) -> TrainConfig:
+    """Batch size 0 (auto) becomes :func:`auto_batch_size`, and ``lr`` (given for batch 256) scales with it."""
+    if config.batch_size:
+        return config
+    batch = auto_batch_size(images)
+    return dataclasses.replace(config, batch_size=batch, lr=config.lr * batch / 256)
 
 
 def resolve_plan(config: TrainConfig, device: torch.device, images: int, log) -> tuple[TrainConfig, dict]:
