@@ -130,7 +130,9 @@ def run_inputs(spec):
 
 def train_args(spec, input, **overrides):
     """scripts/train.py's arguments for a run: its flags and the folders of its inputs."""
-    args = f"{spec.flags(**overrides)} {PLAN_FLAGS} --data {os.path.dirname(input.subset)}"
+    args = (
+        f"{spec.flags(**overrides)} {PLAN_FLAGS} --data {os.path.dirname(input.subset)}"
+    )
     if spec.weights:
         args += f" --weights {input.weights}"
     if spec.features:
