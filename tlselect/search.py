@@ -33,6 +33,9 @@ def check(config: dict) -> None:
             raise ConfigError(f"search.backbones: unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}")
     for init in search["inits"]:
         check_init("search.inits", resolve_init(config, init))
+    for key, (low, high) in search["distributions"].items():
+        if key != "batch_sizes" and low > high:
+            raise ConfigError(f"search.distributions.{key}: the low bound {low} exceeds the high bound {high}")
     if search["min_epochs"] > search["max_epochs"]:
         raise ConfigError(
             f"search.min_epochs ({search['min_epochs']}) must not exceed search.max_epochs ({search['max_epochs']})"
