@@ -46,7 +46,7 @@ def test_tpe_is_seeded_and_respects_the_conditional_space(config, discrete):
         stage = candidate_spec(config, params).settings["freeze"]
         assert stage == NO_FREEZE or stage in BACKBONES[params["backbone"]].stage_names
         assert params["init"] != "scratch" or params["freeze"] == "none"
-    assert len({p["freeze"] for p in many}) > 1 and len({p["backbone"] for p in many}) > 1
+    assert len({p["freeze"] for p in many}) > 1
     if discrete:
         grid = space.grid()
         seen = [h for h, _ in history]

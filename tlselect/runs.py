@@ -210,6 +210,11 @@ def freeze_stage(backbone: str, depth: str) -> str:
     return {"none": NO_FREEZE, "early": stages[1], "most": stages[-2]}[depth]
 
 
+def freeze_depth(backbone: str, stage: str) -> str:
+    """The generic depth whose :func:`freeze_stage` is ``stage`` (a recorded candidate's depth)."""
+    return next(d for d in FREEZE_DEPTHS if freeze_stage(backbone, d) == stage)
+
+
 def candidate_spec(config: dict, params: dict) -> RunSpec:
     """The run spec of one point of the search space (:mod:`tlselect.space`): grid point or sample.
 

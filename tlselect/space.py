@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from scipy import stats
 
-from tlselect.runs import hyperparameters, resolve_init
+from tlselect.runs import FREEZE_DEPTHS, hyperparameters, resolve_init
 
 # Parameters the grid fixes at the search runs' defaults and random search samples.
 SAMPLED = ("weight_decay", "label_smoothing", "batch_size")
@@ -55,6 +55,27 @@ class Space:
             label_smoothing=tuple(dist["label_smoothing"]),
             batch_sizes=tuple(dist["batch_sizes"]),
             defaults={k: hyper[k] for k in SAMPLED},
+        )
+
+    @classmethod
+    def of_grid(cls, points: list[dict]) -> Space:
+        """The discrete space whose grid holds ``points`` (a replayed grid's candidates), in their order."""
+
+        def values(key):
+            return tuple(dict.fromkeys(p[key] for p in points))
+
+        lrs = values("lr")
+        return cls(
+            backbones=values("backbone"),
+            inits=values("init"),
+            freezes=tuple(d for d in FREEZE_DEPTHS if d in values("freeze")),
+            lrs=lrs,
+            resolutions=values("resolution"),
+            lr=(min(lrs), max(lrs)),
+            weight_decay=(min(values("weight_decay")), max(values("weight_decay"))),
+            label_smoothing=(min(values("label_smoothing")), max(values("label_smoothing"))),
+            batch_sizes=values("batch_size"),
+            defaults={k: points[0][k] for k in SAMPLED},
         )
 
     def freeze_choices(self, init: str) -> tuple[str, ...]:

@@ -6,10 +6,12 @@ the same records give the same suggestions.
 - :func:`tpe_suggest` rebuilds an Optuna study in memory from ``(params, validation accuracy)``
   pairs, with the model choice and its conditional hyperparameters defined by run (a freeze depth
   is a stage of the chosen backbone, and scratch is never frozen), and asks ``q`` trials at once:
-  pending ones count as the worst value so far (``constant_liar``).
+  pending ones count as the worst value so far (``constant_liar``). The sampler is Optuna's default
+  independent TPE, seeded.
 - :func:`gp_ucb` picks a model type (an arm: backbone x init x freeze depth) by
   a_t = argmax_k mu(k) + sqrt(beta_t / c_k) sigma(k) (ease.ml's cost-aware GP-UCB; plain GP-UCB
-  is c_k = 1), with mu and sigma from a scikit-learn Gaussian process over one-hot arm features.
+  is c_k = 1), with mu and sigma from a scikit-learn Gaussian process over one-hot arm features
+  (an RBF kernel on them, :func:`default_kernel`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import optuna
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.gaussian_process import GaussianProcessRegressor
-from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
+from sklearn.gaussian_process.kernels import RBF, WhiteKernel
 
 from tlselect.runs import freeze_stage
 from tlselect.space import SAMPLED, Space
@@ -60,7 +62,7 @@ def _optuna_params(params: dict) -> dict:
     return {**params, f"freeze_{params['backbone']}": stage}
 
 
-def _key(params: dict) -> tuple:
+def point_key(params: dict) -> tuple:
     return tuple(sorted((k, params[k]) for k in ("backbone", "init", "freeze", "lr", "resolution", *SAMPLED)))
 
 
@@ -85,27 +87,25 @@ def tpe_suggest(
 
     A diverged run (value None) counts as accuracy 0. ``pending`` are trials still training. In
     the ``discrete`` space a suggestion that repeats a known point is told its known value (or,
-    when pending, failed) and asked again; after many repeats, a seeded draw of an unseen grid point.
+    when pending, failed) and asked again; after 3 q repeats, a seeded draw of an unseen grid point.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=startup, multivariate=True, group=True, constant_liar=True
-        )
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
         study = optuna.create_study(direction="maximize", sampler=sampler)
         known = {}
         for params, value in history:
-            known[_key(params)] = 0.0 if value is None else value
-            study.add_trial(_frozen(space, params, discrete, known[_key(params)]))
-        taken = {_key(p) for p in pending}
+            known[point_key(params)] = 0.0 if value is None else value
+            study.add_trial(_frozen(space, params, discrete, known[point_key(params)]))
+        taken = {point_key(p) for p in pending}
         for params in pending:
             study.add_trial(_frozen(space, params, discrete, None))
         out, repeats = [], 0
         while len(out) < q:
             trial = study.ask()
             params = _define(trial, space, discrete)
-            key = _key(params)
-            if discrete and (key in known or key in taken) and repeats < 50 * q:
+            key = point_key(params)
+            if discrete and (key in known or key in taken) and repeats < 3 * q:
                 repeats += 1
                 if key in known:
                     study.tell(trial, known[key])
@@ -113,11 +113,11 @@ def tpe_suggest(
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 continue
             if discrete and (key in known or key in taken):
-                unseen = [p for p in space.grid() if _key(p) not in known and _key(p) not in taken]
+                unseen = [p for p in space.grid() if point_key(p) not in known and point_key(p) not in taken]
                 if not unseen:
                     break
                 params = unseen[np.random.RandomState(seed + len(known) + len(taken)).choice(len(unseen))]
-                key = _key(params)
+                key = point_key(params)
             taken.add(key)
             out.append(params)
     return out
@@ -142,8 +142,12 @@ def ucb_beta(t: int, arms: int, delta: float = 0.1) -> float:
 
 
 def default_kernel():
-    """Signal variance x RBF over the one-hot arm features + observation noise (hyperparameters fitted)."""
-    return ConstantKernel(1.0, (1e-3, 1e3)) * RBF(1.0, (1e-2, 1e2)) + WhiteKernel(1e-2, (1e-6, 1.0))
+    """RBF over the one-hot arm features + observation noise, fixed as GP-UCB's analysis assumes a known kernel.
+
+    On standardized accuracies: arms differing in one factor correlate 0.78, in two 0.61, in three
+    0.47 (length scale 2); noise variance 0.3 (the spread of an arm's other hyperparameters).
+    """
+    return RBF(2.0, "fixed") + WhiteKernel(0.3, "fixed")
 
 
 def posterior(arms: list[tuple], observations: list[tuple[tuple, float]], kernel=None) -> tuple[np.ndarray, np.ndarray]:
