@@ -2,14 +2,20 @@
 promotion chooses, every method is seeded and spends at most the grid's compute, regret is exact."""
 
 import math
+import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from conftest import REPO
 
 from tlselect import replay, search
+from tlselect.registry import write_record
 from tlselect.runs import candidate_runs
+
+sys.path.insert(0, str(REPO / "scripts"))
+import replay as replay_cli  # noqa: E402
 
 PLAN = {"eta": 3, "min_epochs": 1, "max_epochs": 9, "brackets": 3, "q": 3, "startup": 4, "delta": 0.1}
 
@@ -95,3 +101,33 @@ def test_regret_is_the_best_test_minus_the_incumbents():
     )
     mean, low, high, n = replay.summarize(np.array([1.0, 2.0, 3.0, math.nan]))
     assert (mean, n) == (2.0, 3) and high - mean == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
+
+
+def test_the_script_writes_the_table_and_the_figure(config, tmp_path):
+    paths = []
+    for i, record in enumerate(synthetic_records(config)):
+        for curve in record["curves"]:
+            curve.update(epoch=1, train_loss=1.0, train_accuracy=0.5, val_loss=1.0, lr=0.1)
+        record.update(
+            run_id=f"run{i}", kind="candidate", seed=0, init={"source": "x", "classifier_replaced": True},
+            num_classes=10, parameters={"trainable": 1, "total": 1}, data={"train": 1, "val": 1, "test": 1},
+            timings=dict.fromkeys(("data_seconds", "cache_seconds", "train_seconds", "eval_seconds"), 1.0)
+            | {"wall_seconds": 1.0, "epoch_seconds": [1.0]}, throughput_images_per_second=None,
+            hardware={"platform": "x", "device": "cpu"},
+            versions={"python": "3", "torch": "2", "torchvision": "0"},
+        )  # fmt: skip
+        record["metrics"]["best_val_accuracy"] = record["metrics"]["val_accuracy"]
+        paths.append(tmp_path / f"run{i}.json")
+        write_record(paths[-1], record)
+    out, figure = tmp_path / "replay.csv", tmp_path / "replay.png"
+    args = ["--grid", *map(str, paths), "--eta", "3", "--min-epochs", "1", "--max-epochs", "9", "--brackets", "3"]
+    assert replay_cli.main([*args, "--seeds", "5", "--q", "3", "--out", str(out), "--figure", str(figure)]) == 0
+    table = pd.read_csv(out)
+    assert len(table) == len(replay.METHODS) * 2 * 4 and set(table["method"]) == set(replay.METHODS)
+    full = table[(table["share"] == 1.0) & (table["method"] != "hb")]
+    best_by_val = max(synthetic_records(config), key=lambda r: r["metrics"]["val_accuracy"])
+    best_test = max(r["metrics"]["test_accuracy"] for r in synthetic_records(config))
+    random_regret = 100 * (best_test - best_by_val["metrics"]["test_accuracy"])
+    rows = full[full["method"].isin(["random", "tpe", "gp_ucb", "ca_gp_ucb"])]
+    assert rows["regret_points"].to_numpy() == pytest.approx(random_regret) and (rows["seeds"] == 5).all()
+    assert (table["ci95_low"] <= table["regret_points"]).all() and figure.read_bytes()[:4] == b"\x89PNG"
