@@ -71,6 +71,8 @@ SEARCH_FILES = {
     "proxy_tau": "results/tables/proxy_tau.csv",
     "search_compute": "results/figures/search_compute.png",
     "proxy_vs_finetune": "results/figures/proxy_vs_finetune.png",
+    "replay": "results/tables/replay.csv",
+    "replay_anytime": "results/figures/replay_anytime.png",
 }
 SEARCH_OUTPUTS = SEARCH_FILES if SEARCH else {}
 OPTIMIZATIONS = "results/tables/optimizations.csv"

@@ -3,7 +3,8 @@
 # (sh) and Hyperband (hb). Rungs are unrolled statically: rung 0 of a bracket trains its candidates
 # for the first rung's epochs; a promote job ranks rung k-1's records on validation accuracy and
 # names which candidate each slot of rung k holds; the slot job continues that candidate's rung k-1
-# checkpoint.
+# checkpoint. The replay runs every method again, for many seeds, on the grid's records
+# (tlselect.replay).
 
 
 use rule train as search_grid with:
@@ -179,3 +180,32 @@ rule search_figure:
     shell:
         "python {params.script} figure {wildcards.figure} --table {input.table} {params.tau} "
         "--out {output} 2>&1 | tee {log}"
+
+
+rule search_replay:
+    input:
+        lambda wildcards: [record for record, _ in grid_jobs()],
+    output:
+        table=report(SEARCH_FILES["replay"], category="Model search"),
+        figure=report(SEARCH_FILES["replay_anytime"], category="Model search"),
+    log:
+        "results/logs/search/replay.log",
+    conda:
+        "../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=60,
+    params:
+        script=script("replay.py"),
+        settings=" ".join(
+            f"--{key.replace('_', '-')} {config['search'][key]}"
+            for key in ("eta", "min_epochs", "max_epochs", "brackets")
+        )
+        + " "
+        + " ".join(
+            f"--{key} {value}" for key, value in config["search"]["replay"].items()
+        ),
+    shell:
+        "python {params.script} --grid {input} {params.settings} --out {output.table} "
+        "--figure {output.figure} 2>&1 | tee {log}"

@@ -9,6 +9,7 @@ import yaml
 from conftest import PINNED_PLAN, strict_json
 from test_workflow import job_counts, snakemake
 
+from tlselect import replay
 from tlselect.registry import read_record
 
 pytestmark = pytest.mark.workflow
@@ -30,7 +31,8 @@ def search_study(tmp_path_factory, tiny_archive):
         "benchmarks": {"enabled": False},
         "search": {"enabled": True, "backbones": ["resnet18", "mobilenet_v3_small"],
                    "inits": ["pretrained", "scratch"], "freezes": ["none"], "lrs": [0.05], "random_samples": 2,
-                   "eta": 2, "min_epochs": 1, "max_epochs": 2, "brackets": 2},
+                   "eta": 2, "min_epochs": 1, "max_epochs": 2, "brackets": 2,
+                   "replay": {"seeds": 3, "q": 2, "startup": 2}},
     }  # fmt: skip
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
     snakemake(workdir)
@@ -65,6 +67,16 @@ def test_search_compares_every_method(search_study):
     outputs = "".join(json.dumps(cell.get("outputs", [])) for cell in notebook["cells"])
     assert "of the grid" in outputs and "weighted Kendall tau" in outputs and "Error" not in outputs
     assert (search_study / "results/source/mobilenet_v3_small.pt").is_file()
+
+
+def test_the_replay_of_successive_halving_chooses_what_the_real_run_chose(search_study):
+    table = pd.read_csv(search_study / "results/tables/search.csv").set_index("method")
+    rows = replay.table([read_record(p) for p in (search_study / "results/search/grid").glob("*.json")])
+    plan = {"eta": 2, "min_epochs": 1, "max_epochs": 2, "brackets": 2}
+    assert replay.run("sh", rows, plan, seed=0).trace[-1][2] == table.loc["sh", "chosen"]
+    regrets = pd.read_csv(search_study / "results/tables/replay.csv")
+    assert set(regrets["method"]) == set(replay.METHODS) and (regrets["seeds"] <= 3).all()
+    assert (search_study / "results/figures/replay_anytime.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_every_search_json_output_is_strict(search_study):

@@ -212,31 +212,34 @@ def freeze_stage(backbone: str, depth: str) -> str:
     return {"none": NO_FREEZE, "early": stages[1], "most": stages[-2]}[depth]
 
 
-def candidate_runs(config: dict) -> dict[str, RunSpec]:
-    """``{candidate_id: spec}`` of the search pool: the product of the ``search`` lists.
+def freeze_depth(backbone: str, stage: str) -> str:
+    """The generic depth whose :func:`freeze_stage` is ``stage`` (a recorded candidate's depth)."""
+    return next(d for d in FREEZE_DEPTHS if freeze_stage(backbone, d) == stage)
 
-    Scratch is never frozen. A candidate's ``name`` is its id; the search rules set its epochs.
+
+def candidate_spec(config: dict, params: dict) -> RunSpec:
+    """The run spec of one point of the search space (:mod:`tlselect.space`): grid point or sample.
+
+    A candidate's ``name`` is its id; the search rules set its epochs.
     """
-    search = config["search"]
-    hyper = hyperparameters(config, search["train"])
-    out = {}
-    for backbone in search["backbones"]:
-        for init in dict.fromkeys(resolve_init(config, i) for i in search["inits"]):
-            for depth in search["freezes"]:
-                if init == "scratch" and depth != "none":
-                    continue
-                for lr in search["lrs"]:
-                    for resolution in search["resolutions"]:
-                        settings = {
-                            "kind": "candidate",
-                            **_model_settings(config, backbone, init, freeze_stage(backbone, depth), resolution),
-                            **hyper,
-                            "lr": lr,
-                        }
-                        label = f"{backbone}-{init_label(init)}-{depth}-lr{lr:g}-r{resolution}"
-                        run_id = _run_id(config, label, "search", settings)
-                        out[run_id] = RunSpec(run_id, {**settings, "name": run_id}, weights=weights_of(init, backbone))
-    return out
+    backbone, init, depth = params["backbone"], params["init"], params["freeze"]
+    settings = {
+        "kind": "candidate",
+        **_model_settings(config, backbone, init, freeze_stage(backbone, depth), params["resolution"]),
+        **hyperparameters(config, config["search"]["train"]),
+        **{k: params[k] for k in ("lr", "weight_decay", "label_smoothing", "batch_size")},
+    }
+    label = f"{backbone}-{init_label(init)}-{depth}-lr{params['lr']:g}-r{params['resolution']}"
+    run_id = _run_id(config, label, "search", settings)
+    return RunSpec(run_id, {**settings, "name": run_id}, weights=weights_of(init, backbone))
+
+
+def candidate_runs(config: dict) -> dict[str, RunSpec]:
+    """``{candidate_id: spec}`` of the search pool: the grid of the search space (the ``search`` lists)."""
+    from tlselect.space import Space  # the space builds on this module's helpers
+
+    specs = (candidate_spec(config, params) for params in Space.from_config(config).grid())
+    return {spec.id: spec for spec in specs}
 
 
 def feature_chains(config: dict) -> dict[str, list[str]]:

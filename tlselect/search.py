@@ -33,6 +33,9 @@ def check(config: dict) -> None:
             raise ConfigError(f"search.backbones: unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}")
     for init in search["inits"]:
         check_init("search.inits", resolve_init(config, init))
+    for key, (low, high) in search["distributions"].items():
+        if key != "batch_sizes" and low > high:
+            raise ConfigError(f"search.distributions.{key}: the low bound {low} exceeds the high bound {high}")
     if search["min_epochs"] > search["max_epochs"]:
         raise ConfigError(
             f"search.min_epochs ({search['min_epochs']}) must not exceed search.max_epochs ({search['max_epochs']})"
@@ -79,13 +82,16 @@ def max_bracket(search: dict) -> int:
 
 
 def brackets(config: dict, method: str) -> list[Bracket]:
-    """The static plan of ``sh`` (one bracket over the whole pool) or ``hb`` (``search.brackets``).
+    """The static plan of ``sh`` (one bracket over the whole pool) or ``hb`` (``search.brackets``)."""
+    return plan(list(candidate_runs(config)), config["search"], config["seed"], method)
+
+
+def plan(candidates: list[str], search: dict, seed: int, method: str) -> list[Bracket]:
+    """The brackets of ``sh`` or ``hb`` over ``candidates`` with the ``search`` block's eta and epochs.
 
     Hyperband's bracket ``s`` (from s_max down) starts ceil((s_max+1)/(s+1) * eta^s) candidates,
     a seeded sample of the pool, at max_epochs * eta^-s epochs, and keeps 1/eta of them per rung.
     """
-    search = config["search"]
-    candidates = list(candidate_runs(config))
     s_max = max_bracket(search)
     eta, top, low = search["eta"], search["max_epochs"], search["min_epochs"]
     if method == "sh":
@@ -93,7 +99,7 @@ def brackets(config: dict, method: str) -> list[Bracket]:
     plans = []
     for s in range(s_max, max(-1, s_max - search["brackets"]), -1):
         n = min(len(candidates), math.ceil((s_max + 1) / (s + 1) * eta**s))
-        chosen = sample(candidates, n, config["seed"], f"hb-{s}")
+        chosen = sample(candidates, n, seed, f"hb-{s}")
         plans.append(Bracket(tuple(chosen), *_rungs(n, s, eta, top, low)))
     return plans
 

@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""Replay every search method on the grid's records (tlselect.replay): replay.csv and the anytime figure.
+
+replay.csv holds one row per method, compute axis (epochs, seconds) and share of the grid's
+compute (1/9, 1/5, 1/3, 1): mean regret in test-accuracy points over the seeds, its 95% interval,
+and how many seeds had chosen a model by then.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from _cli import cli
+
+from tlselect import replay
+from tlselect.atomic import atomic_path
+from tlselect.plots import draw_replay
+from tlselect.registry import read_record
+
+
+@cli
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", nargs="+", required=True, help="every grid run's record")
+    parser.add_argument("--eta", type=int, required=True)
+    parser.add_argument("--min-epochs", type=int, required=True)
+    parser.add_argument("--max-epochs", type=int, required=True)
+    parser.add_argument("--brackets", type=int, required=True, help="Hyperband brackets")
+    parser.add_argument("--seeds", type=int, default=100)
+    parser.add_argument("--q", type=int, default=4, help="TPE trials per round")
+    parser.add_argument("--startup", type=int, default=8, help="TPE random trials before the model")
+    parser.add_argument("--delta", type=float, default=0.1, help="GP-UCB's beta_t confidence")
+    parser.add_argument("--out", required=True, help="replay.csv")
+    parser.add_argument("--figure", required=True, help="the anytime figure (PNG)")
+    args = parser.parse_args(argv)
+    rows = replay.table([read_record(path) for path in args.grid])
+    plan = {k: getattr(args, k) for k in ("eta", "min_epochs", "max_epochs", "brackets", "q", "startup", "delta")}
+    shares = sorted({*np.geomspace(1 / 100, 1, 41), *replay.SHARES})
+    curve = replay.curves(rows, plan, args.seeds, shares)
+    table = curve[curve["share"].isin(replay.SHARES)]
+    with atomic_path(Path(args.out)) as tmp:
+        table.to_csv(tmp, index=False)
+    draw_replay(curve, Path(args.figure))
+    print(table.to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

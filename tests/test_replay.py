@@ -1,0 +1,133 @@
+"""The replay on a synthetic grid: successive halving's replay chooses what the workflow's own
+promotion chooses, every method is seeded and spends at most the grid's compute, regret is exact."""
+
+import math
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import REPO
+
+from tlselect import replay, search
+from tlselect.registry import write_record
+from tlselect.runs import candidate_runs
+
+sys.path.insert(0, str(REPO / "scripts"))
+import replay as replay_cli  # noqa: E402
+
+PLAN = {"eta": 3, "min_epochs": 1, "max_epochs": 9, "brackets": 3, "q": 3, "startup": 4, "delta": 0.1}
+
+
+@pytest.fixture
+def config():
+    return yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def synthetic_records(config, seed=0, epochs=9):
+    """Grid records of the config's pool: learning curves that cross, costs by backbone and freeze depth."""
+    rng = np.random.RandomState(seed)
+    records = []
+    for name, spec in candidate_runs(config).items():
+        s = spec.settings
+        final = 0.5 + 0.2 * (s["init"] != "scratch") + 0.1 * rng.rand() - 0.05 * (s["lr"] > 0.05)
+        speed = 1.0 + 3 * rng.rand()  # fast starters are not always the best at the end
+        val = [float(np.clip(final * (1 - math.exp(-speed * (e + 1) / epochs)), 0, 1)) for e in range(epochs)]
+        per_epoch = {"resnet18": 2.0, "mobilenet_v3_small": 1.0, "resnet50": 6.0}[s["backbone"]]
+        per_epoch *= 0.4 if s["freeze"] not in ("none",) else 1.0
+        curves = [{"val_accuracy": v, "train_seconds": per_epoch, "eval_seconds": 0.1} for v in val]
+        records.append({
+            "name": name, "status": "completed", "config": s, "curves": curves,
+            "metrics": {"val_accuracy": val[-1], "test_accuracy": float(final + 0.02 * rng.randn())},
+        })  # fmt: skip
+    return records
+
+
+def test_sh_replay_chooses_what_the_workflow_promotion_chooses(config):
+    rows = replay.table(synthetic_records(config))
+    plan = {**config["search"], **PLAN}
+    # the workflow's plan and promotion, rung by rung, on the rows' validation accuracy at each rung's epochs
+    (bracket,) = search.brackets(config, "sh")
+    names = list(bracket.candidates)
+    reached = dict.fromkeys(names, bracket.epochs[0])  # epochs each candidate trained in all
+    for rung in range(1, bracket.rungs):
+        before = bracket.epochs[rung - 1]
+        records = {n: {"name": n, "status": "completed", "metrics": {"val_accuracy": rows[n].val[before - 1]}}
+                   for n in names}  # fmt: skip
+        names = [k["candidate"] for k in search.promote(records, bracket.keep[rung])]
+        reached.update(dict.fromkeys(names, bracket.epochs[rung]))
+    done = replay.run("sh", rows, plan, seed=5)
+    assert done.trace[-1][2] == names[0] and len(names) == 1
+    assert done.epochs == bracket.cost() == sum(reached.values()) and done.level == 9
+    # survivors continue their checkpoints: each candidate's epochs are paid once
+    assert done.seconds == pytest.approx(sum(sum(rows[n].seconds[:e]) for n, e in reached.items()))
+    assert replay.run("sh", rows, plan, seed=6).trace[-1] == done.trace[-1]
+
+
+@pytest.mark.parametrize("method", replay.METHODS)
+def test_every_method_is_seeded_and_within_the_grid_budget(config, method):
+    rows = replay.table(synthetic_records(config))
+    plan = {**config["search"], **PLAN}
+    first, again = replay.run(method, rows, plan, 3), replay.run(method, rows, plan, 3)
+    assert first.trace == again.trace
+    grid_epochs = sum(len(r.val) for r in rows.values())
+    if method == "hb":
+        assert first.epochs >= grid_epochs and first.trace[0][0] < first.trace[-1][0]
+    else:
+        assert first.epochs <= grid_epochs
+    if method in ("random", "tpe", "gp_ucb", "ca_gp_ucb"):  # they end having trained every grid point
+        assert first.epochs == grid_epochs and len(first.trace) == len(rows)
+        chosen = rows[first.trace[-1][2]]
+        assert chosen.val[-1] == max(r.val[-1] for r in rows.values())
+
+
+def test_regret_is_the_best_test_minus_the_incumbents():
+    rows = {
+        "a": replay.Candidate("a", {}, (0.5, 0.9), (1.0, 1.0), 0.70),
+        "b": replay.Candidate("b", {}, (0.6, 0.8), (3.0, 3.0), 0.80),
+    }
+    done = replay.Replay(rows)
+    done.train("b", 1)  # incumbent b at 1 epoch
+    done.train("a", 1)  # b still (0.6 > 0.5)
+    done.train("a", 2, start=1)  # a at 2 epochs: the most epochs so far
+    assert [name for *_, name in done.trace] == ["b", "b", "a"] and done.epochs == 3 and done.seconds == 5.0
+    # grid: 4 epochs, 8 seconds; best test 0.80
+    assert replay.regrets(done, rows, (0.2, 0.25, 0.5, 0.75), "epochs") == pytest.approx(
+        [math.nan, 0.0, 0.0, 10.0], nan_ok=True
+    )
+    assert replay.regrets(done, rows, (0.25, 0.5, 0.625), "seconds") == pytest.approx(
+        [math.nan, 0.0, 10.0], nan_ok=True
+    )
+    mean, low, high, n = replay.summarize(np.array([1.0, 2.0, 3.0, math.nan]))
+    assert (mean, n) == (2.0, 3) and high - mean == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
+
+
+def test_the_script_writes_the_table_and_the_figure(config, tmp_path):
+    paths = []
+    for i, record in enumerate(synthetic_records(config)):
+        for curve in record["curves"]:
+            curve.update(epoch=1, train_loss=1.0, train_accuracy=0.5, val_loss=1.0, lr=0.1)
+        record.update(
+            run_id=f"run{i}", kind="candidate", seed=0, init={"source": "x", "classifier_replaced": True},
+            num_classes=10, parameters={"trainable": 1, "total": 1}, data={"train": 1, "val": 1, "test": 1},
+            timings=dict.fromkeys(("data_seconds", "cache_seconds", "train_seconds", "eval_seconds"), 1.0)
+            | {"wall_seconds": 1.0, "epoch_seconds": [1.0]}, throughput_images_per_second=None,
+            hardware={"platform": "x", "device": "cpu"},
+            versions={"python": "3", "torch": "2", "torchvision": "0"},
+        )  # fmt: skip
+        record["metrics"]["best_val_accuracy"] = record["metrics"]["val_accuracy"]
+        paths.append(tmp_path / f"run{i}.json")
+        write_record(paths[-1], record)
+    out, figure = tmp_path / "replay.csv", tmp_path / "replay.png"
+    args = ["--grid", *map(str, paths), "--eta", "3", "--min-epochs", "1", "--max-epochs", "9", "--brackets", "3"]
+    assert replay_cli.main([*args, "--seeds", "5", "--q", "3", "--out", str(out), "--figure", str(figure)]) == 0
+    table = pd.read_csv(out)
+    assert len(table) == len(replay.METHODS) * 2 * 4 and set(table["method"]) == set(replay.METHODS)
+    full = table[(table["share"] == 1.0) & (table["method"] != "hb")]
+    best_by_val = max(synthetic_records(config), key=lambda r: r["metrics"]["val_accuracy"])
+    best_test = max(r["metrics"]["test_accuracy"] for r in synthetic_records(config))
+    random_regret = 100 * (best_test - best_by_val["metrics"]["test_accuracy"])
+    rows = full[full["method"].isin(["random", "tpe", "gp_ucb", "ca_gp_ucb"])]
+    assert rows["regret_points"].to_numpy() == pytest.approx(random_regret) and (rows["seeds"] == 5).all()
+    assert (table["ci95_low"] <= table["regret_points"]).all() and figure.read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,52 @@
+"""The search space: the grid is today's pool, seeded samples follow RandomizedSearchCV's rules and
+respect the conditional freeze depth; bad bounds are a config error."""
+
+import numpy as np
+import pytest
+import yaml
+from conftest import REPO
+
+from tlselect import search
+from tlselect.backbones import BACKBONES, NO_FREEZE
+from tlselect.config import ConfigError
+from tlselect.runs import candidate_runs, candidate_spec
+from tlselect.space import Space
+
+
+@pytest.fixture
+def config():
+    return yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def test_the_grid_is_the_pool(config):
+    space = Space.from_config(config)
+    grid = space.grid()
+    assert len(grid) == 12 and len(space.arms()) == 6
+    assert [candidate_spec(config, p).id for p in grid] == list(candidate_runs(config))
+    assert {(p["weight_decay"], p["batch_size"]) for p in grid} == {(0.0005, 256)}  # the train defaults
+
+
+def test_samples_are_seeded_within_bounds_and_conditional(config):
+    space = Space.from_config(config)
+    draws = [space.sample(np.random.RandomState(7)) for _ in range(2)]
+    assert draws[0] == draws[1]
+    rng = np.random.RandomState(0)
+    samples = [space.sample(rng) for _ in range(300)]
+    assert len({s["lr"] for s in samples}) > 100
+    assert all(0.005 <= s["lr"] <= 0.2 and 1e-5 <= s["weight_decay"] <= 1e-3 for s in samples)
+    assert all(0 <= s["label_smoothing"] <= 0.2 and s["batch_size"] in (128, 256) for s in samples)
+    assert all(s["freeze"] == "none" for s in samples if s["init"] == "scratch")
+    assert {s["freeze"] for s in samples if s["init"] != "scratch"} == {"none", "most"}
+    # log-uniform: as many draws below the geometric middle of the bounds as above it
+    assert 0.4 < np.mean([s["lr"] < np.sqrt(0.005 * 0.2) for s in samples]) < 0.6
+    for s in samples[:20]:
+        spec = candidate_spec(config, s)
+        stages = BACKBONES[s["backbone"]].stage_names
+        assert spec.settings["freeze"] in (NO_FREEZE, *stages) and spec.settings["lr"] == s["lr"]
+        assert spec.id == candidate_spec(config, dict(s)).id
+
+
+def test_inverted_bounds_are_a_config_error(config):
+    config["search"]["distributions"]["lr"] = [0.1, 0.01]
+    with pytest.raises(ConfigError, match="search.distributions.lr"):
+        search.check(config)
