@@ -105,3 +105,14 @@ def test_bad_inputs_are_refused():
         mop.static_mop([1.0, 1.0], [[0, 1], [1, 0]], [[1, 0], [0, 1]])
     with pytest.raises(mop.ScheduleError, match="at least 1"):
         mop.latin_square([1.0], workers=0)
+
+
+def test_compare_counts_copies_reads_and_hops():
+    """Two equal models, 2 workers, 3 epochs, 4 GB of data: task parallelism copies 4 GB to each
+    worker (8) or reads 2 x 3 x 4 = 24 GB remotely; the Latin square hops each model once per
+    sub-epoch after its first: 2 x (2 x 3 - 1) = 10 hops of 0.5 GB."""
+    row = mop.compare([1, 1], workers=2, epochs=3, data_gb=4, model_gb=0.5, seconds_per_gb=1, bandwidth_gb_s=1)
+    assert (row["task_copies_gb"], row["task_remote_reads_gb"], row["mop_stored_gb_per_worker"]) == (8, 24, 2)
+    assert mop.latin_square([1, 1], 2, 3, 0.5).bytes_moved == 5.0
+    assert row["mop_hops_gb"] == mop.randomized([2.5, 2.5], 2, 3, 0.5).bytes_moved
+    assert row["task_hours"] == pytest.approx((3 * 4 + 4) / 3600)  # 3 epochs of 4 s after a 4 s copy

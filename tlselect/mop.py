@@ -192,3 +192,40 @@ def randomized(sub_epoch_times, workers: int, epochs: int = 1, model_bytes: floa
             now = min(t.end for t in running.values())
             running = {w: t for w, t in running.items() if t.end > now}
     return Schedule("MOP, randomized", workers, tuple(tasks), _hops(tasks, model_bytes))
+
+
+def compare(
+    cost_factors,
+    workers: int,
+    epochs: int,
+    data_gb: float,
+    model_gb: float,
+    seconds_per_gb: float,
+    bandwidth_gb_s: float,
+    seed: int = 0,
+) -> dict:
+    """Task parallelism against MOP for one data set size: makespans (hours) and bytes moved (GB).
+
+    Model m's epoch on one worker takes ``cost_factors[m] * seconds_per_gb * data_gb`` seconds.
+    Task parallelism first copies the data to every worker it uses, over each worker's own link in
+    parallel (``data_gb / bandwidth_gb_s``); without room for a copy it reads the data remotely
+    every epoch instead (``remote`` column, bytes only). A MOP sub-epoch adds its checkpoint hop
+    (``model_gb / bandwidth_gb_s``).
+    """
+    compute = [f * seconds_per_gb * data_gb / workers for f in cost_factors]
+    hop = model_gb / bandwidth_gb_s
+    task = task_parallel(compute, workers, epochs, data_bytes=data_gb)
+    mop_times = [t + hop for t in compute]
+    randomized_mop = randomized(mop_times, workers, epochs, model_gb, seed)
+    latin = latin_square(mop_times, workers, epochs, model_gb)
+    return {
+        "data_gb": data_gb,
+        "task_stored_gb_per_worker": data_gb,
+        "mop_stored_gb_per_worker": data_gb / workers,
+        "task_hours": (task.makespan + data_gb / bandwidth_gb_s) / 3600,
+        "mop_randomized_hours": randomized_mop.makespan / 3600,
+        "mop_latin_square_hours": latin.makespan / 3600,
+        "task_copies_gb": task.bytes_moved,
+        "task_remote_reads_gb": len(cost_factors) * epochs * data_gb,
+        "mop_hops_gb": randomized_mop.bytes_moved,
+    }
