@@ -194,6 +194,19 @@ def randomized(sub_epoch_times, workers: int, epochs: int = 1, model_bytes: floa
     return Schedule("MOP, randomized", workers, tuple(tasks), _hops(tasks, model_bytes))
 
 
+SCHEDULES = ("latin_square", "randomized")
+
+
+def chains(models: int, workers: int, epochs: int, schedule: str = "latin_square", seed: int = 0) -> list[list[int]]:
+    """Each model's partitions, sub-epoch after sub-epoch over all epochs, from a schedule simulated
+    with equal sub-epoch runtimes (the order a workflow lays out as a chain of jobs)."""
+    build = {"latin_square": latin_square, "randomized": lambda *a: randomized(*a, seed=seed)}.get(schedule)
+    if build is None:
+        raise ScheduleError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    tasks = sorted(build([1.0] * models, workers, epochs).tasks, key=lambda t: (t.epoch, t.start))
+    return [[t.partition for t in tasks if t.model == m] for m in range(models)]
+
+
 def compare(
     cost_factors,
     workers: int,
