@@ -116,3 +116,53 @@ def test_compare_counts_copies_reads_and_hops():
     assert mop.latin_square([1, 1], 2, 3, 0.5).bytes_moved == 5.0
     assert row["mop_hops_gb"] == mop.randomized([2.5, 2.5], 2, 3, 0.5).bytes_moved
     assert row["task_hours"] == pytest.approx((3 * 4 + 4) / 3600)  # 3 epochs of 4 s after a 4 s copy
+
+
+@pytest.mark.parametrize("schedule", mop.SCHEDULES)
+def test_chains_visit_every_partition_once_per_epoch(schedule):
+    for models, workers, epochs in ((5, 3, 2), (2, 4, 3), (3, 1, 2)):
+        chains = mop.chains(models, workers, epochs, schedule, seed=1)
+        assert len(chains) == models
+        for chain in chains:
+            assert len(chain) == workers * epochs
+            for e in range(epochs):
+                assert sorted(chain[e * workers : (e + 1) * workers]) == list(range(workers))
+    assert mop.chains(3, 3, 1) == mop.latin_square_chains(3, 3)
+    with pytest.raises(mop.ScheduleError, match="unknown schedule"):
+        mop.chains(2, 2, 1, "round_robin")
+
+
+def test_partitions_are_disjoint_class_balanced_and_cover_the_split():
+    torch = pytest.importorskip("torch")
+    from tlselect.data import partition_split
+
+    labels = torch.tensor([0] * 6 + [1] * 4 + [2] * 2)
+    decoded = {"images": torch.arange(12).reshape(12, 1, 1, 1).to(torch.uint8), "labels": labels}
+    parts = partition_split(decoded, 2, seed=0)
+    assert sorted(torch.cat([p["images"].flatten() for p in parts]).tolist()) == list(range(12))
+    for part in parts:
+        assert torch.bincount(part["labels"]).tolist() == [3, 2, 1]
+        assert (labels[part["images"].flatten().long()] == part["labels"]).all()  # images keep their labels
+    assert [p["images"].tolist() for p in partition_split(decoded, 2, seed=0)] == [p["images"].tolist() for p in parts]
+
+
+def test_mop_runs_count_sub_epochs_and_check_the_config():
+    import yaml
+    from conftest import REPO
+
+    from tlselect.config import ConfigError, check
+    from tlselect.runs import mop_runs
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    assert mop_runs(config) == {}
+    config["mop"]["enabled"] = True
+    (spec,) = mop_runs(config).values()
+    assert spec.name == "mop-scratch" and spec.settings["schedule"] == "constant"
+    assert spec.settings["epochs"] == 3 * config["train"]["epochs"]  # sub-epochs: 3 partitions per epoch
+    assert spec.settings["warmup_epochs"] == 3 * config["train"]["warmup_epochs"]
+    config["mop"]["policies"] = ["nope"]
+    with pytest.raises(ConfigError, match="mop.policies"):
+        check(config)
+    config["mop"] |= {"policies": ["scratch"], "train": {"schedule": "cosine"}}
+    with pytest.raises(ConfigError, match="mop.train.schedule"):
+        check(config)
