@@ -128,6 +128,7 @@ def test_chains_visit_every_partition_once_per_epoch(schedule):
             for e in range(epochs):
                 assert sorted(chain[e * workers : (e + 1) * workers]) == list(range(workers))
     assert mop.chains(3, 3, 1) == mop.latin_square_chains(3, 3)
+    assert mop.chains(0, 3, 0) == []  # mop off: no runs
     with pytest.raises(mop.ScheduleError, match="unknown schedule"):
         mop.chains(2, 2, 1, "round_robin")
 

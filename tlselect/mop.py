@@ -203,6 +203,8 @@ def chains(models: int, workers: int, epochs: int, schedule: str = "latin_square
     build = {"latin_square": latin_square, "randomized": lambda *a: randomized(*a, seed=seed)}.get(schedule)
     if build is None:
         raise ScheduleError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    if not models:
+        return []
     tasks = sorted(build([1.0] * models, workers, epochs).tasks, key=lambda t: (t.epoch, t.start))
     return [[t.partition for t in tasks if t.model == m] for m in range(models)]
 
