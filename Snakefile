@@ -12,6 +12,7 @@ include: "rules/source.smk"
 include: "rules/features.smk"
 include: "rules/benchmark.smk"
 include: "rules/search.smk"
+include: "rules/mop.smk"
 include: "rules/report.smk"
 
 
@@ -23,3 +24,4 @@ rule all:
         expand("results/figures/{figure}.png", figure=FIGURES),
         expand("results/report/{report}.html", report=REPORTS),
         SEARCH_OUTPUTS.values(),
+        MOP_OUTPUTS,

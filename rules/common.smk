@@ -12,7 +12,7 @@ min_version("9.0")
 
 sys.path.insert(0, workflow.basedir)
 
-from tlselect import runs, search  # noqa: E402
+from tlselect import mop, runs, search  # noqa: E402
 from tlselect.backbones import BACKBONES  # noqa: E402
 from tlselect.config import (
     ConfigError,
@@ -79,6 +79,29 @@ OPTIMIZATIONS = "results/tables/optimizations.csv"
 # Execution plans measured per kind of device (tlselect.plan): the first job on one writes it.
 PLANS = "results/plans"
 PLAN_FLAGS = f"{plan_flags(config)} --plans {PLANS}"
+# Model hopper parallelism: partition files, and each run's partition per sub-epoch (tlselect.mop).
+MOP_RUNS = runs.mop_runs(config)
+MOP_PARTITIONS = [
+    f"results/mop/partitions/p{k}.pt" for k in range(config["mop"]["partitions"])
+]
+MOP_STEP = "results/mop/{run_id}/s{step}"
+MOP_CHAINS = dict(
+    zip(
+        MOP_RUNS,
+        mop.chains(
+            len(MOP_RUNS),
+            config["mop"]["partitions"],
+            max((s.settings["epochs"] for s in MOP_RUNS.values()), default=0)
+            // config["mop"]["partitions"],
+            config["mop"]["schedule"],
+            config["seed"],
+        ),
+    )
+)
+MOP_OUTPUTS = [
+    MOP_STEP.format(run_id=r, step=s.settings["epochs"] - 1) + ".json"
+    for r, s in MOP_RUNS.items()
+]
 # GPUs each training/extraction job asks for: none on device cpu, else one. A local run's
 # --resources gpu=N caps the total (gpu=0 lowers it to 0, so device auto runs on the CPU); on SLURM
 # the profile's set-resources decide. The job claims its GPU itself (tlselect.gpus, --gpus).
@@ -320,6 +343,27 @@ def notebook_inputs(wildcards):
     return inputs | (SEARCH_OUTPUTS if full else {})
 
 
+def mop_step_inputs(wildcards):
+    """A sub-epoch reads the subset's folder, its partition and the run's previous sub-epoch."""
+    step = int(wildcards.step)
+    inputs = run_inputs(MOP_RUNS[wildcards.run_id])
+    inputs["partition"] = MOP_PARTITIONS[MOP_CHAINS[wildcards.run_id][step]]
+    if step:
+        inputs["previous"] = (
+            MOP_STEP.format(run_id=wildcards.run_id, step=step - 1) + ".pt"
+        )
+    return inputs
+
+
+def mop_step_args(wildcards, input):
+    """Train one more sub-epoch, on the partition, continuing the previous one's state."""
+    step = int(wildcards.step)
+    spec = MOP_RUNS[wildcards.run_id]
+    args = train_args(spec, input, epochs=step + 1, keep_state=True)
+    args += f" --partition {input.partition}"
+    return args + (f" --continue-from {input.previous}" if step else "")
+
+
 def checkpoints():
     """Every checkpoint the current config's training jobs write (their resume files sit beside)."""
     specs = [*RUNS.values(), *PROBES.values(), *POOL.values()]
@@ -330,4 +374,9 @@ def checkpoints():
         paths += [
             record.replace(".json", ".pt") for m in PLAN for record, _ in search_jobs(m)
         ]
+    paths += [
+        MOP_STEP.format(run_id=r, step=k) + ".pt"
+        for r, spec in MOP_RUNS.items()
+        for k in range(spec.settings["epochs"])
+    ]
     return paths

@@ -4,6 +4,7 @@
 prepare_data.py fetch  --dest resources/cifar10 [--archive FILE]
 prepare_data.py subset --root resources/cifar10 --out results/data [sizes, --classes, --seed, --skip-unreadable]
 prepare_data.py source --root resources/cifar10 --subset results/data/subset.json --out results/source/data
+prepare_data.py partition --split results/data/train.pt --out p0.pt p1.pt p2.pt [--seed 0]
 prepare_data.py weights --backbone resnet18 --out resources/weights/resnet18-imagenet.pth
 """
 
@@ -28,6 +29,14 @@ def fetch(args) -> None:
     layout = data.scan_image_folder(dest)
     counts = {split: sum(len(f) for f in classes.values()) for split, classes in layout.items()}
     print(f"image folder ready: {len(layout['train'])} classes, {counts}", flush=True)
+
+
+def partition(args) -> None:
+    """Split one decoded split into len(--out) class-balanced partitions (model hopper parallelism)."""
+    decoded = dict(zip(("images", "labels"), data.load_split(Path(args.split)), strict=True))
+    for out, part in zip(args.out, data.partition_split(decoded, len(args.out), args.seed), strict=True):
+        print(f"partition {out}: {len(part['labels'])} images", flush=True)
+        save_torch(out, part)
 
 
 def weights(args) -> None:
@@ -116,6 +125,11 @@ def main(argv=None) -> int:
         help="leave out non-image files and images that do not decode (listed in subset.json) instead of failing",
     )
     commands.choices["source"].add_argument("--subset", required=True, help="the target subset.json")
+    p = commands.add_parser("partition", help="split a decoded split into class-balanced partitions")
+    p.add_argument("--split", required=True, help="decoded split file (results/data/train.pt)")
+    p.add_argument("--out", nargs="+", required=True, help="one file per partition")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=partition)
     p = commands.add_parser("weights", help="fetch a backbone's ImageNet weights (torchvision) into one file")
     p.add_argument("--backbone", required=True, help="backbone name (tlselect.backbones.BACKBONES)")
     p.add_argument("--out", required=True, help="weights file to write")

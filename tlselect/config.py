@@ -139,6 +139,7 @@ def check(config: dict) -> None:
         if resolve_init(config, policy["init"]) == "scratch" and policy["freeze"] != NO_FREEZE:
             raise ConfigError(f"{key}.freeze: freezing randomly initialized stages makes no sense with init scratch")
 
+    _check_mop(config, seen)
     for layer in config["features"]["layers"]:
         if layer not in stages:
             raise ConfigError(f"features.layers: {backbone} has no stage {layer!r}; stages: {', '.join(stages)}")
@@ -146,6 +147,17 @@ def check(config: dict) -> None:
         check_init("features.inits", resolve_init(config, init))
     if data["archive"]:
         _check_subset_fits(config, archive_image_counts(Path(data["archive"])))
+
+
+def _check_mop(config: dict, policies: set[str]) -> None:
+    mop = config["mop"]
+    unknown = [name for name in mop["policies"] if name not in policies]
+    if unknown:
+        raise ConfigError(f"mop.policies: {unknown} are not policies; known: {', '.join(sorted(policies))}")
+    if mop["train"].get("schedule", config["train"]["schedule"]) != "constant":
+        raise ConfigError("mop.train.schedule: must be constant (each sub-epoch job continues the previous one)")
+    if mop["enabled"] and mop["partitions"] > config["data"]["train_per_class"] - config["data"]["val_per_class"]:
+        raise ConfigError("mop.partitions: more partitions than training images per class; lower mop.partitions")
 
 
 def _check_subset_fits(config: dict, counts: dict[str, dict[str, int]]) -> None:

@@ -383,6 +383,16 @@ def load_split(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return data["images"], data["labels"]
 
 
+def partition_split(decoded: dict, parts: int, seed: int) -> list[dict]:
+    """``parts`` disjoint, class-balanced partitions of a decoded split: each class's images,
+    shuffled with ``seed``, dealt round-robin (model hopper parallelism: one per worker)."""
+    labels = decoded["labels"].tolist()
+    order = list(range(len(labels)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=labels.__getitem__)  # stable: shuffled within each class
+    return [{k: v[order[p::parts]] for k, v in decoded.items()} for p in range(parts)]
+
+
 def load_json(path: Path) -> dict:
     if not Path(path).is_file():
         raise DataError(f"{path} is missing; run the workflow's subset step first")

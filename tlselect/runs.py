@@ -242,6 +242,37 @@ def candidate_runs(config: dict) -> dict[str, RunSpec]:
     return {spec.id: spec for spec in specs}
 
 
+def mop_runs(config: dict) -> dict[str, RunSpec]:
+    """``{run_id: spec}`` of the policies that ``mop`` trains by model hopper parallelism.
+
+    Each is a chain of sub-epochs, one per data partition and epoch, so its ``epochs`` and
+    ``warmup_epochs`` count sub-epochs (the policy's times ``mop.partitions``). ``mop.train``
+    overrides the policy: a constant learning rate, since each sub-epoch job continues the last.
+    """
+    mop = config["mop"]
+    if not mop["enabled"]:
+        return {}
+    policies = {p["name"]: p for p in config["policies"]}
+    backbone, parts = config["backbone"], mop["partitions"]
+    out = {}
+    for name in mop["policies"]:
+        policy = policies[name]
+        init = resolve_init(config, policy["init"])
+        hyper = hyperparameters(config, {**policy, **mop["train"]})
+        settings = {
+            "kind": "policy",
+            "name": f"mop-{name}",
+            **_model_settings(config, backbone, init, policy["freeze"], config["resolution"]),
+            **hyper,
+            "epochs": hyper["epochs"] * parts,
+            "warmup_epochs": hyper["warmup_epochs"] * parts,
+        }
+        layout = {"partitions": parts, "schedule": mop["schedule"], "policies": mop["policies"]}
+        run_id = _run_id(config, f"mop-{name}-{backbone}-{init_label(init)}", f"mop-{name}", settings, mop=layout)
+        out[run_id] = RunSpec(run_id, settings, weights=weights_of(init, backbone))
+    return out
+
+
 def feature_chains(config: dict) -> dict[str, list[str]]:
     """``{backbone: cached stages}``: the probes' chain, and every stage of each searched backbone
     (the proxies score the last one). Chains only grow at their end, so no cached stage changes."""

@@ -98,12 +98,16 @@ class TrainConfig:
         default="",
         metadata={"help": "continue a finished run (a --keep-state checkpoint of the same config) to --epochs"},
     )
+    partition: str = field(
+        default="", metadata={"help": "train on this split file instead of <data>/train.pt (a data partition)"}
+    )
 
 
 # Knobs that may change when a killed run resumes (they do not change its results on one device).
 RESUMABLE = {"threads", "device", "workers", "eval_batch_size", "channels_last", "compile", "plans", "auto"}
-# Knobs that may differ between a run and the run it continues (successive-halving rungs).
-CONTINUABLE = {"epochs", "out", "record", "run_id", "name", "continue_from", "keep_state"}
+# Knobs that may differ between a run and the run it continues (successive-halving rungs; a model
+# hopping over data partitions, one sub-epoch per partition file).
+CONTINUABLE = {"epochs", "out", "record", "run_id", "name", "continue_from", "keep_state", "partition"}
 KINDS = ("policy", "probe", "source", "candidate")
 # Image-model knobs a linear probe on cached activations never uses; its record leaves them out.
 PROBE_UNUSED = {"weights", "freeze", "resolution", "augment", "precision", "channels_last", "compile",
@@ -263,6 +267,8 @@ def check_settings(config: TrainConfig) -> None:
         raise TrainingError(f"unknown kind {config.kind!r}; use one of {', '.join(KINDS)}")
     if config.data_path not in ("memory", "naive"):
         raise TrainingError(f"unknown data path {config.data_path!r}; use memory or naive")
+    if config.partition and (config.data_path != "memory" or config.kind == "probe"):
+        raise TrainingError("--partition needs the memory data path and an image model (not a probe)")
     if config.kind == "probe":
         if not (config.features and config.layer):
             raise TrainingError("a probe needs --features (a cached layer's folder) and --layer (its name)")
@@ -297,7 +303,10 @@ def load_splits(config: TrainConfig, device: torch.device) -> Splits:
     t0 = time.perf_counter()
     data_dir = Path(config.data)
     names = ["train", "val"] + (["test"] if (data_dir / "test.pt").is_file() else [])
-    tensors = {split: load_split(data_dir / f"{split}.pt") for split in names}
+    files = {split: data_dir / f"{split}.pt" for split in names} | (
+        {"train": config.partition} if config.partition else {}
+    )
+    tensors = {split: load_split(files[split]) for split in names}
     num_classes = int(max(tensors["train"][1].max(), tensors["val"][1].max())) + 1
     subset_file = data_dir / "subset.json"
     subset = json.loads(subset_file.read_text()) if subset_file.is_file() else None
