@@ -551,7 +551,7 @@ def train(config: TrainConfig, log=print) -> dict:
     check_settings(config)
     device = resolve_device(config.device)
     splits = load_splits(config, device)
-    config = resolve_batch_size(config, len(splits.tensors["train"][1]))
+    config = resolve_batch_size(config, training_images(config, splits))
     config, plan_note = resolve_plan(config, device, len(splits.tensors["train"][1]), log)
     if config.threads > 0:
         torch.set_num_threads(config.threads)
@@ -593,6 +593,14 @@ def auto_batch_size(images: int) -> int:
     while size * 2 <= min(256, images // 16):
         size *= 2
     return size
+
+
+def training_images(config: TrainConfig, splits: Splits) -> int:
+    """Training images of the run: with a data partition, the whole training split's (from subset.json)."""
+    if config.partition and splits.subset:
+        sizes = splits.subset["sizes"]
+        return (sizes["train_per_class"] - sizes["val_per_class"]) * len(splits.subset["classes"])
+    return len(splits.tensors["train"][1])
 
 
 def resolve_batch_size(config: TrainConfig, images: int) -> TrainConfig:
