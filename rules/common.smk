@@ -334,6 +334,7 @@ def notebook_inputs(wildcards):
         "notebook": f"{workflow.basedir}/notebooks/solution.ipynb",
         "runs": "results/tables/runs.csv",
         "curves": "results/tables/curves.csv",
+        "plans": "results/tables/plans.csv",
         "figures": [
             f"results/figures/{f}.png" for f in (FIGURES if full else STUDY_FIGURES)
         ],
