@@ -74,7 +74,16 @@ OPTIMIZATIONS = "results/tables/optimizations.csv"
 # GPUs each training/extraction job asks for: none on device cpu, else one. A local run's
 # --resources gpu=N caps the total (gpu=0 lowers it to 0, so device auto runs on the CPU); on SLURM
 # the profile's set-resources decide. The job claims its GPU itself (tlselect.gpus, --gpus).
+# With gpu_jobs_per_device N, up to N jobs share one GPU and --resources gpu counts GPU slots (GPUs x N).
 GPU = 0 if config["device"] == "cpu" else 1
+
+
+def gpu_flags(wildcards, resources):
+    """--gpus: the job's gpu resource, or 1 for a SLURM share of a GPU (gres shard or mps); jobs per GPU."""
+    gpus = resources.gpu or int(
+        bool(re.match(r"(shard|mps)\b", str(resources.get("gres", ""))))
+    )
+    return f"--gpus {gpus} --gpu-jobs-per-device {config['gpu_jobs_per_device']}"
 
 
 def one_of(names):
