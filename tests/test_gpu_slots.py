@@ -8,6 +8,7 @@ start-up; the rules ask for one unless device is cpu.
 import os
 import re
 import selectors
+import shlex
 import signal
 import subprocess
 import sys
@@ -250,3 +251,16 @@ def test_slurm_profile_sets_the_gpus_of_every_rule_that_asks_for_one(dry_run):
     assert {"train", "pretrain_source", "extract_features", "probe", "search_grid", "search_next_rung"} <= gpu_rules
     assert gpu_rules == {rule for rule, resources in profile["set-resources"].items() if "gpu" in resources}
     assert "resources" not in yaml.safe_load((REPO / "profiles/default/config.yaml").read_text())  # read on SLURM too
+
+
+def test_gpu_study_script_prints_one_study_per_jobs_per_gpu_setting(tmp_path):
+    """scripts/gpu_study.sh --dry-run: the study it would run per setting, nothing run or written."""
+    command = ["bash", str(REPO / "scripts/gpu_study.sh"), "--dry-run", str(tmp_path / "a.tar.gz"), str(tmp_path / "o")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    studies = [shlex.split(line[2:]) for line in result.stdout.splitlines() if " -m snakemake " in line]
+    assert len(studies) == 4 and not (tmp_path / "o").exists()
+    for n, study in zip((1, 2, 4, 8), studies, strict=True):
+        assert f"gpu={n}" in study and f"gpu_jobs_per_device={n}" in study and "search={enabled: true}" in study
+        assert f"data={{archive: {tmp_path / 'a.tar.gz'}}}" in study
+        assert study[study.index("--directory") + 1] == str(tmp_path / f"o/work/j{n}")
