@@ -53,17 +53,20 @@ optimizer = T.build_optimizer(config, [p for p in model.parameters() if p.requir
 state = T.TrainingState(config, model, optimizer, torch.Generator().manual_seed(0), len(splits.tensors["train"][1]))
 batches = T.batch_source(config, splits, state.generator)
 one = lambda split, shuffled=False: itertools.islice(batches(split, shuffled), 1)
+scaler = torch.amp.GradScaler("cpu", enabled=False)
 steps = []
 for _ in range(3):
-    t = time.perf_counter(); T.fit_epoch(state, model, one, 0, 17, None, device); steps.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    T.fit_epoch(state, model, one, 0, 17, scaler, device)
+    steps.append(time.perf_counter() - t)
 times["first-step warm-up"] = steps[0] - min(steps[1:])
 t = time.perf_counter(); T.save_torch(T.resume_path(config), state.snapshot())
 times["resume file (each epoch)"] = time.perf_counter() - t
 state.curves.append({"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.1, "val_loss": 1.0, "val_accuracy": 0.1,
                      "lr": 0.1, "train_seconds": 1.0, "eval_seconds": 1.0, "images": 256})
 t = time.perf_counter()
-record = T.make_record(state, "completed", splits, note, (None, None), {"data_seconds": 0.0, "cache_seconds": 0.0},
-                       device, None)
+timings = {"data_seconds": 0.0, "cache_seconds": 0.0, "wall_seconds": 1.0}
+record = T.make_record(state, "completed", splits, note, (None, None), timings, device, None)
 T.save_checkpoint(state, "completed", None)
 write_record(config.record, record)
 times["checkpoint and record"] = time.perf_counter() - t
@@ -87,9 +90,9 @@ rule c:
 """
 
 
-def run(command, **kwargs) -> tuple[float, subprocess.CompletedProcess]:
+def run(command, cwd=REPO) -> tuple[float, subprocess.CompletedProcess]:
     start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, **kwargs)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd)
     if result.returncode:
         raise SystemExit(f"{' '.join(map(str, command))} failed:\n{result.stderr[-3000:]}")
     return time.perf_counter() - start, result
@@ -112,9 +115,9 @@ torch.save(StagedNet("resnet18", {classes}, 32).net.state_dict(), "{folder}/sour
 
 
 def slowest_imports(stderr: str, count: int = 8) -> list[tuple[str, float]]:
-    """The top-level packages with the largest cumulative import time in ``-X importtime`` output."""
-    rows = re.findall(r"import time:\s+\d+ \|\s+(\d+) \| ( *)(\S+)", stderr)
-    top = [(name, int(cumulative) / 1e6) for cumulative, indent, name in rows if len(indent) <= 1]
+    """The packages (no submodules) with the largest cumulative import time in ``-X importtime`` output."""
+    rows = re.findall(r"import time:\s+\d+ \|\s+(\d+) \| +(\S+)", stderr)
+    top = [(name, int(cumulative) / 1e6) for cumulative, name in rows if "." not in name and name != "tlselect"]
     return sorted(top, key=lambda row: -row[1])[:count]
 
 
@@ -126,22 +129,22 @@ def snakemake_gaps(folder: Path) -> list[float]:
     return [stamps[i + 1][0] - stamps[i][1] for i in range(2)]
 
 
-def measure(threads: int, epochs: int) -> dict:
+def measure(threads: int, epochs: int, repo: Path = REPO) -> dict:
     with tempfile.TemporaryDirectory(prefix="fixed-cost-") as tmp:
         folder = Path(tmp)
         data, weights = synthetic_inputs(folder)
         bare, _ = run([sys.executable, "-c", "pass"])
-        imports, _ = run([sys.executable, "-c", IMPORTS])
-        _, timed = run([sys.executable, "-X", "importtime", "-c", IMPORTS])
+        imports, _ = run([sys.executable, "-c", IMPORTS], repo)
+        _, timed = run([sys.executable, "-X", "importtime", "-c", IMPORTS], repo)
         (folder / "steps").mkdir()
-        _, steps = run([sys.executable, "-c", STEPS, data, weights, folder / "steps", str(threads)])
+        _, steps = run([sys.executable, "-c", STEPS, data, weights, folder / "steps", str(threads)], repo)
         (folder / "job").mkdir()
         job = [
             sys.executable, "scripts/train.py", "--data", data, "--weights", weights, "--init", "source",
             "--epochs", str(epochs), "--threads", str(threads), "--device", "cpu",
             "--out", folder / "job/m.pt", "--record", folder / "job/m.json",
         ]  # fmt: skip
-        wall, _ = run(job)
+        wall, _ = run(job, repo)
         record = json.loads((folder / "job/m.json").read_text())
         inside = record["timings"]["train_seconds"] + record["timings"]["eval_seconds"]
         (folder / "chain").mkdir()
@@ -159,24 +162,40 @@ def measure(threads: int, epochs: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the job (the rules' threads)")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs of the whole job")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs of the whole job")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per checkout; each number is its fastest run")
+    parser.add_argument(
+        "--repos", type=Path, nargs="+", default=[REPO], help="checkouts to compare, run in turn (default: this one)"
+    )
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     args = parser.parse_args(argv)
-    result = measure(args.threads, args.epochs)
+    repos = [repo.resolve() for repo in args.repos]
+    runs = {repo: [] for repo in repos}
+    for _ in range(args.repeat):
+        for repo in repos:  # in turn, so a busy spell of a shared machine hits every checkout alike
+            runs[repo].append(measure(args.threads, args.epochs, repo))
+    best = {repo: fastest(results) for repo, results in runs.items()}
     if args.json:
-        print(json.dumps(result, indent=1))
+        print(json.dumps({str(repo): result for repo, result in best.items()}, indent=1))
         return 0
-    print("| part | seconds |\n|---|---:|")
-    for name, seconds in result["parts"].items():
-        print(f"| {name} | {seconds:.2f} |")
-    job, gap = result["job"], result["parts"]["Snakemake's gap between jobs"]
-    print(
-        f"\nWhole job ({job['epochs']} epochs): {job['wall']:.2f} s, of which training and validation "
-        f"{job['train_and_eval']:.2f} s, outside them {job['outside']:.2f} s "
-        f"(plus Snakemake's gap, {gap:.2f} s)."
-    )
-    print("\nSlowest imports (cumulative s): " + ", ".join(f"{n} {s:.2f}" for n, s in result["slowest_imports"]))
+    print("| part | " + " | ".join(f"{repo} s" for repo in repos) + " |\n|---|" + "---:|" * len(repos))
+    for name in best[repos[0]]["parts"]:
+        print(f"| {name} | " + " | ".join(f"{best[repo]['parts'][name]:.2f}" for repo in repos) + " |")
+    for label, key in (("whole job, wall", "wall"), ("of it training and validation", "train_and_eval")):
+        print(f"| {label} | " + " | ".join(f"{best[repo]['job'][key]:.2f}" for repo in repos) + " |")
+    print("| **whole job outside training and validation** | " + " | ".join(
+        f"**{best[repo]['job']['outside']:.2f}**" for repo in repos) + " |")  # fmt: skip
+    print(f"\nWhole job: scripts/train.py, {args.epochs} epoch(s); fastest of {args.repeat} run(s) per number.")
+    imports = best[repos[-1]]["slowest_imports"]
+    print("Slowest imports (cumulative s): " + ", ".join(f"{n} {s:.2f}" for n, s in imports))
     return 0
+
+
+def fastest(results: list[dict]) -> dict:
+    """Each number's smallest value over ``results`` (the outside of the job: from the fastest whole job)."""
+    job = min((r["job"] for r in results), key=lambda j: j["outside"])
+    parts = {name: min(r["parts"][name] for r in results) for name in results[0]["parts"]}
+    return {"parts": parts, "job": job, "slowest_imports": results[0]["slowest_imports"]}
 
 
 if __name__ == "__main__":

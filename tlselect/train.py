@@ -507,7 +507,8 @@ def fit(state: TrainingState, forward, batches, first_epoch: int, scaler, device
         if not math.isfinite(train_loss):
             log(f"[{config.run_id}] training loss is {train_loss}: the run diverged; lower the learning rate")
             return "diverged"
-        save_torch(resume_path(config), state.snapshot())
+        if epoch + 1 < config.epochs:  # after the last one, the checkpoint follows at once
+            save_torch(resume_path(config), state.snapshot())
     return "completed"
 
 
