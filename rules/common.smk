@@ -1,5 +1,6 @@
 # Config validation, the run specs (tlselect.runs), every result path and the input functions
 # the other files share. Paths live here and in the rules only; scripts get them as arguments.
+import functools
 import os
 import re
 import sys
@@ -105,7 +106,16 @@ MOP_OUTPUTS = [
 # GPUs each training/extraction job asks for: none on device cpu, else one. A local run's
 # --resources gpu=N caps the total (gpu=0 lowers it to 0, so device auto runs on the CPU); on SLURM
 # the profile's set-resources decide. The job claims its GPU itself (tlselect.gpus, --gpus).
+# With gpu_jobs_per_device N, up to N jobs share one GPU and --resources gpu counts GPU slots (GPUs x N).
 GPU = 0 if config["device"] == "cpu" else 1
+
+
+def gpu_flags(wildcards, resources):
+    """--gpus: the job's gpu resource, or 1 for a SLURM share of a GPU (gres shard or mps); jobs per GPU."""
+    gpus = resources.gpu or int(
+        bool(re.match(r"(shard|mps)\b", str(resources.get("gres", ""))))
+    )
+    return f"--gpus {gpus} --gpu-jobs-per-device {config['gpu_jobs_per_device']}"
 
 
 def one_of(names):
@@ -284,19 +294,23 @@ def first_rung_candidate(wildcards):
     ]
 
 
+@functools.cache
+def bracket_weights(method, bracket):
+    """The weights files any candidate of a bracket may start from (computed once per bracket)."""
+    weights = {POOL[c].weights for c in PLAN[method][int(bracket)].candidates}
+    return sorted(weights_file(*w) for w in weights if w)
+
+
 def next_rung_inputs(wildcards):
-    """The promotion file and every checkpoint of the previous rung (which slot continues which is
-    decided at run time), the data and the weights files the candidates may start from.
+    """The promotion file, the data and the weights files the candidates may start from. Which
+    checkpoint a slot continues is decided at run time: the promote job declares the previous
+    rung's records and checkpoints and names one in the promotion file, so each slot job has a
+    few inputs, not the whole previous rung (which would make the DAG quadratic in the pool).
     """
-    previous = (wildcards.method, wildcards.bracket, int(wildcards.rung) - 1)
-    plan = PLAN[wildcards.method][int(wildcards.bracket)]
-    weights = {POOL[c].weights for c in plan.candidates if POOL[c].weights}
     return {
         "promoted": f"{RUNG.format(**wildcards)}/promoted.json",
-        "records": rung_slots(*previous),
-        "checkpoints": rung_slots(*previous, suffix=".pt"),
         **subset_files(),
-        "weights": sorted(weights_file(*w) for w in weights),
+        "weights": bracket_weights(wildcards.method, wildcards.bracket),
     }
 
 

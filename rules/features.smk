@@ -22,6 +22,7 @@ rule extract_features:
         **TRAINING_RESOURCES
         | {"mem_mb": lambda wildcards, attempt: 2000 * attempt, "runtime": 60},
     params:
+        gpus=gpu_flags,
         script=script("extract_features.py"),
         args=feature_args,
         out=lambda wildcards, output: os.path.dirname(output[0]),
@@ -32,5 +33,5 @@ rule extract_features:
         ),
     shell:
         "python {params.script} --backbone {wildcards.backbone} --layer {wildcards.layer} "
-        "--out {params.out} {params.args} {params.settings} --gpus {resources.gpu} "
+        "--out {params.out} {params.args} {params.settings} {params.gpus} "
         "--threads {threads} 2>&1 | tee {log}"

@@ -2,8 +2,9 @@
 # cached features, the full grid (random search is a seeded sample of its runs), successive halving
 # (sh) and Hyperband (hb). Rungs are unrolled statically: rung 0 of a bracket trains its candidates
 # for the first rung's epochs; a promote job ranks rung k-1's records on validation accuracy and
-# names which candidate each slot of rung k holds; the slot job continues that candidate's rung k-1
-# checkpoint. The replay runs every method again, for many seeds, on the grid's records
+# names which candidate each slot of rung k holds (the promote job declares rung k-1's records and
+# checkpoints; a slot job declares only the promotion file); the slot job continues that candidate's
+# rung k-1 checkpoint. The replay runs every method again, for many seeds, on the grid's records
 # (tlselect.replay).
 
 
@@ -18,7 +19,7 @@ use rule train as search_grid with:
     benchmark:
         "results/benchmarks/search/grid/{candidate}.tsv"
     wildcard_constraints:
-        candidate=one_of(POOL),
+        candidate=r"[^/]+",  # only this rule writes results/search/grid/; one_of(POOL) would slow large pools
     priority: 0
     params:
         args=lambda wildcards, input: train_args(
@@ -54,8 +55,11 @@ use rule train as search_first_rung with:
 
 rule search_promote:
     input:
-        lambda wildcards: rung_slots(
+        records=lambda wildcards: rung_slots(
             wildcards.method, wildcards.bracket, int(wildcards.rung) - 1
+        ),
+        checkpoints=lambda wildcards: rung_slots(
+            wildcards.method, wildcards.bracket, int(wildcards.rung) - 1, ".pt"
         ),
     output:
         "results/search/{method}/b{bracket}/rung{rung}/promoted.json",
@@ -76,7 +80,7 @@ rule search_promote:
             int(wildcards.rung)
         ],
     shell:
-        "python {params.script} promote {input} --keep {params.keep} --out {output} 2>&1 | tee {log}"
+        "python {params.script} promote {input.records} --keep {params.keep} --out {output} 2>&1 | tee {log}"
 
 
 use rule train as search_next_rung with:

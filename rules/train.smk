@@ -21,13 +21,14 @@ rule train:
     resources:
         **TRAINING_RESOURCES,
     params:
+        gpus=gpu_flags,
         script=script("train.py"),
         args=lambda wildcards, input: train_args(RUNS[wildcards.run_id], input),
         run_id="{run_id}",
         device=config["device"],
     shell:
         "python {params.script} {params.args} --out {output.model} --record {output.record} "
-        "--run-id {params.run_id} --device {params.device} --gpus {resources.gpu} "
+        "--run-id {params.run_id} --device {params.device} {params.gpus} "
         "--threads {threads} 2>&1 | tee {log}"
 
 

@@ -43,12 +43,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--gpus", type=int, default=None, help="GPUs given to this job, claimed before CUDA starts (0: hide all)"
     )
+    parser.add_argument("--gpu-jobs-per-device", type=int, default=1, help="jobs sharing one GPU at most")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     inputs_dir, out_dir = Path(args.inputs), Path(args.out)
-    assign(args.gpus, args.device)
+    assign(args.gpus, args.device, per_device=args.gpu_jobs_per_device)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     model = StagedNet(args.backbone, 2, args.resolution)

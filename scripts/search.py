@@ -53,7 +53,7 @@ def continue_slot(args) -> int:
             "threads": args.threads,
         }
     )
-    assign(args.gpus, config.device)
+    assign(args.gpus, config.device, per_device=args.gpu_jobs_per_device)
     record = train(config)
     write_record(config.record, record)
     return 0
@@ -175,6 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--run-id", required=True)
     p.add_argument("--device", default="auto")
     p.add_argument("--gpus", type=int, default=None)
+    p.add_argument("--gpu-jobs-per-device", type=int, default=1, help="jobs sharing one GPU at most")
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(run=continue_slot)
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Train one run on decoded subset tensors (a probe: on one cached layer); write its checkpoint and record.
 
-Every field of ``tlselect.train.TrainConfig`` is a flag; see ``--help``. One more, --gpus N: the
+Every field of ``tlselect.train.TrainConfig`` is a flag; see ``--help``. Two more: --gpus N, the
 GPUs the scheduler gave this job (a rule passes its gpu resource); they are claimed before CUDA
 starts, N=0 hides every GPU (tlselect.gpus). Without it the run sees the GPUs its environment shows.
+--gpu-jobs-per-device M: at most M jobs share one GPU (default 1).
 """
 
 import argparse
@@ -20,9 +21,10 @@ from tlselect.train import config_from_args, train
 def main(argv=None) -> int:
     gpus = argparse.ArgumentParser(add_help=False)
     gpus.add_argument("--gpus", type=int, default=None)
+    gpus.add_argument("--gpu-jobs-per-device", type=int, default=1, help="jobs sharing one GPU at most")
     known, rest = gpus.parse_known_args(argv)
     config = config_from_args(rest, __doc__)
-    assign(known.gpus, config.device)
+    assign(known.gpus, config.device, per_device=known.gpu_jobs_per_device)
     record = train(config)
     if config.record:
         write_record(config.record, record)

@@ -1,12 +1,14 @@
 """Local GPU assignment (tlselect.gpus), on the CPU with simulated devices ($TLSELECT_GPU_SLOTS).
 
-Concurrent jobs get distinct GPUs, a job beyond the pool waits, a killed job's GPU is reclaimed at
-once; the training scripts claim their GPU at start-up; the rules ask for one unless device is cpu.
+Concurrent jobs get distinct GPUs (or, with N jobs per GPU, at most N share one), a job beyond the
+pool waits, a killed job's GPU is reclaimed at once; the training scripts claim their GPU at
+start-up; the rules ask for one unless device is cpu.
 """
 
 import os
 import re
 import selectors
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,7 +22,8 @@ from tlselect import gpus
 
 # A stand-in job: claims the GPUs it was given, prints what it sees, then runs until killed.
 JOB = (
-    "import os, sys, time; from tlselect.gpus import assign; assign(int(sys.argv[1]), 'auto'); "
+    "import os, sys, time; from tlselect.gpus import assign; "
+    "assign(int(sys.argv[1]), 'auto', per_device=int(sys.argv[2])); "
     "print(os.environ['CUDA_VISIBLE_DEVICES'], flush=True); time.sleep(600)"
 )
 
@@ -35,9 +38,13 @@ def slots(tmp_path, monkeypatch):
     return dict(os.environ)
 
 
-def start_job(env, count=1):
+def start_job(env, count=1, per_device=1):
     return subprocess.Popen(
-        [sys.executable, "-c", JOB, str(count)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", JOB, str(count), str(per_device)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -90,6 +97,32 @@ def test_parallel_jobs_get_distinct_gpus_and_a_killed_jobs_gpu_is_reclaimed(slot
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert first_line(waiting, 15) == seen[1]  # the kernel dropped the killed job's lock
+
+
+def test_with_two_jobs_per_gpu_jobs_spread_then_share_and_never_three_on_one(slots, jobs, monkeypatch):
+    slots[gpus.SLOTS_ENV] = "2"
+    seen = []
+    for _ in range(4):  # one at a time: the claim order is deterministic
+        jobs.append(start_job(slots, 1, per_device=2))
+        seen.append(first_line(jobs[-1], 30))
+    assert seen == ["0", "1", "0", "1"]  # every GPU once before any twice
+
+    waiting = start_job(slots, 1, per_device=2)
+    jobs.append(waiting)
+    message = gpu_message(waiting, 30)  # both slots of both GPUs are held: a fifth job waits
+    assert message is not None and message.startswith("gpus: waiting for 1 free GPU(s)"), message
+    assert "GPU 1 slot 1: pid" in message
+    assert first_line(waiting, 0) is None
+
+    jobs[3].send_signal(signal.SIGKILL)  # held GPU 1's second slot
+    jobs[3].wait()
+    assert first_line(waiting, 15) == "1"
+
+    monkeypatch.setenv(gpus.SLOTS_ENV, "2")
+    with pytest.raises(gpus.GPUError, match="no 1 free GPU"):
+        gpus.claim(1, timeout=0.3, poll=0.1, log=lambda message: None, per_device=2)
+    with pytest.raises(gpus.GPUError, match="at least 1"):
+        gpus.claim(1, per_device=0)
 
 
 def test_a_job_with_two_gpus_gets_two_free_ones(slots, jobs):
@@ -202,6 +235,14 @@ def test_rules_ask_for_a_gpu_unless_device_is_cpu(dry_run):
     assert dry_run("--config", "device=cpu")[0] == {0}
 
 
+def test_rules_pass_jobs_per_gpu_and_a_slurm_share_is_one_gpu(dry_run):
+    given, output = dry_run("--config", "device=auto", "gpu_jobs_per_device=4")
+    assert given == {1} and "--gpu-jobs-per-device 4" in output and "--gpu-jobs-per-device 1" not in output
+    shard = ("--set-resources", "train:gpu=0", "train:gres=shard:1", "probe:gres=mps:50")
+    rules = gpus_by_rule(dry_run("--config", "device=auto", *shard)[1])
+    assert rules["train"] == {1} and rules["probe"] == {1}  # SLURM's share of a GPU is the job's GPU
+
+
 def test_slurm_profile_sets_the_gpus_of_every_rule_that_asks_for_one(dry_run):
     """A GPU rule missing from set-resources would ask SLURM for a GPU on any cluster (device auto)."""
     _, output = dry_run("--config", "device=auto")
@@ -210,3 +251,16 @@ def test_slurm_profile_sets_the_gpus_of_every_rule_that_asks_for_one(dry_run):
     assert {"train", "pretrain_source", "extract_features", "probe", "search_grid", "search_next_rung"} <= gpu_rules
     assert gpu_rules == {rule for rule, resources in profile["set-resources"].items() if "gpu" in resources}
     assert "resources" not in yaml.safe_load((REPO / "profiles/default/config.yaml").read_text())  # read on SLURM too
+
+
+def test_gpu_study_script_prints_one_study_per_jobs_per_gpu_setting(tmp_path):
+    """scripts/gpu_study.sh --dry-run: the study it would run per setting, nothing run or written."""
+    command = ["bash", str(REPO / "scripts/gpu_study.sh"), "--dry-run", str(tmp_path / "a.tar.gz"), str(tmp_path / "o")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    studies = [shlex.split(line[2:]) for line in result.stdout.splitlines() if " -m snakemake " in line]
+    assert len(studies) == 4 and not (tmp_path / "o").exists()
+    for n, study in zip((1, 2, 4, 8), studies, strict=True):
+        assert f"gpu={n}" in study and f"gpu_jobs_per_device={n}" in study and "search={enabled: true}" in study
+        assert f"data={{archive: {tmp_path / 'a.tar.gz'}}}" in study
+        assert study[study.index("--directory") + 1] == str(tmp_path / f"o/work/j{n}")

@@ -145,3 +145,13 @@ def test_the_study_goes_before_the_search_and_the_benchmark(full_dry_run):
     assert study | later <= set(priorities)
     assert min(min(priorities[r]) for r in study) > max(max(priorities[r]) for r in later)
     assert "results/report/study.html" in full_dry_run.stdout and "results/report/solution.html" in full_dry_run.stdout
+
+
+@pytest.mark.parametrize("size", [100, 1000])
+def test_dag_scale_pools_have_the_size_they_name(size):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import dag_scale
+
+    config = load_default()
+    config["search"].update(dag_scale.overlay(size)["search"])
+    assert len(runs.candidate_runs(config)) == size

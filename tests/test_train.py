@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tlselect.registry import read_record, validate_record, write_record
-from tlselect.train import TrainConfig, TrainingError, augment_batch, train
+from tlselect.train import TrainConfig, TrainingError, TrainingState, augment_batch, train
 
 
 def config(tensor_data, tmp_path, **kw):
@@ -146,3 +146,21 @@ def test_a_probe_trains_on_cached_features_and_records_only_what_it_uses(tensor_
     assert record["metrics"]["val_accuracy"] > 0.9
     with pytest.raises(TrainingError, match="needs --features"):
         train(dataclasses.replace(probe, features=""), log=quiet)
+
+
+def test_resume_file_holds_cudas_rng_state_only_when_cuda_runs(monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    state = TrainingState(TrainConfig(), model, torch.optim.SGD(model.parameters(), lr=0.1), torch.Generator(), 8)
+    assert not torch.cuda.is_initialized() and "cuda_rng" not in state.snapshot()  # a CPU run
+
+    restored = []  # on a GPU: every device's state is saved and put back (simulated here)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.tensor([1, 2], dtype=torch.uint8)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda rng, index: restored.append((rng.tolist(), index)))
+    saved = state.snapshot()
+    assert saved["cuda_rng"][0].tolist() == [1, 2]
+    assert state.restore(saved) == 0 and restored == [([1, 2], 0)]
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # a GPU run's file resumed on the CPU
+    assert state.restore(saved) == 0 and len(restored) == 1

@@ -59,11 +59,14 @@ def save_torch(target: str | os.PathLike, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
-def load_torch(path: str | os.PathLike, map_location: str = "cpu") -> Any:
-    """Load a file written by :func:`save_torch`; never executes pickled code."""
+def load_torch(path: str | os.PathLike, map_location: str = "cpu", mmap: bool = False) -> Any:
+    """Load a file written by :func:`save_torch`; never executes pickled code.
+
+    ``mmap``: tensors map the file (copy-on-write) instead of being read into memory at once.
+    """
     import torch
 
-    return torch.load(path, map_location=map_location, weights_only=True)
+    return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 def _umask() -> int:

@@ -379,7 +379,7 @@ def load_split(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 images, int64 labels) of one decoded split file."""
     if not Path(path).is_file():
         raise DataError(f"decoded split {path} is missing; run the workflow's subset step first")
-    data = load_torch(path)
+    data = load_torch(path, mmap=True)  # read once, by the pages used
     return data["images"], data["labels"]
 
 

@@ -378,12 +378,14 @@ class TrainingState:
     curves: list[dict] = field(default_factory=list)
 
     def snapshot(self) -> dict:
+        cuda = torch.cuda.is_initialized()  # a CPU run never starts CUDA here: its file has no cuda_rng
         return {
             "config": asdict(self.config),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state_all()} if cuda else {}),
             "curves": self.curves,
         }
 
@@ -393,6 +395,9 @@ class TrainingState:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.generator.set_state(saved["generator"])
         torch.set_rng_state(saved["torch_rng"])  # dropout (e.g. mobilenet's head) draws from it
+        if "cuda_rng" in saved and torch.cuda.is_initialized():  # dropout on the GPU draws from CUDA's
+            for index, rng in enumerate(saved["cuda_rng"][: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(rng, index)
         self.curves[:] = saved["curves"]
         return len(self.curves)
 
@@ -528,7 +533,8 @@ def fit(state: TrainingState, forward, batches, first_epoch: int, scaler, device
         if not math.isfinite(train_loss):
             log(f"[{config.run_id}] training loss is {train_loss}: the run diverged; lower the learning rate")
             return "diverged"
-        save_torch(resume_path(config), state.snapshot())
+        if epoch + 1 < config.epochs:  # after the last one, the checkpoint follows at once
+            save_torch(resume_path(config), state.snapshot())
     return "completed"
 
 
