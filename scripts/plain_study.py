@@ -124,11 +124,12 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the inits, shuffling and augmentation")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     wall = time.perf_counter()
     source_data, source_classes = loaders(Path(args.source_subset), args.batch_size, args.workers)
     source_model = torchvision.models.resnet18(num_classes=source_classes)
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
     data, classes = loaders(Path(args.subset), args.batch_size, args.workers)
     for name in args.policies:
         init, frozen = POLICIES[name]
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         model = torchvision.models.resnet18(num_classes=classes)
         if init == "source":
             model.load_state_dict(weights, strict=False)
