@@ -131,10 +131,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     wall = time.perf_counter()
-    source_data, source_classes = loaders(Path(args.source_subset), args.batch_size, args.workers)
-    source_model = torchvision.models.resnet18(num_classes=source_classes)
-    results = {"source": run("source", source_model, source_data, args.source_epochs, args.lr)}
-    weights = {k: v for k, v in source_model.state_dict().items() if not k.startswith("fc.")}
+    results, weights = {}, {}
+    if any(POLICIES[name][0] == "source" for name in args.policies):
+        source_data, source_classes = loaders(Path(args.source_subset), args.batch_size, args.workers)
+        source_model = torchvision.models.resnet18(num_classes=source_classes)
+        results["source"] = run("source", source_model, source_data, args.source_epochs, args.lr)
+        weights = {k: v for k, v in source_model.state_dict().items() if not k.startswith("fc.")}
     data, classes = loaders(Path(args.subset), args.batch_size, args.workers)
     for name in args.policies:
         init, frozen = POLICIES[name]

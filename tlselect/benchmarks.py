@@ -180,7 +180,8 @@ def training_suite(base: TrainConfig, accuracy_epochs: int, log=print) -> list[d
             note += "; plan: " + ", ".join(f"{k}={record['config'][k]}" for k in KNOBS)
         rows.append(row("training", name, baseline_name, 1 / ips, 1 / base_ips, None, peak, base_peak, note))
 
-    chosen = TrainConfig(**{**dataclasses.asdict(fast), **{k: measured[CHOSEN][2]["config"][k] for k in KNOBS}})
+    resolved = measured[CHOSEN][2]["config"]  # the plan's knobs, and the batch size and lr of batch_size auto
+    chosen = TrainConfig(**{**dataclasses.asdict(fast), **{k: resolved[k] for k in (*KNOBS, "batch_size", "lr")}})
     bare = bare_loop_images_per_second(dataclasses.replace(chosen, auto=""))
     trainer_ips = measured[CHOSEN][0]
     rows.append(
