@@ -20,6 +20,8 @@ from pathlib import Path
 import yaml
 from _cli import cli
 
+from tlselect.atomic import write_text
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -44,11 +46,11 @@ def dry_run(workdir: Path, candidates: int, repo: Path = REPO) -> dict:
     """Wall and CPU seconds, peak RSS (MB), jobs of ``snakemake -n`` for ``candidates`` (0: a one-rule workflow)."""
     command = [sys.executable, "-m", "snakemake", "-n", "--directory", str(workdir)]
     if candidates:
-        (workdir / "scale.yaml").write_text(yaml.safe_dump(overlay(candidates)))
+        write_text(workdir / "scale.yaml", yaml.safe_dump(overlay(candidates)))
         command += ["--snakefile", str(repo / "Snakefile"), "--configfile", str(repo / "config.yaml")]
         command += [str(workdir / "scale.yaml")]
     else:
-        (workdir / "Snakefile").write_text('rule all:\n    shell: "true"\n')
+        write_text(workdir / "Snakefile", 'rule all:\n    shell: "true"\n')
         command += ["--snakefile", str(workdir / "Snakefile"), "--forceall"]
     with open(workdir / "dry-run.log", "w") as log:
         start = time.monotonic()

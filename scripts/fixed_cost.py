@@ -29,6 +29,8 @@ from pathlib import Path
 
 from _cli import cli
 
+from tlselect.atomic import write_text
+
 REPO = Path(__file__).resolve().parent.parent
 IMPORTS = "import tlselect.train, tlselect.registry"
 
@@ -123,7 +125,7 @@ def slowest_imports(stderr: str, count: int = 8) -> list[tuple[str, float]]:
 
 def snakemake_gaps(folder: Path) -> list[float]:
     """Seconds from each job's end to the next one's start in a three-job shell chain."""
-    (folder / "Snakefile").write_text(CHAIN)
+    write_text(folder / "Snakefile", CHAIN)
     run([sys.executable, "-m", "snakemake", "--cores", "2", "--snakefile", folder / "Snakefile", "-d", folder])
     stamps = [[float(x) for x in (folder / f"{job}.txt").read_text().split()] for job in "abc"]
     return [stamps[i + 1][0] - stamps[i][1] for i in range(2)]

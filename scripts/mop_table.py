@@ -14,6 +14,7 @@ from pathlib import Path
 
 from _cli import cli
 
+from tlselect.atomic import write_text
 from tlselect.mop import compare
 
 HEADER = (
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
         f"randomized scheduler seed {args.seed}"
     )
     text = f"# When model hopper parallelism pays (simulated)\n\n`python scripts/mop_table.py`: {setting}.\n\n"
-    out.write_text(text + HEADER + "".join(markdown_row(r) for r in rows))
+    write_text(out, text + HEADER + "".join(markdown_row(r) for r in rows))
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -19,9 +19,12 @@ from pathlib import Path
 
 import torch
 import torchvision
+from _cli import cli
 from PIL import Image
 from torch import nn
 from torchvision import transforms
+
+from tlselect.atomic import write_json
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -113,6 +116,7 @@ def run(name, model, data, epochs, lr, frozen=()) -> dict:
     return {"seconds": seconds, "val_accuracy": val[-1], "test_accuracy": test, "val_curve": val}
 
 
+@cli
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source-subset", required=True, help="the source task's subset.json")
@@ -146,7 +150,7 @@ def main(argv=None) -> int:
             model.load_state_dict(weights, strict=False)
         results[name] = run(name, model, data, args.epochs, args.lr, frozen)
     results["total_seconds"] = time.perf_counter() - wall
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out, results)
     return 0
 
 

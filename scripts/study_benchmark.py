@@ -28,7 +28,7 @@ from _cli import cli
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tlselect.atomic import write_json  # noqa: E402
+from tlselect.atomic import write_json, write_text  # noqa: E402
 from tlselect.errors import TLSelectError  # noqa: E402
 
 POLICIES = ("scratch", "finetune", "freeze_early", "freeze_most", "linear_probe")
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         extra = yaml.safe_load(Path(args.overlay).read_text()) if args.overlay else {}
         config = merged(overlay(args), extra or {})
-        (workdir / "study.yaml").write_text(yaml.safe_dump(config))
+        write_text(workdir / "study.yaml", yaml.safe_dump(config))
         print("preparing: extracting the archive (not timed) ...", flush=True)
         snakemake(workdir, 1, f"resources/{config['data'].get('name', 'cifar10')}")
         print("the workflow: the whole study with its defaults and the measured plan ...", flush=True)
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"study-benchmark-{label}.md").write_text("\n".join(report) + "\n")
+    write_text(out / f"study-benchmark-{label}.md", "\n".join(report) + "\n")
     write_json(
         out / f"study-benchmark-{label}.json",
         {"plain": plain, "workflow": flow, "plain_wall_seconds": plain_wall, "workflow_wall_seconds": flow_wall,

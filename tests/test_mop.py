@@ -167,3 +167,5 @@ def test_mop_runs_count_sub_epochs_and_check_the_config():
     config["mop"] |= {"policies": ["scratch"], "train": {"schedule": "cosine"}}
     with pytest.raises(ConfigError, match="mop.train.schedule"):
         check(config)
+    config["mop"] |= {"enabled": False, "policies": ["nope"]}  # left off: a study without that policy runs
+    check(config)

@@ -44,11 +44,15 @@ def finite(data: Any) -> Any:
     return data
 
 
+def write_text(target: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``target`` atomically."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(text)
+
+
 def write_json(target: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as indented, strict JSON (non-finite floats as null), atomically."""
-    text = json.dumps(finite(data), indent=2, sort_keys=False, allow_nan=False)
-    with atomic_path(target) as tmp:
-        tmp.write_text(text + "\n")
+    write_text(target, json.dumps(finite(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def save_torch(target: str | os.PathLike, obj: Any) -> None:

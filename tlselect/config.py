@@ -151,12 +151,14 @@ def check(config: dict) -> None:
 
 def _check_mop(config: dict, policies: set[str]) -> None:
     mop = config["mop"]
+    if not mop["enabled"]:  # a config that renames the policies need not touch the mode it leaves off
+        return
     unknown = [name for name in mop["policies"] if name not in policies]
     if unknown:
         raise ConfigError(f"mop.policies: {unknown} are not policies; known: {', '.join(sorted(policies))}")
     if mop["train"].get("schedule", config["train"]["schedule"]) != "constant":
         raise ConfigError("mop.train.schedule: must be constant (each sub-epoch job continues the previous one)")
-    if mop["enabled"] and mop["partitions"] > config["data"]["train_per_class"] - config["data"]["val_per_class"]:
+    if mop["partitions"] > config["data"]["train_per_class"] - config["data"]["val_per_class"]:
         raise ConfigError("mop.partitions: more partitions than training images per class; lower mop.partitions")
 
 
