@@ -23,7 +23,7 @@ def test_the_grid_is_the_pool(config):
     grid = space.grid()
     assert len(grid) == 12 and len(space.arms()) == 6
     assert [candidate_spec(config, p).id for p in grid] == list(candidate_runs(config))
-    assert {(p["weight_decay"], p["batch_size"]) for p in grid} == {(0.0005, 256)}  # the train defaults
+    assert {(p["weight_decay"], p["batch_size"]) for p in grid} == {(0.0005, 0)}  # the train defaults (0: auto)
 
 
 def test_samples_are_seeded_within_bounds_and_conditional(config):
