@@ -201,6 +201,7 @@ def dry_run(tmp_path_factory, tiny_archive):
         "features": {"layers": ["stem"], "inits": ["scratch"]},
         "search": {"enabled": True},
         "benchmarks": {"enabled": True},
+        "mop": {"enabled": True, "partitions": 2},
     }
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
 
