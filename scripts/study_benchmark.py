@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tlselect.atomic import write_json, write_text  # noqa: E402
+from tlselect.config import merged  # noqa: E402
 from tlselect.errors import TLSelectError  # noqa: E402
 
 POLICIES = ("scratch", "finetune", "freeze_early", "freeze_most", "linear_probe")
@@ -49,14 +50,6 @@ def overlay(args) -> dict:
         "search": {"enabled": False},
         "benchmarks": {"enabled": False},
     }  # fmt: skip
-
-
-def merged(base: dict, extra: dict) -> dict:
-    """``base`` with ``extra``'s keys set, nested mappings merged key by key."""
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def snakemake(workdir: Path, cores: int, *targets: str) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import copy
 import dataclasses
 import json
 import os
@@ -34,7 +33,7 @@ from snakemake.utils import validate
 
 from tlselect import data
 from tlselect.atomic import atomic_path, load_torch, write_json
-from tlselect.config import ConfigError, check
+from tlselect.config import ConfigError, check, merged
 from tlselect.plots import draw
 from tlselect.registry import read_record
 from tlselect.runs import policy_runs
@@ -72,14 +71,6 @@ def without_timings(curves: list[dict]) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------
 # Workflow helpers: a study of our own (the repository's config.yaml under a small overlay)
-
-
-def merged(base: dict, overlay: dict) -> dict:
-    """Snakemake's merge of config files: nested dicts merge key by key, everything else replaces."""
-    out = copy.deepcopy(base)
-    for key, value in overlay.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def make_study(workdir: Path, archive: Path, policies: list[dict], **train_settings) -> dict:

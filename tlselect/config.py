@@ -7,6 +7,7 @@ Plain Python without torch, so it is testable without Snakemake and quick to imp
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import yaml
@@ -65,6 +66,14 @@ def coerce_cli_values(config: dict, schema: dict) -> dict:
         return value
 
     return walk(config, schema)
+
+
+def merged(base: dict, overlay: dict) -> dict:
+    """Snakemake's merge of config files: nested dicts merge key by key, everything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def check_renamed(config: dict) -> None:
