@@ -20,7 +20,7 @@ from torch import nn
 from tlselect.data import load_split
 from tlselect.features import extract_all_in_memory
 from tlselect.models import StagedNet
-from tlselect.plan import KNOBS
+from tlselect.plan import KNOBS, training_step
 from tlselect.train import (
     TrainConfig,
     autocast,
@@ -101,23 +101,19 @@ def row(suite, name, baseline, seconds, baseline_seconds, goal=None, peak_mb=Non
 def bare_loop_images_per_second(config: TrainConfig, steps: int = 12) -> float:
     """Images/s of the plain step (forward, loss, backward, SGD) on random tensors already in memory."""
     device = resolve_device(config.device)
+    plan = execution(config)
     model = StagedNet(config.backbone, 10, config.resolution)
-    model.to(device, memory_format=execution(config).memory_format())
+    model.to(device, memory_format=plan.memory_format())
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    scaler = plan.grad_scaler(device)
     generator = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (config.batch_size, 3, 32, 32), dtype=torch.uint8, generator=generator).to(device)
-    if config.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = plan.prepare(x)
     y = torch.randint(0, 10, (config.batch_size,), generator=generator).to(device)
 
     def step():
-        with autocast(config, device):
-            logits = model(x)
-        loss = nn.functional.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        training_step(model, x, y, optimizer, plan, scaler, device)
 
     for _ in range(3):
         step()

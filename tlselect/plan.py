@@ -123,6 +123,18 @@ def training_step(model: nn.Module, x, y, optimizer, plan: ExecutionPlan, scaler
     scaler.update()
 
 
+@contextlib.contextmanager
+def _threads(plan: ExecutionPlan):
+    """Run a block with the plan's torch threads (when it sets them), then restore the previous count."""
+    previous = torch.get_num_threads()
+    if plan.threads:
+        torch.set_num_threads(plan.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -146,21 +158,16 @@ class _Trial:
         self.warmup_seconds = self._run(2)  # first steps: allocator, cuDNN autotuning, compilation
 
     def _run(self, steps: int) -> float:
-        previous = torch.get_num_threads()
-        if self.plan.threads:
-            torch.set_num_threads(self.plan.threads)
-        try:
+        with _threads(self.plan):
             _sync(self.work.device)
             t0 = time.perf_counter()
             for _ in range(steps):
                 training_step(self.forward, self.x, self.y, self.optimizer, self.plan, self.scaler, self.work.device)
             _sync(self.work.device)
             return time.perf_counter() - t0
-        finally:
-            torch.set_num_threads(previous)
 
     def seconds_per_image(self, budget: float) -> float:
-        """Seconds per training image over at least ``budget`` seconds (and at least 3 steps)."""
+        """Seconds per training image over at least ``budget`` seconds (and at least 2 steps)."""
         probe = self._run(1)
         steps = max(2, min(200, int(budget / max(probe, 1e-4))))
         return self._run(steps) / (steps * self.work.batch_size)
@@ -181,22 +188,16 @@ def eval_seconds_per_image(plan: ExecutionPlan, work: Workload, rounds: int = 2)
     model = StagedNet(work.backbone, 10, work.resolution).to(work.device, memory_format=plan.memory_format()).eval()
     sizes = work.eval_candidates()
     x = torch.randint(0, 256, (max(sizes), 3, 32, 32), dtype=torch.uint8).to(work.device)
-    previous = torch.get_num_threads()
-    if plan.threads:
-        torch.set_num_threads(plan.threads)
     best = dict.fromkeys(sizes, float("inf"))
-    try:
-        with plan.autocast(work.device):
-            model(plan.prepare(x[: min(sizes)]))  # warm-up
-            for _ in range(rounds):
-                for size in sizes:
-                    _sync(work.device)
-                    t0 = time.perf_counter()
-                    model(plan.prepare(x[:size]))
-                    _sync(work.device)
-                    best[size] = min(best[size], (time.perf_counter() - t0) / size)
-    finally:
-        torch.set_num_threads(previous)
+    with _threads(plan), plan.autocast(work.device):
+        model(plan.prepare(x[: min(sizes)]))  # warm-up
+        for _ in range(rounds):
+            for size in sizes:
+                _sync(work.device)
+                t0 = time.perf_counter()
+                model(plan.prepare(x[:size]))
+                _sync(work.device)
+                best[size] = min(best[size], (time.perf_counter() - t0) / size)
     return best
 
 
