@@ -13,7 +13,7 @@ min_version("9.0")
 
 sys.path.insert(0, workflow.basedir)
 
-from tlselect import mop, runs, search  # noqa: E402
+from tlselect import mop, runs, search, warm  # noqa: E402
 from tlselect.backbones import BACKBONES  # noqa: E402
 from tlselect.config import (
     ConfigError,
@@ -36,6 +36,9 @@ try:
     search.check(config)
 except ConfigError as error:
     raise ValueError(f"invalid configuration: {error}") from None
+
+# Every job reads it (scripts/_cli.py): whether to run in a fork of the warm process.
+os.environ[warm.ENV] = "1" if config["warm_start"] else "0"
 
 RUNS = runs.policy_runs(config)
 PROBES = runs.probe_runs(config)

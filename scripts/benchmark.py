@@ -10,8 +10,9 @@ import argparse
 import sys
 import time
 
-import torch
 from _cli import cli
+
+import torch
 
 from tlselect.atomic import write_json
 from tlselect.benchmarks import features_suite, training_suite

@@ -17,8 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 from _cli import cli
+
+import yaml
 
 from tlselect.atomic import write_text
 

@@ -12,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+from _cli import cli
+
 import numpy as np
 import torch
-from _cli import cli
 
 from tlselect.data import load_split
 from tlselect.features import DTYPES, extract_range

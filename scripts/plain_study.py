@@ -17,9 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+from _cli import cli
+
 import torch
 import torchvision
-from _cli import cli
 from PIL import Image
 from torch import nn
 from torchvision import transforms

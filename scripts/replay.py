@@ -10,8 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 from _cli import cli
+
+import numpy as np
 
 from tlselect import replay
 from tlselect.atomic import atomic_path

@@ -16,8 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-import pandas as pd
 from _cli import cli
+
+import pandas as pd
 
 from tlselect import proxies, search
 from tlselect.atomic import atomic_path, write_json

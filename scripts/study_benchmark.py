@@ -22,8 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 from _cli import cli
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
