@@ -15,7 +15,7 @@ from _cli import cli
 import torch
 
 from tlselect.atomic import write_json
-from tlselect.benchmarks import features_suite, training_suite
+from tlselect.benchmarks import features_suite, jobs_suite, training_suite
 from tlselect.gpus import assign
 from tlselect.train import TrainConfig, hardware, resolve_device, versions
 
@@ -25,7 +25,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="decoded subset folder (with subset.json)")
     parser.add_argument("--out", required=True, help="JSON file for the results")
-    parser.add_argument("--suites", nargs="+", choices=["training", "features"], default=["training", "features"])
+    parser.add_argument(
+        "--suites", nargs="+", choices=["training", "features", "jobs"], default=["training", "features"]
+    )
     parser.add_argument("--epochs", type=int, default=10, help="epochs of the feature-suite plans")
     parser.add_argument("--accuracy-epochs", type=int, default=8, help="epochs of the fast-vs-naive check (0: skip)")
     parser.add_argument("--layers", nargs="+", default=["layer1", "layer2", "layer3", "layer4"])
@@ -66,6 +68,8 @@ def main(argv=None) -> int:
         rows += training_suite(base, args.accuracy_epochs)
     if "features" in args.suites:
         rows += features_suite(base, args.layers, args.epochs)
+    if "jobs" in args.suites:
+        rows += jobs_suite(base)
     device = resolve_device(args.device)
     print(f"\nOptimizations on {hardware().get('cuda_device', hardware()['processor'] or 'CPU')} ({device}):")
     for r in rows:

@@ -10,7 +10,8 @@ On a synthetic subset of the default study's size (4,500 training and 500 valida
   one), the resume file written after each epoch, and the final checkpoint and record: the
   trainer's own steps (tlselect.train), timed one by one in a fresh process;
 - a whole job: ``scripts/train.py`` for ``--epochs`` epochs, its wall time minus the training and
-  validation seconds its record reports;
+  validation seconds its record reports, in a fresh process (cold) and handed to a running warm
+  process (warm, tlselect.warm);
 - Snakemake's gap between jobs: a three-job chain of shell jobs that write timestamps, the time
   from one job's end to the next one's start.
 
@@ -30,6 +31,7 @@ from pathlib import Path
 from _cli import cli
 
 from tlselect.atomic import write_text
+from tlselect.benchmarks import job_fixed_cost
 
 REPO = Path(__file__).resolve().parent.parent
 IMPORTS = "import tlselect.train, tlselect.registry"
@@ -140,15 +142,14 @@ def measure(threads: int, epochs: int, repo: Path = REPO) -> dict:
         _, timed = run([sys.executable, "-X", "importtime", "-c", IMPORTS], repo)
         (folder / "steps").mkdir()
         _, steps = run([sys.executable, "-c", STEPS, data, weights, folder / "steps", str(threads)], repo)
-        (folder / "job").mkdir()
-        job = [
-            sys.executable, "scripts/train.py", "--data", data, "--weights", weights, "--init", "source",
-            "--epochs", str(epochs), "--threads", str(threads), "--device", "cpu",
-            "--out", folder / "job/m.pt", "--record", folder / "job/m.json",
-        ]  # fmt: skip
-        wall, _ = run(job, repo)
-        record = json.loads((folder / "job/m.json").read_text())
-        inside = record["timings"]["train_seconds"] + record["timings"]["eval_seconds"]
+        args = ["--data", str(data), "--weights", str(weights), "--init", "source", "--epochs", str(epochs),
+                "--threads", str(threads), "--device", "cpu"]  # fmt: skip
+        job = {}
+        for mode, warm_dir in (("cold", None), ("warm", folder / "warm")):
+            if warm_dir:
+                job_fixed_cost(args, str(warm_dir), repo)  # starts the warm process
+            wall, inside = job_fixed_cost(args, str(warm_dir) if warm_dir else None, repo)
+            job[mode] = {"epochs": epochs, "wall": wall, "train_and_eval": inside, "outside": wall - inside}
         (folder / "chain").mkdir()
         gaps = snakemake_gaps(folder / "chain")
     parts = {"interpreter": bare, "interpreter and imports": imports, **json.loads(steps.stdout)}
@@ -156,7 +157,7 @@ def measure(threads: int, epochs: int, repo: Path = REPO) -> dict:
     return {
         "parts": parts,
         "slowest_imports": slowest_imports(timed.stderr),
-        "job": {"epochs": epochs, "wall": wall, "train_and_eval": inside, "outside": wall - inside},
+        "job": job,
     }
 
 
@@ -183,10 +184,11 @@ def main(argv=None) -> int:
     print("| part | " + " | ".join(f"{repo} s" for repo in repos) + " |\n|---|" + "---:|" * len(repos))
     for name in best[repos[0]]["parts"]:
         print(f"| {name} | " + " | ".join(f"{best[repo]['parts'][name]:.2f}" for repo in repos) + " |")
-    for label, key in (("whole job, wall", "wall"), ("of it training and validation", "train_and_eval")):
-        print(f"| {label} | " + " | ".join(f"{best[repo]['job'][key]:.2f}" for repo in repos) + " |")
-    print("| **whole job outside training and validation** | " + " | ".join(
-        f"**{best[repo]['job']['outside']:.2f}**" for repo in repos) + " |")  # fmt: skip
+    for mode in ("cold", "warm"):
+        for label, key in (("whole job, wall", "wall"), ("of it training and validation", "train_and_eval")):
+            print(f"| {label} ({mode}) | " + " | ".join(f"{best[repo]['job'][mode][key]:.2f}" for repo in repos) + " |")
+        print(f"| **whole job outside training and validation ({mode})** | " + " | ".join(
+            f"**{best[repo]['job'][mode]['outside']:.2f}**" for repo in repos) + " |")  # fmt: skip
     print(f"\nWhole job: scripts/train.py, {args.epochs} epoch(s); fastest of {args.repeat} run(s) per number.")
     imports = best[repos[-1]]["slowest_imports"]
     print("Slowest imports (cumulative s): " + ", ".join(f"{n} {s:.2f}" for n, s in imports))
@@ -195,7 +197,7 @@ def main(argv=None) -> int:
 
 def fastest(results: list[dict]) -> dict:
     """Each number's smallest value over ``results`` (the outside of the job: from the fastest whole job)."""
-    job = min((r["job"] for r in results), key=lambda j: j["outside"])
+    job = {mode: min((r["job"][mode] for r in results), key=lambda j: j["outside"]) for mode in ("cold", "warm")}
     parts = {name: min(r["parts"][name] for r in results) for name in results[0]["parts"]}
     return {"parts": parts, "job": job, "slowest_imports": results[0]["slowest_imports"]}
 

@@ -13,7 +13,9 @@ import pytest
 from conftest import REPO
 
 from tlselect import warm
+from tlselect.benchmarks import jobs_suite
 from tlselect.registry import read_record
+from tlselect.train import TrainConfig
 
 
 @pytest.fixture
@@ -122,3 +124,11 @@ def test_edited_code_gets_another_warm_process(tmp_path, monkeypatch):
     path.write_text("x = 2\n")
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
     assert warm.key() != before
+
+
+def test_the_jobs_benchmark_measures_a_job_cold_and_warm(tensor_data, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    lines = []
+    (row,) = jobs_suite(TrainConfig(data=str(tensor_data), init="scratch", threads=1, device="cpu"), 1, lines.append)
+    assert row["suite"] == "jobs" and row["seconds"] > 0 and row["baseline_seconds"] > 0
+    assert "in a fresh process" in row["note"] and any("warm job 1/1" in line for line in lines)

@@ -3,13 +3,19 @@
 ``training``: the trainer against a bare loop (efficiency) and each optimization against the naive
 ImageFolder + PIL + DataLoader fp32 path, plus an accuracy check that the fast path trades none away.
 ``features``: the per-layer feature cache (VISTA's staged plan) against recomputing from pixels.
+``jobs``: a whole one-epoch training job's seconds outside its training and evaluation, started
+in a fresh process against handed to the warm process (tlselect.warm).
 Each plan's peak extra resident memory (CPU) or peak allocated memory (CUDA) is measured too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tlselect import warm
 from tlselect.data import load_split
 from tlselect.features import extract_all_in_memory
 from tlselect.models import StagedNet
@@ -348,3 +355,50 @@ def features_suite(base: TrainConfig, layers: list[str], epochs: int = 10, log=p
     )
     log(f"  freeze-most: uncached {plain_s:.1f}s, cached {cache_s:.1f}s")
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs
+
+
+def job_fixed_cost(args: list[str], warm_dir: str | None, repo: Path = warm.REPO) -> tuple[float, float]:
+    """``scripts/train.py args`` (of the checkout ``repo``) as a workflow job: (wall seconds, of them
+    training and evaluation).
+
+    ``warm_dir``: hand it to the warm process of that folder (started by the job if none runs there);
+    None: a fresh process.
+    """
+    env = {**os.environ, warm.ENV: "0" if warm_dir is None else "1", warm.DIR_ENV: warm_dir or ""}
+    with tempfile.TemporaryDirectory(prefix="job-") as tmp:
+        command = [sys.executable, str(repo / "scripts" / "train.py"), *args, "--record", f"{tmp}/m.json",
+                   "--out", f"{tmp}/m.pt"]  # fmt: skip
+        start = time.perf_counter()
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if result.returncode:
+            raise RuntimeError(f"the measured job failed:\n{result.stderr[-3000:]}")
+        timings = json.loads(Path(f"{tmp}/m.json").read_text())["timings"]
+    return wall, timings["train_seconds"] + timings["eval_seconds"]
+
+
+def jobs_suite(base: TrainConfig, repeat: int = 3, log=print) -> list[dict]:
+    """A one-epoch training job's fixed cost (wall minus training and evaluation), cold and warm.
+
+    Fastest of ``repeat`` jobs each; the warm process is started (and its first job run) first.
+    """
+    device = "cpu" if resolve_device(base.device).type == "cpu" else base.device
+    threads = str(base.threads or torch.get_num_threads())
+    args = ["--data", base.data, "--init", base.init, "--weights", base.weights, "--epochs", "1", "--device", device,
+            "--threads", threads, "--plans", base.plans, "--auto", base.auto]  # fmt: skip
+    outside = {"cold": [], "warm": []}
+    with tempfile.TemporaryDirectory(prefix="warm-") as warm_dir:
+        log("jobs suite: starting a warm process")
+        job_fixed_cost(args, warm_dir)
+        for i in range(repeat):
+            for mode in outside:  # in turn, so a busy spell hits both alike
+                wall, inside = job_fixed_cost(args, warm_dir if mode == "warm" else None)
+                outside[mode].append(wall - inside)
+                log(f"jobs suite: {mode} job {i + 1}/{repeat}: {wall - inside:.2f} s outside training")
+    cold, hot = min(outside["cold"]), min(outside["warm"])
+    note = f"seconds outside training and evaluation per job: {cold:.2f} in a fresh process, {hot:.2f} warm"
+    return [row("jobs", "warm start (a job's fixed cost)", "a fresh process per job", hot, cold, note=note)]
