@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tlselect.registry import read_record, validate_record, write_record
-from tlselect.train import TrainConfig, TrainingError, TrainingState, augment_batch, train
+from tlselect.train import TrainConfig, TrainingError, TrainingState, augment_batch, augment_draws, train
 
 
 def config(tensor_data, tmp_path, **kw):
@@ -99,7 +99,7 @@ def test_divergence_is_recorded(tensor_data, tmp_path):
 
 def test_augmentation_crops_and_flips_whole_batches():
     images = torch.arange(2 * 3 * 8 * 8, dtype=torch.int64).remainder(251).to(torch.uint8).view(2, 3, 8, 8)
-    out = augment_batch(images, torch.Generator().manual_seed(0), pad=2)
+    out = augment_batch(images, *augment_draws(torch.Generator().manual_seed(0), 2, pad=2), pad=2)
     assert out.shape == images.shape and out.dtype == torch.uint8
     # every output row of each image is a shifted (maybe flipped) window of the zero-padded input
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))

@@ -146,11 +146,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def augment_batch(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with zero padding ``pad`` and random horizontal flip, for a whole uint8 batch."""
+def augment_draws(generator: torch.Generator, n: int, pad: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random crop offsets (2, n) and horizontal flips (n) for a batch of ``n``, drawn on the CPU."""
+    shifts = torch.randint(0, 2 * pad + 1, (2, n), generator=generator)
+    return shifts, torch.rand(n, generator=generator) < 0.5
+
+
+def augment_batch(images: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Crop with zero padding ``pad`` at ``shifts`` and flip where ``flips``, for a whole uint8 batch."""
     n, _, h, w = images.shape
-    shifts = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(images.device)
-    flips = (torch.rand(n, generator=generator) < 0.5).to(images.device)
     padded = nn.functional.pad(images, (pad, pad, pad, pad))
     rows = torch.arange(h, device=images.device)[None, :] + shifts[0][:, None]
     cols = torch.arange(w, device=images.device)[None, :] + shifts[1][:, None]
@@ -197,11 +201,18 @@ def memory_batches(images, labels, batch_size, generator=None, augment=False, de
         for i in range(0, len(images), batch_size):
             yield images[i : i + batch_size], labels[i : i + batch_size]
         return
-    order = torch.randperm(len(images), generator=generator).to(images.device)
-    for step in range(max(1, len(images) // batch_size)):
-        index = order[step * batch_size : (step + 1) * batch_size]
-        x = images[index]
-        yield (augment_batch(x, generator) if augment else x), labels[index]
+    order = torch.randperm(len(images), generator=generator)
+    steps = max(1, len(images) // batch_size)
+    sizes = [len(order[step * batch_size : (step + 1) * batch_size]) for step in range(steps)]
+    if augment:  # every step's draws now, in the order step-by-step draws take, copied to the device once:
+        draws = [augment_draws(generator, n) for n in sizes]  # a copy per step would stall on the GPU
+        shifts = torch.cat([shift for shift, _ in draws], 1).to(images.device)
+        flips = torch.cat([flip for _, flip in draws]).to(images.device)
+    order = order.to(images.device)
+    for step, n in enumerate(sizes):
+        batch = slice(step * batch_size, step * batch_size + n)
+        x = images[order[batch]]
+        yield (augment_batch(x, shifts[:, batch], flips[batch]) if augment else x), labels[order[batch]]
 
 
 @torch.no_grad()
