@@ -96,9 +96,12 @@ rule notebook:
             for name in ("plans", "optimizations", "search", "proxies", "proxy_tau")
         ),
     # papermill saves its output after every cell: execute and convert in a temporary folder, then
-    # rename both into place, so no reader ever sees a half-executed notebook.
+    # rename both into place, so no reader ever sees a half-executed notebook. The folders a killed
+    # job left behind go first.
     shell:
-        "(tmp=$(mktemp -d $(dirname {output.notebook})/.notebook.XXXXXX) && trap 'rm -rf $tmp' EXIT "
+        "(rm -rf $(dirname {output.notebook})/.{wildcards.report}.notebook.* "
+        "&& tmp=$(mktemp -d $(dirname {output.notebook})/.{wildcards.report}.notebook.XXXXXX) "
+        "&& trap 'rm -rf $tmp' EXIT "
         "&& papermill {input.notebook} $tmp/{wildcards.report}.ipynb --cwd . "
         "-p runs_csv {input.runs} -p curves_csv {input.curves} -p figures_dir {params.figures_dir} "
         "{params.tables} "

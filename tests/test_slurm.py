@@ -11,6 +11,7 @@ Skipped when no SLURM answers, unless TLSELECT_REQUIRE_SLURM=1 (CI), which turns
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -92,9 +93,26 @@ def slurm_jobs(job_ids: list[str]) -> list[dict[str, str]]:
     return sorted(rows, key=lambda row: int(row["id"]))
 
 
+def slurm_jobs_named(name: str) -> list[dict[str, str]]:
+    """The jobs of one Snakemake run (its SLURM run ID is every job's name) that SLURM still lists."""
+    result = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-n", name, "-o", "%i|%k|%T|%m"], capture_output=True, text=True
+    )
+    return [
+        dict(zip(("id", "comment", "state", "memory"), line.split("|"), strict=True)) for line in result.stdout.split()
+    ]
+
+
 def rule_of(job: dict[str, str]) -> str:
     """The rule of a job, from the comment the executor gives it: rule_<name>[_wildcards_<values>]."""
     return job["comment"].removeprefix("rule_").split("_wildcards_")[0]
+
+
+def study_args(workdir: Path) -> list[str]:
+    return [
+        "results/tables/runs.csv", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+        "--configfile", str(REPO / "config.yaml"), str(workdir / "tiny.yaml"),
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -121,19 +139,13 @@ def studies(tmp_path_factory, tiny_archive):
         workdirs[name] = tmp_path_factory.mktemp(f"study-{name}")
         (workdirs[name] / "tiny.yaml").write_text(yaml.safe_dump(tiny))
 
-    def args(workdir):
-        return [
-            "results/tables/runs.csv", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-            "--configfile", str(REPO / "config.yaml"), str(workdir / "tiny.yaml"),
-        ]  # fmt: skip
-
     start = time.monotonic()
     # the README's command; pretrain_source also asks SLURM for the (fake) GPU, as on a GPU partition
     slurm = snakemake(
-        workdirs["slurm"], *args(workdirs["slurm"]), "--profile", str(PROFILE),
+        workdirs["slurm"], *study_args(workdirs["slurm"]), "--profile", str(PROFILE),
         "--set-resources", "pretrain_source:gpu=1", background=True,
     )  # fmt: skip
-    local_rc, local_out = snakemake(workdirs["local"], *args(workdirs["local"]), "--cores", "2")
+    local_rc, local_out = snakemake(workdirs["local"], *study_args(workdirs["local"]), "--cores", "2")
     slurm_rc, slurm_out = finish(slurm, workdirs["slurm"])
     print(f"local and SLURM studies took {time.monotonic() - start:.0f}s")
     assert local_rc == 0, f"local run failed:\n{local_out[-5000:]}"
@@ -158,14 +170,54 @@ def test_study_jobs_go_through_sbatch(studies):
     assert train["memory"] == "4000M"  # mem_mb (4000 * attempt) became sbatch --mem
 
 
-def test_slurm_table_equals_local_table(studies):
-    tables = {name: pd.read_csv(workdir / "results/tables/runs.csv") for name, (workdir, _) in studies.items()}
+def assert_same_tables(workdir: Path, reference: Path) -> None:
+    tables = {folder: pd.read_csv(folder / "results/tables/runs.csv") for folder in (workdir, reference)}
     metrics = ["run_id", "name", "init", "freeze", "status", "trainable_params", "val_accuracy", "test_accuracy"]
-    assert sorted(tables["slurm"]["name"]) == ["finetune", "probe_stem"]
-    pd.testing.assert_frame_equal(tables["slurm"][metrics], tables["local"][metrics])
-    curves = {name: pd.read_csv(workdir / "results/tables/curves.csv") for name, (workdir, _) in studies.items()}
-    losses = [c for c in curves["local"].columns if "loss" in c or "accuracy" in c]
-    pd.testing.assert_frame_equal(curves["slurm"][["run_id", *losses]], curves["local"][["run_id", *losses]])
+    assert sorted(tables[workdir]["name"]) == ["finetune", "probe_stem"]
+    pd.testing.assert_frame_equal(tables[workdir][metrics], tables[reference][metrics])
+    curves = {folder: pd.read_csv(folder / "results/tables/curves.csv") for folder in (workdir, reference)}
+    losses = ["run_id", *(c for c in curves[reference].columns if "loss" in c or "accuracy" in c)]
+    pd.testing.assert_frame_equal(curves[workdir][losses], curves[reference][losses])
+
+
+def test_slurm_table_equals_local_table(studies):
+    assert_same_tables(studies["slurm"][0], studies["local"][0])
+
+
+def test_killed_snakemake_cancelled_jobs_and_the_same_command_give_the_same_table(studies, tmp_path):
+    # The README's recovery: cancel the dead run's jobs, unlock, run the same command again.
+    shutil.copy(studies["local"][0] / "tiny.yaml", tmp_path)
+    whole_node = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0]
+    # feature extraction takes the whole node, so it and the source subset cannot run at once: one waits
+    extract = f"extract_features:cpus_per_task={whole_node}"
+    command = [*study_args(tmp_path), "--profile", str(PROFILE), "--set-resources", extract]
+    run = snakemake(tmp_path, *command, background=True)
+    deadline = time.monotonic() + LIMIT_S
+    jobs = []
+    while {"RUNNING", "PENDING"} - {job["state"] for job in jobs}:
+        assert run.poll() is None, (
+            f"the run ended before it had jobs running and queued:\n{finish(run, tmp_path)[1][-5000:]}"
+        )
+        assert time.monotonic() < deadline, "never a job running and another queued"
+        time.sleep(0.2)
+        run_id = re.search(r"SLURM run ID: (\S+)", (tmp_path / "snakemake.out").read_text())
+        jobs = slurm_jobs_named(run_id.group(1)) if run_id else []
+    os.killpg(run.pid, signal.SIGKILL)  # snakemake (under timeout, in timeout's process group) dies; its jobs do not
+    run.wait()
+    in_flight = [job for job in slurm_jobs_named(run_id.group(1)) if job["state"] in ("RUNNING", "PENDING")]
+    assert in_flight, "the killed run's jobs were gone before they could be cancelled"
+    subprocess.run(["scancel", "--name", run_id.group(1)], check=True)
+    killed_output = (tmp_path / "snakemake.out").read_text()
+
+    returncode, output = snakemake(tmp_path, *command, "--unlock")
+    assert returncode == 0, output
+    returncode, output = snakemake(tmp_path, *command)
+    assert returncode == 0, output[-8000:]
+    print(f"in flight when snakemake was killed: {[(rule_of(job), job['state']) for job in in_flight]}")
+    resubmitted = {rule_of(job) for job in slurm_jobs(slurm_job_ids(output))}
+    assert {rule_of(job) for job in in_flight} <= resubmitted
+    assert not set(slurm_job_ids(output)) & set(slurm_job_ids(killed_output))
+    assert_same_tables(tmp_path, studies["local"][0])
 
 
 NEEDS_MEMORY = '''"""Stand-in for a job that needs more memory than its first attempt gets.

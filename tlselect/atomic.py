@@ -1,13 +1,15 @@
 """Atomic file output: write to a temporary file beside the target, then rename it into place.
 
 Readers (aggregation, the notebook, a parallel job) therefore never see a half-written file, and
-a job killed mid-write leaves at most a stray temporary file, never a truncated output. JSON is
-written strictly: a non-finite float (the loss of a diverged run) becomes null, never ``NaN``.
+a job killed mid-write leaves at most a stray temporary file, never a truncated output; the next
+write of that target removes it. JSON is written strictly: a non-finite float (the loss of a
+diverged run) becomes null, never ``NaN``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -22,6 +24,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto ``target`` on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -31,6 +34,16 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def remove_temporaries(target: Path) -> None:
+    """Remove the temporaries of ``target`` that killed writers left behind.
+
+    A target has one writer at a time (Snakemake runs one job per output; a plan file is written
+    under a lock), so any temporary of it found before a write is a dead writer's.
+    """
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp{glob.escape(target.suffix)}"):
+        stale.unlink(missing_ok=True)
 
 
 def finite(data: Any) -> Any:
