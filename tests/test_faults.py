@@ -4,7 +4,7 @@ A write that meets a full disk (injected by ``full_disk.py``, and for real on a 
 mounting is allowed) keeps the previous file, leaves no temporary and names the file and its
 filesystem; the same command finishes once there is space. A checkpoint, resume file, decoded
 split or feature file whose bytes changed (a flipped byte, a truncation) is refused when read,
-named and deleted, and the workflow computes it again with the same result.
+named and moved aside, and the next run of the workflow computes it again with the same result.
 """
 
 from __future__ import annotations
