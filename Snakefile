@@ -25,3 +25,4 @@ rule all:
         expand("results/report/{report}.html", report=REPORTS),
         SEARCH_OUTPUTS.values(),
         MOP_OUTPUTS,
+        CORRUPT,

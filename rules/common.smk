@@ -1,6 +1,7 @@
 # Config validation, the run specs (tlselect.runs), every result path and the input functions
 # the other files share. Paths live here and in the rules only; scripts get them as arguments.
 import functools
+import glob
 import os
 import re
 import sys
@@ -55,6 +56,13 @@ SUBSET = "results/data/subset.json"
 SOURCE_SUBSET = "results/source/data/subset.json"
 # ImageNet weights, fetched once by a local rule (jobs on offline compute nodes read this file).
 IMAGENET_WEIGHTS = "resources/weights/{backbone}-imagenet.pth"
+# Files a job found corrupt (tlselect.atomic.verify moved each to <file>.corrupt): targets of rule
+# all, so that the next run computes them anew, and everything that reads them.
+CORRUPT = [
+    marker.removesuffix(".corrupt")
+    for marker in glob.glob("results/**/*.corrupt", recursive=True)
+    + glob.glob("resources/weights/*.corrupt")
+]
 RUNG = "results/search/{method}/b{bracket}/rung{rung}"
 STUDY_FIGURES = [
     "accuracy_vs_time",

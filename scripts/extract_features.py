@@ -14,11 +14,10 @@ from pathlib import Path
 
 from _cli import cli
 
-import numpy as np
 import torch
 
 from tlselect.data import load_split
-from tlselect.features import DTYPES, extract_range
+from tlselect.features import DTYPES, extract_range, open_features
 from tlselect.gpus import assign
 from tlselect.models import StagedNet, initialize
 from tlselect.train import TrainingError, resolve_device
@@ -65,7 +64,7 @@ def main(argv=None) -> int:
         if start == 0:
             inputs, _ = load_split(inputs_dir / f"{split}.pt")
         else:
-            inputs = np.load(inputs_dir / f"{split}.npy", mmap_mode="r", allow_pickle=False)
+            inputs = open_features(inputs_dir / f"{split}.npy")
         shape = extract_range(model, inputs, start, stop, out_dir / f"{split}.npy", args.memory_mb, args.dtype, device)
         print(
             f"{args.layer} {split}: {len(inputs)} x {shape} ({args.dtype}) from "

@@ -5,7 +5,7 @@ A killed training job leaves ``<checkpoint stem>.resume.pt`` beside its checkpoi
 same job resumes. When the config changes (another learning rate, a policy removed), the old run
 is never run again and its resume file stays. Rule ``remove_stale_resume_files`` passes every
 checkpoint the current config's jobs write (--keep); every other ``*.resume.pt`` under --results
-is listed and removed. Nothing else is deleted; --dry-run only lists.
+is listed and removed, with its checksum file. Nothing else is deleted; --dry-run only lists.
 """
 
 import argparse
@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 from _cli import cli
+
+from tlselect.atomic import remove
 
 
 def stale_resume_files(results: Path, checkpoints: list[str]) -> list[Path]:
@@ -32,7 +34,7 @@ def main(argv=None) -> int:
     for path in stale:
         print(f"{'stale' if args.dry_run else 'removing'} {path} ({path.stat().st_size / 2**20:.1f} MB)")
         if not args.dry_run:
-            path.unlink()
+            remove(path)  # and its checksum
     print(f"{len(stale)} stale resume file(s){' found' if args.dry_run else ' removed'}")
     return 0
 

@@ -4,8 +4,9 @@ The workflow materializes stage outputs one stage at a time: the first stage rea
 uint8 images, every later stage reads the previous stage's cached activations, so the shared
 prefix is never recomputed and adding a layer runs one more stage only. Activations are written
 chunk by chunk into ``.npy`` files (float16 by default) through a memory map, so an extraction
-holds at most ``memory_mb`` of activations at once, however large the data. Probes read them back
-with optional adaptive pooling.
+holds at most ``memory_mb`` of activations at once, however large the data. Each file carries a
+checksum (:mod:`tlselect.atomic`), checked when read; probes read them back with optional
+adaptive pooling.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tlselect.atomic import atomic_path
+from tlselect.atomic import allocate, atomic_path, verify
 from tlselect.models import StagedNet
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -52,8 +53,9 @@ def extract_range(
 
     out_shape = run(inputs[:1]).shape[1:]
     rows = chunk_rows(memory_mb, tuple(inputs.shape[1:]), out_shape)
-    with atomic_path(out_path) as tmp:
+    with atomic_path(out_path, checksum=True) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=DTYPES[dtype], shape=(len(inputs), *out_shape))
+        allocate(tmp)
         for i in range(0, len(inputs), rows):
             out[i : i + rows] = run(inputs[i : i + rows])
         out.flush()
@@ -82,10 +84,14 @@ def extract_all_in_memory(
     return {layer: torch.cat(chunks) for layer, chunks in outs.items()}
 
 
+def open_features(path: Path) -> np.ndarray:
+    """A cached activations file, checked against its checksum, memory-mapped read-only."""
+    return np.load(verify(path), mmap_mode="r", allow_pickle=False)
+
+
 def load_features(path: Path, pool: int = 0) -> torch.Tensor:
     """Cached activations as float32, adaptively average-pooled to ``pool`` x ``pool`` (0: as stored)."""
-    array = np.load(path, mmap_mode="r", allow_pickle=False)
-    x = torch.from_numpy(np.asarray(array, dtype=np.float32))
+    x = torch.from_numpy(np.asarray(open_features(path), dtype=np.float32))
     if pool and x.dim() == 4 and x.shape[-1] > pool:
         x = nn.functional.adaptive_avg_pool2d(x, pool)
     return x

@@ -17,7 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tlselect.atomic import save_torch
+from tlselect.atomic import save_torch, verify
 from tlselect.backbones import NO_FREEZE, BackboneError, backbone_spec
 from tlselect.errors import TLSelectError
 
@@ -181,6 +181,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise InitError(f"weights file {path} does not exist")
+    verify(path)  # a workflow's own weights file carries a checksum
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle.UnpicklingError and friends: refuse, never execute

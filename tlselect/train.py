@@ -24,7 +24,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tlselect.atomic import load_torch, save_torch
+from tlselect.atomic import CorruptFile, load_torch, remove, save_torch
 from tlselect.data import image_folder_loader, load_split
 from tlselect.errors import TLSelectError
 from tlselect.features import load_features
@@ -420,8 +420,13 @@ def resume_or_continue(state: TrainingState, log) -> tuple[int, int | None]:
     """
     config = state.config
     resume_file = resume_path(config)
-    if resume_file.is_file():
-        saved = load_torch(resume_file)
+    try:
+        saved = load_torch(resume_file) if resume_file.is_file() else None
+    except CorruptFile:
+        log(f"[{config.run_id}] warning: {resume_file} no longer matches its checksum; deleted it, starting over")
+        remove(resume_file)
+        saved = None
+    if saved is not None:
         if _same_run(saved["config"], asdict(config), RESUMABLE):
             first = state.restore(saved)
             log(f"[{config.run_id}] resuming after epoch {first} from {resume_file}")
@@ -559,7 +564,7 @@ def save_checkpoint(state: TrainingState, status: str, test_predictions) -> None
     if config.keep_state:
         checkpoint["training_state"] = state.snapshot()
     save_torch(config.out, checkpoint)
-    resume_path(config).unlink(missing_ok=True)
+    remove(resume_path(config))
 
 
 def train(config: TrainConfig, log=print) -> dict:

@@ -10,8 +10,9 @@ environment and standard streams, and the warm process forks a child that runs t
 
 - A job that dies (Snakemake cancels it, or it is killed) closes its connection; the warm process
   then kills the child's whole process group at once.
-- The warm process's key names the Python executable and the code (size and modification time of
-  every file of the package and scripts), so edited code gets a fresh warm process; it exits
+- The warm process's key names the Python executable, ``$PYTHONPATH`` (what the interpreter loads
+  at start-up) and the code (size and modification time of every file of the package and
+  scripts), so edited code gets a fresh warm process; it exits
   after ``IDLE_S`` seconds without a running child.
 - Nothing runs warm unless ``$TLSELECT_WARM_START`` is ``1`` (the Snakefile sets it from the
   config), and never inside a SLURM job, where every job has a node of its own. A warm process
@@ -67,8 +68,8 @@ def enabled() -> bool:
 
 
 def key() -> str:
-    """Which warm process serves this interpreter and this code."""
-    digest = hashlib.sha256(f"{sys.executable}\0{sys.prefix}\0{REPO}".encode())
+    """Which warm process serves this interpreter, its start-up path and this code."""
+    digest = hashlib.sha256(f"{sys.executable}\0{sys.prefix}\0{os.environ.get('PYTHONPATH', '')}\0{REPO}".encode())
     for folder in (REPO / "tlselect", REPO / "scripts"):
         for path in sorted(folder.glob("*.py")):
             stat = path.stat()
