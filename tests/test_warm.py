@@ -113,7 +113,7 @@ def test_warm_start_is_off_in_slurm_jobs_and_unless_asked(monkeypatch):
     assert not warm.enabled()
 
 
-def test_edited_code_gets_another_warm_process(tmp_path, monkeypatch):
+def test_edited_code_or_another_start_up_path_gets_another_warm_process(tmp_path, monkeypatch):
     for folder in ("tlselect", "scripts"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "a.py").write_text("x = 1\n")
@@ -123,7 +123,10 @@ def test_edited_code_gets_another_warm_process(tmp_path, monkeypatch):
     path = tmp_path / "tlselect" / "a.py"
     path.write_text("x = 2\n")
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
-    assert warm.key() != before
+    edited = warm.key()
+    assert edited != before
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "hooks"))  # a sitecustomize there loads at start-up
+    assert warm.key() != edited
 
 
 def test_the_jobs_benchmark_measures_a_job_cold_and_warm(tensor_data, monkeypatch):
