@@ -164,3 +164,25 @@ def test_resume_file_holds_cudas_rng_state_only_when_cuda_runs(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # a GPU run's file resumed on the CPU
     assert state.restore(saved) == 0 and len(restored) == 1
+
+
+@pytest.mark.parametrize("write_cost, expected", [(0.0, [1, 2, 3]), (5.0, [1])])
+def test_resume_files_take_at_most_a_tenth_of_the_time(tensor_data, tmp_path, monkeypatch, write_cost, expected):
+    """With a clock that only the resume-file writes move, epochs take no time: a free write follows
+    every epoch but the last, a costly one only the first (it would take more than a tenth)."""
+    from tlselect import train as trainer
+
+    clock = [0.0]
+    written = []
+    real_save = trainer.save_torch
+
+    def save(path, obj):
+        if str(path).endswith(".resume.pt"):
+            written.append(len(obj["curves"]))
+            clock[0] += write_cost
+        real_save(path, obj)
+
+    monkeypatch.setattr(trainer, "save_torch", save)
+    monkeypatch.setattr(trainer.time, "perf_counter", lambda: clock[0])
+    record = train(config(tensor_data, tmp_path, epochs=4), log=quiet)
+    assert record["status"] == "completed" and written == expected
