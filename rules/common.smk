@@ -2,6 +2,7 @@
 # the other files share. Paths live here and in the rules only; scripts get them as arguments.
 import functools
 import glob
+import json
 import os
 import re
 import sys
@@ -45,6 +46,7 @@ RUNS = runs.policy_runs(config)
 PROBES = runs.probe_runs(config)
 SEARCH = config["search"]["enabled"]
 POOL = runs.candidate_runs(config) if SEARCH else {}
+RANDOM = runs.random_runs(config) if SEARCH else {}
 PLAN = {m: search.brackets(config, m) for m in ("sh", "hb")} if SEARCH else {}
 # Cached feature chains: the probes' layers, plus every stage of each searched backbone (proxies).
 FEATURE_INITS = runs.cached_inits(config)
@@ -64,6 +66,7 @@ CORRUPT = [
     + glob.glob("resources/weights/*.corrupt")
 ]
 RUNG = "results/search/{method}/b{bracket}/rung{rung}"
+ROUND = "results/search/{method}/round{round}"
 STUDY_FIGURES = [
     "accuracy_vs_time",
     "accuracy_by_policy",
@@ -292,11 +295,58 @@ def search_jobs(method, last_only=False):
     ]
 
 
-def grid_jobs():
+def grid_jobs(method="grid"):
+    """``(record, benchmark file)`` of the grid's runs, or random search's (``method="random"``)."""
+    candidates = sorted(POOL) if method == "grid" else list(RANDOM)
     return [
-        (f"results/search/grid/{c}.json", f"results/benchmarks/search/grid/{c}.tsv")
-        for c in sorted(POOL)
+        (
+            f"results/search/{method}/{c}.json",
+            f"results/benchmarks/search/{method}/{c}.tsv",
+        )
+        for c in candidates
     ]
+
+
+def round_jobs(method, rounds=None):
+    """``(record, benchmark file)`` of every trial of a model-based method's first ``rounds`` rounds."""
+    return [
+        (
+            f"{ROUND.format(method=method, round=r)}/trial{slot}.json",
+            f"results/benchmarks/search/{method}/round{r}/trial{slot}.tsv",
+        )
+        for r in range(config["search"]["rounds"] if rounds is None else rounds)
+        for slot in range(config["search"]["q"])
+    ]
+
+
+def suggest_inputs(wildcards):
+    """The earlier rounds' suggestion files and trial records (a few per round, not the pool)."""
+    earlier = int(wildcards.round)
+    return {
+        "suggested": [
+            f"{ROUND.format(method=wildcards.method, round=r)}/suggested.json"
+            for r in range(earlier)
+        ],
+        "records": [record for record, _ in round_jobs(wildcards.method, earlier)],
+    }
+
+
+def space_weights():
+    """``(init, backbone, weights file)`` of every pretrained init and backbone of the search space."""
+    inits = {runs.resolve_init(config, i) for i in config["search"]["inits"]}
+    pairs = {
+        runs.weights_of(i, b) for b in config["search"]["backbones"] for i in inits
+    }
+    return sorted((*pair, weights_file(*pair)) for pair in pairs if pair)
+
+
+def trial_inputs(wildcards):
+    """The round's suggestion file, the data and every weights file a suggestion may start from."""
+    return {
+        "suggested": f"{ROUND.format(**wildcards)}/suggested.json",
+        **subset_files(),
+        "weights": [path for *_, path in space_weights()],
+    }
 
 
 def first_rung_candidate(wildcards):
@@ -329,14 +379,16 @@ def compare_inputs(wildcards):
     """Every search job's record and Snakemake benchmark file (its wall time), per method."""
     jobs = {
         "grid": grid_jobs(),
+        "random": grid_jobs("random"),
         "sh": search_jobs("sh"),
         "hb": search_jobs("hb"),
-        "sh_final": search_jobs("sh", last_only=True),
-        "hb_final": search_jobs("hb", last_only=True),
+        **{method: round_jobs(method) for method in search.MODEL_BASED},
     }
     inputs = {name: [record for record, _ in pairs] for name, pairs in jobs.items()}
-    for name in ("grid", "sh", "hb"):
-        inputs[f"{name}_benchmarks"] = [bench for _, bench in jobs[name]]
+    for name, pairs in jobs.items():
+        inputs[f"{name}_benchmarks"] = [bench for _, bench in pairs]
+    for name in ("sh", "hb"):
+        inputs[f"{name}_final"] = [r for r, _ in search_jobs(name, last_only=True)]
     return inputs
 
 
@@ -397,9 +449,9 @@ def checkpoints():
     paths += [source_model(b) for b in runs.source_backbones(specs)]
     paths += [record.replace(".json", ".pt") for record, _ in grid_jobs()]
     if SEARCH:
-        paths += [
-            record.replace(".json", ".pt") for m in PLAN for record, _ in search_jobs(m)
-        ]
+        jobs = [*grid_jobs("random"), *(j for m in PLAN for j in search_jobs(m))]
+        jobs += [j for m in search.MODEL_BASED for j in round_jobs(m)]
+        paths += [record.replace(".json", ".pt") for record, _ in jobs]
     paths += [
         MOP_STEP.format(run_id=r, step=k) + ".pt"
         for r, spec in MOP_RUNS.items()

@@ -93,7 +93,14 @@ rule notebook:
         figures_dir=lambda wildcards, input: os.path.dirname(input.figures[0]),
         tables=lambda wildcards, input: " ".join(
             f"-p {name}_csv '{input[name] if name in input.keys() else ''}'"
-            for name in ("plans", "optimizations", "search", "proxies", "proxy_tau")
+            for name in (
+                "plans",
+                "optimizations",
+                "search",
+                "proxies",
+                "proxy_tau",
+                "replay",
+            )
         ),
     # papermill saves its output after every cell: execute and convert in a temporary folder, then
     # rename both into place, so no reader ever sees a half-executed notebook. The folders a killed

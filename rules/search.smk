@@ -1,10 +1,13 @@
 # Model search over the candidate pool (tlselect.runs.candidate_runs, tlselect.search): proxies on
-# cached features, the full grid (random search is a seeded sample of its runs), successive halving
-# (sh) and Hyperband (hb). Rungs are unrolled statically: rung 0 of a bracket trains its candidates
-# for the first rung's epochs; a promote job ranks rung k-1's records on validation accuracy and
-# names which candidate each slot of rung k holds (the promote job declares rung k-1's records and
-# checkpoints; a slot job declares only the promotion file); the slot job continues that candidate's
-# rung k-1 checkpoint. The replay runs every method again, for many seeds, on the grid's records
+# cached features, the full grid, random search (draws from the space's distributions, each a run of
+# its own), successive halving (sh), Hyperband (hb), TPE, GP-UCB and cost-aware GP-UCB. Rungs and
+# rounds are unrolled statically. Rung 0 of a bracket trains its candidates for the first rung's
+# epochs; a promote job ranks rung k-1's records on validation accuracy and names which candidate
+# each slot of rung k holds (the promote job declares rung k-1's records and checkpoints; a slot job
+# declares only the promotion file); the slot job continues that candidate's rung k-1 checkpoint.
+# A model-based method's round r: a suggest job reads the suggestion files and trial records of
+# rounds < r and writes q trials (tlselect.strategies.suggest); each trial job trains one to
+# max_epochs. The replay runs every method again, for many seeds, on the grid's records
 # (tlselect.replay).
 
 
@@ -26,6 +29,26 @@ use rule train as search_grid with:
             POOL[wildcards.candidate], input, epochs=config["search"]["max_epochs"]
         ),
         run_id="grid-{candidate}",
+
+
+use rule train as search_random with:
+    input:
+        unpack(lambda wildcards: run_inputs(RANDOM[wildcards.candidate])),
+    output:
+        model="results/search/random/{candidate}.pt",
+        record="results/search/random/{candidate}.json",
+    log:
+        "results/logs/search/random/{candidate}.log",
+    benchmark:
+        "results/benchmarks/search/random/{candidate}.tsv"
+    wildcard_constraints:
+        candidate=r"[^/]+",
+    priority: 0
+    params:
+        args=lambda wildcards, input: train_args(
+            RANDOM[wildcards.candidate], input, epochs=config["search"]["max_epochs"]
+        ),
+        run_id="random-{candidate}",
 
 
 use rule train as search_first_rung with:
@@ -108,6 +131,59 @@ use rule train as search_next_rung with:
         run_id="{method}-b{bracket}-rung{rung}-slot{slot}",
 
 
+rule search_suggest:
+    input:
+        unpack(suggest_inputs),
+    output:
+        "results/search/{method}/round{round}/suggested.json",
+    log:
+        "results/logs/search/{method}/round{round}/suggest.log",
+    wildcard_constraints:
+        method=one_of(search.MODEL_BASED),
+        round=r"\d+",
+    conda:
+        "../envs/torch.yaml"
+    threads: 1
+    resources:
+        **SMALL_RESOURCES,
+    params:
+        script=script("search.py"),
+        settings=" ".join(f"--{key} {config['search'][key]}" for key in ("q", "delta"))
+        + f" --epochs {config['search']['max_epochs']}",
+        context=json.dumps(runs.candidate_config(config), sort_keys=True),
+    shell:
+        "python {params.script} suggest --method {wildcards.method} --round {wildcards.round} "
+        "{params.settings} --context {params.context:q} --suggested {input.suggested} "
+        "--records {input.records} --out {output} 2>&1 | tee {log}"
+
+
+use rule train as search_trial with:
+    input:
+        unpack(trial_inputs),
+    output:
+        model="results/search/{method}/round{round}/trial{slot}.pt",
+        record="results/search/{method}/round{round}/trial{slot}.json",
+    log:
+        "results/logs/search/{method}/round{round}/trial{slot}.log",
+    benchmark:
+        "results/benchmarks/search/{method}/round{round}/trial{slot}.tsv"
+    wildcard_constraints:
+        method=one_of(search.MODEL_BASED),
+        round=r"\d+",
+        slot=r"\d+",
+    priority: 0
+    params:
+        script=script("search.py"),
+        args=lambda wildcards, input: (
+            f"trial --suggested {input.suggested} --slot {wildcards.slot} {PLAN_FLAGS} "
+            f"--data {os.path.dirname(input.subset)} "
+            + " ".join(
+                f"--init-weights {i} {b} {path}" for i, b, path in space_weights()
+            )
+        ),
+        run_id="{method}-round{round}-trial{slot}",
+
+
 rule search_proxies:
     input:
         unpack(proxy_inputs),
@@ -149,12 +225,12 @@ rule search_compare:
         **SMALL_RESOURCES,
     params:
         script=script("search.py"),
-        random=lambda wildcards: " ".join(search.random_candidates(config)),
+        files=lambda wildcards, input: " ".join(
+            f"--{name.replace('_', '-')} {' '.join(input[name])}"
+            for name in input.keys()
+        ),
     shell:
-        "python {params.script} compare --grid {input.grid} --grid-benchmarks {input.grid_benchmarks} "
-        "--random {params.random} --sh {input.sh} --sh-benchmarks {input.sh_benchmarks} "
-        "--sh-final {input.sh_final} --hb {input.hb} --hb-benchmarks {input.hb_benchmarks} "
-        "--hb-final {input.hb_final} --out {output} 2>&1 | tee {log}"
+        "python {params.script} compare {params.files} --out {output} 2>&1 | tee {log}"
 
 
 rule search_figure:
@@ -204,7 +280,7 @@ rule search_replay:
         script=script("replay.py"),
         settings=" ".join(
             f"--{key.replace('_', '-')} {config['search'][key]}"
-            for key in ("eta", "min_epochs", "max_epochs", "brackets")
+            for key in ("eta", "min_epochs", "max_epochs", "brackets", "delta")
         )
         + " "
         + " ".join(

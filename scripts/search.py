@@ -3,8 +3,10 @@
 
   promote   rank the previous rung's records on validation accuracy, keep the best --keep
   continue  train the candidate a promoted slot holds: continue its checkpoint to --epochs
+  suggest   a round of TPE, GP-UCB or cost-aware GP-UCB from the earlier rounds' suggestions and records
+  trial     train the candidate a suggested slot holds (other flags go to scripts/train.py's)
   proxies   LogME, kNN and linear-probe accuracy per cached (backbone, init, layer)
-  compare   grid vs random search vs successive halving vs Hyperband: compute and chosen model
+  compare   every method's compute and chosen model (search.csv)
   figure    search_compute (accuracy vs compute) or proxy_vs_finetune
 
 Every file comes as an argument: compare reads each job's Snakemake benchmark file (its wall time)
@@ -13,6 +15,7 @@ beside its record, in the same order.
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -20,15 +23,16 @@ from _cli import cli
 
 import pandas as pd
 
-from tlselect import proxies, search
+from tlselect import proxies, replay, search, strategies
 from tlselect.atomic import atomic_path, write_json
 from tlselect.data import load_split
 from tlselect.features import load_features
 from tlselect.gpus import assign
 from tlselect.plots import draw_search
 from tlselect.registry import RegistryError, rank, read_record, write_record
-from tlselect.runs import init_label
-from tlselect.train import TrainConfig, train
+from tlselect.runs import RunSpec, candidate_spec, init_label
+from tlselect.space import Space
+from tlselect.train import TrainConfig, config_from_args, train
 
 
 def promote(args) -> int:
@@ -57,6 +61,47 @@ def continue_slot(args) -> int:
     assign(args.gpus, config.device, per_device=args.gpu_jobs_per_device)
     record = train(config)
     write_record(config.record, record)
+    return 0
+
+
+def suggest(args) -> int:
+    """Rebuild the history from the earlier rounds' suggestion files and records; write this round's."""
+    context = json.loads(args.context)
+    records = {r["name"]: r for r in map(read_record, args.records)}
+    history = []
+    for path in args.suggested:
+        for trial in json.loads(Path(path).read_text())["trials"]:
+            if trial["candidate"] not in records:
+                raise RegistryError(f"{path} names {trial['candidate']}, but no record given is that run's")
+            record = records[trial["candidate"]]
+            seconds = sum(replay.table([record])[record["name"]].seconds)
+            history.append((trial["params"], record["metrics"]["val_accuracy"], seconds))
+    space = Space.from_config(context)
+    asked = strategies.suggest(args.method, space, history, args.round, args.q, context["seed"], args.delta)
+    trials = []
+    for slot, params in enumerate(asked):
+        spec = candidate_spec(context, params)
+        settings = {**spec.settings, "epochs": args.epochs}
+        trials.append({"slot": slot, "candidate": spec.id, "params": params, "settings": settings,
+                       "weights": spec.weights})  # fmt: skip
+    write_json(args.out, {"method": args.method, "round": args.round, "trials": trials})
+    print("\n".join(f"slot {t['slot']}: {t['candidate']}" for t in trials))
+    return 0
+
+
+def trial(args, rest: list[str]) -> int:
+    """Train a suggested slot's candidate: its settings and weights file, then the rule's other flags."""
+    trials = json.loads(Path(args.suggested).read_text())["trials"]
+    if args.slot >= len(trials):
+        raise RegistryError(f"{args.suggested} holds {len(trials)} trials; there is no slot {args.slot}")
+    chosen = trials[args.slot]
+    flags = shlex.split(RunSpec(chosen["candidate"], chosen["settings"]).flags())
+    if chosen["weights"]:
+        files = {(init, backbone): path for init, backbone, path in args.init_weights}
+        flags += ["--weights", files[tuple(chosen["weights"])]]
+    config = config_from_args(flags + rest)
+    assign(args.gpus, config.device, per_device=args.gpu_jobs_per_device)
+    write_record(config.record, train(config))
     return 0
 
 
@@ -128,23 +173,14 @@ def _jobs(paths: list[str], benchmarks: list[str]) -> list[search.Job]:
 
 
 def compare(args) -> int:
-    grid = _jobs(args.grid, args.grid_benchmarks)
-    chosen = set(args.random)
-    random_jobs = [j for j in grid if j.record["name"] in chosen]
-    jobs = {
-        "grid": grid,
-        "random": random_jobs,
-        "sh": _jobs(args.sh, args.sh_benchmarks),
-        "hb": _jobs(args.hb, args.hb_benchmarks),
-    }
-    finals = {
-        "grid": [j.record for j in grid],
-        "random": [j.record for j in random_jobs],
-        "sh": [read_record(p) for p in args.sh_final],
-        "hb": [read_record(p) for p in args.hb_final],
-    }
-    jobs = {m: j for m, j in jobs.items() if j}
-    table = pd.DataFrame(search.compare(jobs, {m: finals[m] for m in jobs}))
+    jobs, finals = {}, {}
+    for method in search.METHODS:
+        method_jobs = _jobs(getattr(args, method), getattr(args, f"{method}_benchmarks"))
+        if method_jobs:
+            jobs[method] = method_jobs
+            final = getattr(args, f"{method}_final", None)
+            finals[method] = [read_record(p) for p in final] if final else [j.record for j in method_jobs]
+    table = pd.DataFrame(search.compare(jobs, finals))
     with atomic_path(Path(args.out)) as tmp:
         table.to_csv(tmp, index=False)
     print(table.to_string(index=False))
@@ -180,6 +216,29 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(run=continue_slot)
 
+    p = commands.add_parser("suggest", help="a round of a model-based method's trials (JSON)")
+    p.add_argument("--method", required=True, choices=search.MODEL_BASED)
+    p.add_argument("--round", type=int, required=True)
+    p.add_argument("--q", type=int, required=True, help="trials to suggest")
+    p.add_argument("--epochs", type=int, required=True, help="epochs each trial trains")
+    p.add_argument("--delta", type=float, default=0.1, help="GP-UCB's beta_t confidence")
+    p.add_argument("--context", required=True, help="JSON of tlselect.runs.candidate_config: the space and its runs")
+    p.add_argument("--suggested", nargs="*", default=[], help="the earlier rounds' suggestion files")
+    p.add_argument("--records", nargs="*", default=[], help="the earlier rounds' trial records")
+    p.add_argument("--out", required=True, help="this round's suggestion file (JSON)")
+    p.set_defaults(run=suggest)
+
+    p = commands.add_parser(
+        "trial", help="train a suggested slot; other flags are scripts/train.py's", allow_abbrev=False
+    )
+    p.add_argument("--suggested", required=True)
+    p.add_argument("--slot", type=int, required=True)
+    p.add_argument("--init-weights", nargs=3, action="append", default=[], metavar=("INIT", "BACKBONE", "FILE"),
+                   help="the weights file of a pretrained init and backbone (repeat)")  # fmt: skip
+    p.add_argument("--gpus", type=int, default=None)
+    p.add_argument("--gpu-jobs-per-device", type=int, default=1, help="jobs sharing one GPU at most")
+    p.set_defaults(run=trial)
+
     p = commands.add_parser("proxies", help="proxy scores per cached feature folder")
     p.add_argument("--features", nargs="+", required=True, help="folders <root>/<backbone>/<init>/<layer>")
     p.add_argument("--data", required=True, help="decoded subset folder (labels)")
@@ -191,12 +250,12 @@ def main(argv=None) -> int:
     p.set_defaults(run=proxy_scores)
 
     p = commands.add_parser("compare", help="search.csv: one row per method")
-    for method, what in (("grid", "grid"), ("sh", "successive-halving"), ("hb", "Hyperband")):
-        p.add_argument(f"--{method}", nargs="*", default=[], help=f"every {what} job record")
-        p.add_argument(f"--{method}-benchmarks", nargs="*", default=[], help="their benchmark files, in order")
-    p.add_argument("--random", nargs="*", default=[], help="candidate ids of the random search")
-    p.add_argument("--sh-final", nargs="*", default=[], help="records of its last rung")
-    p.add_argument("--hb-final", nargs="*", default=[], help="records of every bracket's last rung")
+    for method in search.METHODS:
+        flag = "--" + method.replace("_", "-")
+        p.add_argument(flag, nargs="*", default=[], help=f"every {method} job's record")
+        p.add_argument(f"{flag}-benchmarks", nargs="*", default=[], help="their benchmark files, in order")
+    for method in ("sh", "hb"):
+        p.add_argument(f"--{method}-final", nargs="*", default=[], help="records of every bracket's last rung")
     p.add_argument("--out", required=True)
     p.set_defaults(run=compare)
 
@@ -207,7 +266,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.set_defaults(run=figure)
 
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.run is trial:
+        return trial(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.run(args)
 
 

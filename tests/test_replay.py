@@ -76,7 +76,7 @@ def test_every_method_is_seeded_and_within_the_grid_budget(config, method):
         assert first.epochs >= grid_epochs and first.trace[0][0] < first.trace[-1][0]
     else:
         assert first.epochs <= grid_epochs
-    if method in ("random", "tpe", "gp_ucb", "ca_gp_ucb"):  # they end having trained every grid point
+    if method in ("random", "tpe", "gp_ucb", "cost_gp_ucb"):  # they end having trained every grid point
         assert first.epochs == grid_epochs and len(first.trace) == len(rows)
         chosen = rows[first.trace[-1][2]]
         assert chosen.val[-1] == max(r.val[-1] for r in rows.values())
@@ -128,6 +128,6 @@ def test_the_script_writes_the_table_and_the_figure(config, tmp_path):
     best_by_val = max(synthetic_records(config), key=lambda r: r["metrics"]["val_accuracy"])
     best_test = max(r["metrics"]["test_accuracy"] for r in synthetic_records(config))
     random_regret = 100 * (best_test - best_by_val["metrics"]["test_accuracy"])
-    rows = full[full["method"].isin(["random", "tpe", "gp_ucb", "ca_gp_ucb"])]
+    rows = full[full["method"].isin(["random", "tpe", "gp_ucb", "cost_gp_ucb"])]
     assert rows["regret_points"].to_numpy() == pytest.approx(random_regret) and (rows["seeds"] == 5).all()
     assert (table["ci95_low"] <= table["regret_points"]).all() and figure.read_bytes()[:4] == b"\x89PNG"

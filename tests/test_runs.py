@@ -6,12 +6,14 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 from conftest import REPO
 from snakemake.utils import validate
 
 from tlselect import runs
+from tlselect.space import Space
 from tlselect.train import PROBE_UNUSED, TrainConfig, config_from_args
 
 SCHEMA = str(REPO / "schemas" / "config.schema.yaml")
@@ -107,6 +109,16 @@ def test_candidates_are_named_by_their_id_and_overrides_win_in_flags():
     assert spec.name == spec.id and spec.kind == "candidate"
     parsed = config_from_args(spec.flags(epochs=3, keep_state=True).split())
     assert parsed.epochs == 3 and parsed.keep_state and isinstance(parsed, TrainConfig)
+
+
+def test_the_candidate_config_is_enough_for_a_candidates_spec_and_the_space():
+    config = load_default()
+    config["search"].update(inits=["source", "scratch"], freezes=["none", "early", "most"])
+    context, space = runs.candidate_config(config), Space.from_config(config)
+    assert Space.from_config(context) == space
+    rng = np.random.RandomState(0)
+    for params in [*space.grid(), *(space.sample(rng) for _ in range(10))]:
+        assert runs.candidate_spec(context, params) == runs.candidate_spec(config, params)
 
 
 @pytest.fixture(scope="module")

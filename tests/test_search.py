@@ -1,5 +1,5 @@
 """Model search: LogME against hand-computed evidence, rung arithmetic, promotion on validation
-accuracy only, seeded sampling, a promoted slot continuing its checkpoint, compute accounting."""
+accuracy only, seeded random search, a promoted slot continuing its checkpoint, compute accounting."""
 
 import copy
 import json
@@ -14,7 +14,7 @@ from scipy import optimize, stats
 
 from tlselect import proxies, search
 from tlselect.registry import RegistryError, read_record, write_record
-from tlselect.runs import candidate_runs
+from tlselect.runs import candidate_runs, random_runs
 from tlselect.train import TrainConfig, train
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -87,14 +87,16 @@ def test_pool_and_rung_arithmetic(config):
     assert candidate_runs(config) == pool  # stable ids
 
 
-def test_sampling_is_seeded(config):
-    first = search.random_candidates(config)
-    assert first == search.random_candidates(copy.deepcopy(config)) and len(first) == 4
-    assert set(first) <= set(candidate_runs(config))
-    other = copy.deepcopy(config)
-    other["seed"] = 1
-    draws = {tuple(search.random_candidates({**other, "seed": s})) for s in range(5)}
-    assert len(draws) > 1
+def test_random_search_draws_its_own_runs_seeded(config):
+    first = random_runs(config)
+    assert first == random_runs(copy.deepcopy(config)) and len(first) == 4
+    assert not set(first) & set(candidate_runs(config))  # draws from the distributions, not the grid
+    low, high = config["search"]["distributions"]["lr"]
+    for run_id, spec in first.items():
+        assert spec.name == run_id and spec.kind == "candidate" and low <= spec.settings["lr"] <= high
+        assert spec.settings["batch_size"] in config["search"]["distributions"]["batch_sizes"]
+    draws = {tuple(random_runs({**config, "seed": s})) for s in range(5)}
+    assert len(draws) == 5
 
 
 def _record(candidate, val, test, status="completed"):

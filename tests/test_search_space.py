@@ -1,5 +1,5 @@
 """The search space: the grid is today's pool, seeded samples follow RandomizedSearchCV's rules and
-respect the conditional freeze depth; bad bounds are a config error."""
+respect the conditional freeze depth; bad bounds and budgets are config errors."""
 
 import numpy as np
 import pytest
@@ -50,3 +50,15 @@ def test_inverted_bounds_are_a_config_error(config):
     config["search"]["distributions"]["lr"] = [0.1, 0.01]
     with pytest.raises(ConfigError, match="search.distributions.lr"):
         search.check(config)
+
+
+def test_more_trials_than_grid_points_is_a_config_error(config):
+    config["search"].update(enabled=True, rounds=5, q=3)  # 15 pulls of a 12-point grid
+    with pytest.raises(ConfigError, match="search.rounds x search.q"):
+        search.check(config)
+
+
+def test_a_single_batch_size_is_a_valid_distribution(config):
+    config["search"]["distributions"]["batch_sizes"] = [8]
+    search.check(config)
+    assert {Space.from_config(config).sample(np.random.RandomState(s))["batch_size"] for s in range(5)} == {8}

@@ -1,16 +1,23 @@
 """The model search in the workflow: snakemake on a tiny archive with a tiny pool (2 backbones x 2
-inits), every search method, the proxies, the report section; then a re-run has nothing to do."""
+inits), every search method (TPE and the GP-UCBs in 2 rounds of 2), the proxies, the replay, the
+report section; the same records give the same suggestion file; a re-run has nothing to do."""
 
 import json
+import sys
 
 import pandas as pd
 import pytest
 import yaml
-from conftest import PINNED_PLAN, strict_json
+from conftest import PINNED_PLAN, REPO, strict_json
 from test_workflow import job_counts, snakemake
 
 from tlselect import replay
+from tlselect.config import merged
 from tlselect.registry import read_record
+from tlselect.runs import candidate_config
+
+sys.path.insert(0, str(REPO / "scripts"))
+import search as search_cli  # noqa: E402
 
 pytestmark = pytest.mark.workflow
 
@@ -31,6 +38,7 @@ def search_study(tmp_path_factory, tiny_archive):
         "benchmarks": {"enabled": False},
         "search": {"enabled": True, "backbones": ["resnet18", "mobilenet_v3_small"],
                    "inits": ["pretrained", "scratch"], "freezes": ["none"], "lrs": [0.05], "random_samples": 2,
+                   "rounds": 2, "q": 2, "distributions": {"batch_sizes": [8]},
                    "eta": 2, "min_epochs": 1, "max_epochs": 2, "brackets": 2,
                    "replay": {"seeds": 3, "q": 2, "startup": 2}},
     }  # fmt: skip
@@ -41,9 +49,11 @@ def search_study(tmp_path_factory, tiny_archive):
 
 def test_search_compares_every_method(search_study):
     table = pd.read_csv(search_study / "results/tables/search.csv").set_index("method")
-    assert list(table.index) == ["grid", "random", "sh", "hb"]
-    # pool of 4 at 2 epochs; SH: 4 at 1 epoch, 2 continue to 2; HB: (2 at 1, 1 to 2) + (2 at 2)
-    assert table["epochs"].to_dict() == {"grid": 8, "random": 4, "sh": 4 + 2, "hb": 2 + 1 + 4}
+    assert list(table.index) == ["grid", "random", "sh", "hb", "tpe", "gp_ucb", "cost_gp_ucb"]
+    # pool of 4 at 2 epochs; SH: 4 at 1 epoch, 2 continue to 2; HB: (2 at 1, 1 to 2) + (2 at 2);
+    # random: 2 draws at 2 epochs; the model-based: 2 rounds of 2 trials at 2 epochs
+    assert table["epochs"].to_dict() == {"grid": 8, "random": 4, "sh": 4 + 2, "hb": 2 + 1 + 4, "tpe": 8,
+                                         "gp_ucb": 8, "cost_gp_ucb": 8}  # fmt: skip
     assert table.loc["grid", "candidates"] == 4 and (table["wall_seconds"] > 0).all()
     grid = [read_record(p) for p in (search_study / "results/search/grid").glob("*.json")]
     best = max(grid, key=lambda r: (r["metrics"]["val_accuracy"], [-ord(c) for c in r["name"]]))
@@ -66,7 +76,43 @@ def test_search_compares_every_method(search_study):
     notebook = json.loads((search_study / "results/report/solution.ipynb").read_text())
     outputs = "".join(json.dumps(cell.get("outputs", [])) for cell in notebook["cells"])
     assert "of the grid" in outputs and "weighted Kendall tau" in outputs and "Error" not in outputs
+    assert "Mean regret" in outputs
     assert (search_study / "results/source/mobilenet_v3_small.pt").is_file()
+
+
+def test_random_search_and_every_round_train_what_was_drawn_or_suggested(search_study):
+    table = pd.read_csv(search_study / "results/tables/search.csv").set_index("method")
+    grid = {read_record(p)["name"] for p in (search_study / "results/search/grid").glob("*.json")}
+    drawn = [read_record(p) for p in (search_study / "results/search/random").glob("*.json")]
+    assert len(drawn) == 2 and not {r["name"] for r in drawn} & grid and table.loc["random", "candidates"] == 2
+    assert all(0.005 <= r["config"]["lr"] <= 0.2 and r["config"]["epochs"] == 2 for r in drawn)
+    for method in ("tpe", "gp_ucb", "cost_gp_ucb"):
+        trained = set()
+        for round_ in range(2):
+            folder = search_study / f"results/search/{method}/round{round_}"
+            suggested = json.loads((folder / "suggested.json").read_text())["trials"]
+            for trial in suggested:
+                record = read_record(folder / f"trial{trial['slot']}.json")
+                assert record["name"] == trial["candidate"] and record["config"]["epochs"] == 2
+                trained.add(record["name"])
+        assert len(trained) == 4 and table.loc[method, "chosen"] in trained
+        if method != "tpe":
+            assert trained == grid  # GP-UCB pulls grid points, each once: 4 pulls of a 4-point pool
+
+
+def test_the_same_records_give_the_same_suggestion_file(search_study, tmp_path):
+    config = merged(
+        yaml.safe_load((REPO / "config.yaml").read_text()), yaml.safe_load((search_study / "tiny.yaml").read_text())
+    )
+    for method in ("tpe", "gp_ucb", "cost_gp_ucb"):
+        earlier = search_study / f"results/search/{method}/round0"
+        out = tmp_path / f"{method}.json"
+        assert search_cli.main([
+            "suggest", "--method", method, "--round", "1", "--q", "2", "--epochs", "2",
+            "--context", json.dumps(candidate_config(config)), "--suggested", str(earlier / "suggested.json"),
+            "--records", str(earlier / "trial1.json"), str(earlier / "trial0.json"), "--out", str(out),
+        ]) == 0  # fmt: skip
+        assert out.read_text() == (search_study / f"results/search/{method}/round1/suggested.json").read_text()
 
 
 def test_the_replay_of_successive_halving_chooses_what_the_real_run_chose(search_study):

@@ -97,3 +97,31 @@ def test_gp_ucb_is_seeded_and_costs_are_relative(config):
     assert len(choices) == 1
     costs = strategies.relative_costs(arms[:3], {arms[0]: [1.0, 3.0], arms[1]: [6.0]})
     assert costs == {arms[0]: 0.5, arms[1]: 1.5, arms[2]: 1.0}
+
+
+@pytest.mark.parametrize("method", ["tpe", "gp_ucb", "cost_gp_ucb"])
+def test_a_round_is_seeded_by_its_history_and_valid(config, method):
+    space = Space.from_config(config)
+    grid = space.grid()
+    rng = np.random.RandomState(0)  # TPE's trials are draws from the distributions, GP-UCB's grid points
+    points = [space.sample(rng) for _ in range(6)] if method == "tpe" else grid[::7]
+    history = [(p, 0.5 + 0.01 * i, 10.0 * (1 + (p["backbone"] == "resnet50"))) for i, p in enumerate(points)]
+    first = strategies.suggest(method, space, history, 2, 3, seed=0)
+    assert first == strategies.suggest(method, space, list(history), 2, 3, seed=0) and len(first) == 3
+    seen = [p for p, _, _ in history]
+    for params in first:
+        assert params not in seen and (params["init"] != "scratch" or params["freeze"] == "none")
+        if method != "tpe":  # the GP-UCBs pull grid points, three different ones
+            assert params in grid and first.count(params) == 1
+    if method == "tpe":
+        assert strategies.suggest(method, space, history, 2, 3, seed=1) != first
+
+
+def test_cost_aware_gp_ucb_pulls_the_cheaper_of_two_equal_arms():
+    fixed = {"init": "imagenet", "freeze": "none", "resolution": 32, "weight_decay": 0.0, "label_smoothing": 0.0}
+    points = [{"backbone": b, "lr": lr, **fixed, "batch_size": 0} for b in ("a_slow", "b_fast") for lr in (0.01, 0.1)]
+    history = [(points[0], 0.7, 100.0), (points[2], 0.7, 1.0)]  # same accuracy, 100x the seconds
+    (plain,) = strategies.ucb_suggest(points, history, 1, 0, cost_aware=False)
+    (aware,) = strategies.ucb_suggest(points, history, 1, 0, cost_aware=True)
+    assert (plain["backbone"], aware["backbone"]) == ("a_slow", "b_fast")  # a tie goes to the first arm
+    assert {p["lr"] for p in strategies.ucb_suggest(points, history, 2, 0, cost_aware=False)} == {0.1}

@@ -12,8 +12,8 @@ shares of the whole grid's.
 Methods: random search (grid runs in seeded order), successive halving and Hyperband (the
 workflow's own plans and promotion, :func:`tlselect.search.plan` and :func:`tlselect.search.promote`;
 Hyperband loops over its brackets with fresh samples), TPE over the grid's discrete space in rounds
-of ``q``, GP-UCB and cost-aware GP-UCB over model types (each pull trains the arm's next untried
-grid point, in seeded order).
+of ``q``, GP-UCB and cost-aware GP-UCB over model types, one pull at a time
+(:func:`tlselect.strategies.ucb_suggest`, as the workflow's own GP-UCB jobs choose).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from tlselect.registry import RegistryError, rank
 from tlselect.runs import freeze_depth
 from tlselect.space import SAMPLED, Space
 
-METHODS = ("random", "sh", "hb", "tpe", "gp_ucb", "ca_gp_ucb")
+METHODS = ("random", "sh", "hb", "tpe", "gp_ucb", "cost_gp_ucb")
 SHARES = (1 / 9, 1 / 5, 1 / 3, 1.0)
 
 
@@ -117,32 +117,34 @@ def run(method: str, rows: dict[str, Candidate], plan: dict, seed: int) -> Repla
                 _bracket(replay, bracket, rng)
             if replay.epochs >= budget:
                 break
-    elif method == "tpe":
+    else:
         by_key = {strategies.point_key(r.params): r.name for r in rows.values()}
-        space, history = Space.of_grid([r.params for r in rows.values()]), []
-        if {strategies.point_key(p) for p in space.grid()} != set(by_key):
-            raise RegistryError("the grid's records do not cover the product of their own values; rerun the grid")
+        points = [rows[name].params for name in names]
+        history = []
+        if method == "tpe":
+            space = Space.of_grid(points)
+            if {strategies.point_key(p) for p in space.grid()} != set(by_key):
+                raise RegistryError("the grid's records do not cover the product of their own values; rerun the grid")
         for round_ in range(len(rows)):
-            asked = strategies.tpe_suggest(
-                space, history, plan["q"], seed * 1000 + round_, discrete=True, startup=plan["startup"]
-            )
+            if method == "tpe":
+                asked = strategies.tpe_suggest(
+                    space,
+                    [(p, v) for p, v, _ in history],
+                    plan["q"],
+                    seed * 1000 + round_,
+                    discrete=True,
+                    startup=plan["startup"],
+                )
+            else:
+                asked = strategies.ucb_suggest(
+                    points, history, 1, seed, cost_aware=method == "cost_gp_ucb", delta=plan["delta"]
+                )
             if not asked:
                 break
             for params in asked:
+                before = replay.seconds
                 record = replay.train(by_key[strategies.point_key(params)], top)
-                history.append((params, record["metrics"]["val_accuracy"]))
-    else:
-        arms = sorted({r.arm for r in rows.values()})
-        queues = {arm: [names[i] for i in rng.permutation(len(names)) if rows[names[i]].arm == arm] for arm in arms}
-        observations, seconds = [], {arm: [] for arm in arms}
-        for t in range(1, len(rows) + 1):
-            costs = strategies.relative_costs(arms, seconds) if method == "ca_gp_ucb" else None
-            available = [a for a in arms if queues[a]]
-            arm = strategies.gp_ucb(arms, observations, t, costs=costs, available=available, delta=plan["delta"])
-            before = replay.seconds
-            record = replay.train(queues[arm].pop(0), top)
-            observations.append((arm, record["metrics"]["val_accuracy"] or 0.0))
-            seconds[arm].append(replay.seconds - before)
+                history.append((params, record["metrics"]["val_accuracy"], replay.seconds - before))
     return replay
 
 

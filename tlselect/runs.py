@@ -8,7 +8,8 @@ cached feature layer. Kinds of run:
 - ``policy``: one entry of ``policies`` (the study's compared runs);
 - ``probe``: a linear probe on one cached layer of one init (``features``);
 - ``source``: the model the workflow pretrains itself for init ``source``;
-- ``candidate``: one member of the model search's pool (``search``).
+- ``candidate``: one point of the model search's space (``search``): a grid point of the pool, a
+  random-search draw, or a trial a strategy suggests at run time (from :func:`candidate_config`).
 
 A run that starts from pretrained weights names them as ``weights``: ``("source", backbone)`` (the
 model the workflow pretrains) or ``("imagenet", backbone)`` (the file the workflow fetches).
@@ -27,6 +28,8 @@ import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from tlselect.backbones import BACKBONES, NO_FREEZE
 
@@ -234,11 +237,33 @@ def candidate_spec(config: dict, params: dict) -> RunSpec:
     return RunSpec(run_id, {**settings, "name": run_id}, weights=weights_of(init, backbone))
 
 
+def candidate_config(config: dict) -> dict:
+    """The part of ``config`` that defines the search space and its candidates' specs: with it,
+    :func:`candidate_spec` and :meth:`tlselect.space.Space.from_config` give what they give with the
+    whole config (a strategy's suggest job gets only this, so nothing else reruns it)."""
+    space = ("backbones", "inits", "freezes", "lrs", "resolutions", "distributions", "train")
+    return {
+        **{k: config[k] for k in ("seed", "train", "resolution", "source", "pretrained")},
+        "data": _subset_identity(config),
+        "search": {k: config["search"][k] for k in space},
+    }
+
+
 def candidate_runs(config: dict) -> dict[str, RunSpec]:
     """``{candidate_id: spec}`` of the search pool: the grid of the search space (the ``search`` lists)."""
     from tlselect.space import Space  # the space builds on this module's helpers
 
     specs = (candidate_spec(config, params) for params in Space.from_config(config).grid())
+    return {spec.id: spec for spec in specs}
+
+
+def random_runs(config: dict) -> dict[str, RunSpec]:
+    """``{candidate_id: spec}`` of random search: ``search.random_samples`` draws from the space's
+    distributions (:meth:`tlselect.space.Space.sample`, seeded with ``seed``), in draw order."""
+    from tlselect.space import Space
+
+    space, rng = Space.from_config(config), np.random.RandomState(config["seed"])
+    specs = (candidate_spec(config, space.sample(rng)) for _ in range(config["search"]["random_samples"]))
     return {spec.id: spec for spec in specs}
 
 

@@ -1,12 +1,14 @@
-"""Model search over a candidate pool: grid, random search, successive halving and Hyperband.
+"""Model search over a candidate pool: the static plans of its methods, promotion and the comparison.
 
 The pool (``search`` in ``config.yaml``; :func:`tlselect.runs.candidate_runs`) is the product of
-backbones, inits, generic freeze depths, learning rates and input resolutions. Random search and
-Hyperband's brackets draw seeded samples of it. Successive halving (SH) and Hyperband (HB, Li et
-al., JMLR 2018) are unrolled statically: how many candidates each rung keeps and for how many
-epochs is known from the config alone (:func:`brackets`); which candidates survive is decided at
-run time by :func:`promote`, from the previous rung's registry records, on validation accuracy
-only. Survivors continue their previous rung's checkpoint (``--continue-from``), never retrain.
+backbones, inits, generic freeze depths, learning rates and input resolutions; Hyperband's brackets
+draw seeded samples of it. Successive halving (SH) and Hyperband (HB, Li et al., JMLR 2018) are
+unrolled statically: how many candidates each rung keeps and for how many epochs is known from the
+config alone (:func:`brackets`); which candidates survive is decided at run time by
+:func:`promote`, from the previous rung's registry records, on validation accuracy only. Survivors
+continue their previous rung's checkpoint (``--continue-from``), never retrain. Random search
+draws from the space (:func:`tlselect.runs.random_runs`); the model-based methods suggest their
+rounds at run time (:func:`tlselect.strategies.suggest`). :func:`compare` tabulates them all.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from tlselect.config import ConfigError, check_init
 from tlselect.registry import RegistryError, rank
 from tlselect.runs import candidate_runs, resolve_init
 
-METHODS = ("grid", "random", "sh", "hb")
+# Methods trained in rounds of suggestions (tlselect.strategies), after the statically planned ones.
+MODEL_BASED = ("tpe", "gp_ucb", "cost_gp_ucb")
+METHODS = ("grid", "random", "sh", "hb", *MODEL_BASED)
 
 
 def check(config: dict) -> None:
@@ -33,15 +37,24 @@ def check(config: dict) -> None:
             raise ConfigError(f"search.backbones: unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}")
     for init in search["inits"]:
         check_init("search.inits", resolve_init(config, init))
-    for key, (low, high) in search["distributions"].items():
-        if key != "batch_sizes" and low > high:
+    for key in ("lr", "weight_decay", "label_smoothing"):
+        low, high = search["distributions"][key]
+        if low > high:
             raise ConfigError(f"search.distributions.{key}: the low bound {low} exceeds the high bound {high}")
     if search["min_epochs"] > search["max_epochs"]:
         raise ConfigError(
             f"search.min_epochs ({search['min_epochs']}) must not exceed search.max_epochs ({search['max_epochs']})"
         )
-    if search["enabled"] and not candidate_runs(config):
+    if not search["enabled"]:
+        return
+    pool = len(candidate_runs(config))
+    if not pool:
         raise ConfigError("search: the candidate pool is empty (scratch is never frozen); add an init or freezes: none")
+    if search["rounds"] * search["q"] > pool:
+        raise ConfigError(
+            f"search.rounds x search.q ({search['rounds']} x {search['q']}) exceeds the pool's {pool} candidates: "
+            "GP-UCB trains each grid point at most once"
+        )
 
 
 def sample(candidates: list[str], count: int, seed: int, stream: str) -> list[str]:
@@ -104,11 +117,6 @@ def plan(candidates: list[str], search: dict, seed: int, method: str) -> list[Br
     return plans
 
 
-def random_candidates(config: dict) -> list[str]:
-    """Random search: a seeded sample of the pool, each trained to max_epochs (the grid's own runs)."""
-    return sample(list(candidate_runs(config)), config["search"]["random_samples"], config["seed"], "random")
-
-
 def promote(records: dict[str, dict], keep: int) -> list[dict]:
     """The ``keep`` best of the previous rung: ``[{slot, candidate, checkpoint, record, val_accuracy}]``.
 
@@ -157,7 +165,8 @@ def compare(jobs: dict[str, list[Job]], finals: dict[str, list[dict]]) -> list[d
     """One row per method: compute spent and the chosen model (best validation accuracy of ``finals``).
 
     ``jobs[method]`` are every job the method paid for; ``finals[method]`` the runs it chooses from
-    (the grid's runs, the random sample, the last rung of every bracket). Test accuracy is reported.
+    (the last rung of every bracket for SH and HB, every job's run for the others). Test accuracy
+    is reported.
     """
     rows = []
     for method, method_jobs in jobs.items():

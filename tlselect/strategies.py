@@ -11,7 +11,12 @@ the same records give the same suggestions.
 - :func:`gp_ucb` picks a model type (an arm: backbone x init x freeze depth) by
   a_t = argmax_k mu(k) + sqrt(beta_t / c_k) sigma(k) (ease.ml's cost-aware GP-UCB; plain GP-UCB
   is c_k = 1), with mu and sigma from a scikit-learn Gaussian process over one-hot arm features
-  (an RBF kernel on them, :func:`default_kernel`).
+  (an RBF kernel on them, :func:`default_kernel`). :func:`ucb_suggest` turns picks into grid points:
+  a pull trains the arm's next untried grid point in a seeded order; ``q`` pulls at once count the
+  earlier ones of the round as observed at their posterior mean (GP-BUCB, Desautels et al. 2014),
+  which shrinks their sigma and spreads the round.
+
+:func:`suggest` is what the workflow's suggest job of each round asks (rules/search.smk).
 """
 
 from __future__ import annotations
@@ -195,3 +200,59 @@ def relative_costs(arms: list[tuple], seconds: dict[tuple, list[float]]) -> dict
     means = {arm: float(np.mean(s)) for arm, s in seconds.items() if s}
     scale = float(np.mean(list(means.values()))) if means else 1.0
     return {arm: means[arm] / scale if arm in means and scale > 0 else 1.0 for arm in arms}
+
+
+def arm_of(params: dict) -> tuple[str, str, str]:
+    """A candidate's model type: ``(backbone, init, freeze depth)``."""
+    return params["backbone"], params["init"], params["freeze"]
+
+
+def ucb_suggest(
+    points: list[dict],
+    history: list[tuple[dict, float | None, float]],
+    q: int,
+    seed: int,
+    *,
+    cost_aware: bool,
+    delta: float = 0.1,
+) -> list[dict]:
+    """The next ``q`` grid points of (cost-aware) GP-UCB, given every earlier pull.
+
+    ``points``: the grid; ``history``: ``(params, validation accuracy, seconds)`` of each earlier
+    pull (a diverged run counts as accuracy 0). c_k comes from the history's seconds. Each arm's
+    points are tried in the order of a permutation seeded by ``seed`` alone, so that the same
+    history gives the same next point whichever round asks.
+    """
+    arms = sorted({arm_of(p) for p in points})
+    tried = {point_key(p) for p, _, _ in history}
+    order = np.random.RandomState(seed).permutation(len(points))
+    queues = {arm: [] for arm in arms}
+    for i in order:
+        if point_key(points[i]) not in tried:
+            queues[arm_of(points[i])].append(points[i])
+    observations = [(arm_of(p), value or 0.0) for p, value, _ in history]
+    seconds = {arm: [s for p, _, s in history if arm_of(p) == arm] for arm in arms}
+    costs = relative_costs(arms, seconds) if cost_aware else None
+    out = []
+    while len(out) < q and any(queues.values()):
+        t = len(observations) + 1
+        available = [arm for arm in arms if queues[arm]]
+        arm = gp_ucb(arms, observations, t, costs=costs, available=available, delta=delta)
+        out.append(queues[arm].pop(0))
+        if len(out) < q:  # the pending pull believed at its posterior mean
+            mu, _ = posterior(arms, observations)
+            observations.append((arm, float(mu[arms.index(arm)])))
+    return out
+
+
+def suggest(method: str, space: Space, history: list[tuple[dict, float | None, float]], round_: int, q: int,
+            seed: int, delta: float = 0.1) -> list[dict]:  # fmt: skip
+    """Round ``round_``'s ``q`` candidates of ``tpe``, ``gp_ucb`` or ``cost_gp_ucb`` in the workflow.
+
+    ``history``: ``(params, validation accuracy, seconds)`` of every earlier round's trials. TPE
+    searches the space's distributions (its first round is its random start-up, seeded by the
+    round); the GP-UCBs pull grid points (:func:`ucb_suggest`).
+    """
+    if method == "tpe":
+        return tpe_suggest(space, [(p, v) for p, v, _ in history], q, seed * 1000 + round_, startup=q)
+    return ucb_suggest(space.grid(), history, q, seed, cost_aware=method == "cost_gp_ucb", delta=delta)
