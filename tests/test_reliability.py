@@ -201,6 +201,17 @@ def test_sigkilled_training_job_resumes_through_snakemake(tmp_path, tiny_archive
     assert record["metrics"] == straight["metrics"]
 
 
+def crash_in_epoch_two(cfg: TrainConfig) -> None:
+    """Train ``cfg`` (two epochs) and stop it as a kill would, once the first epoch's resume file is written."""
+
+    def crash(message):
+        if "epoch 2/2" in message:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, log=crash)
+
+
 def test_resume_restores_the_global_rng_and_the_lr_schedule(tmp_path):
     # mobilenet_v3_small's head has dropout, which draws from torch's global RNG
     tensors = small_tensors(tmp_path / "data", sizes=(("train", 32), ("val", 12), ("test", 12)))
@@ -209,12 +220,7 @@ def test_resume_restores_the_global_rng_and_the_lr_schedule(tmp_path):
         batch_size=16, precision="float32", device="cpu", seed=3, warmup_epochs=1, schedule="cosine",
     )  # fmt: skip
 
-    def crash_in_epoch_two(message):
-        if "epoch 2/2" in message:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, log=crash_in_epoch_two)
+    crash_in_epoch_two(cfg)
     state = load_torch(Path(cfg.out).with_suffix(".resume.pt"))
     assert {"model", "optimizer", "generator", "torch_rng", "curves", "config"} <= set(state)
     resumed = train(cfg, log=quiet)
