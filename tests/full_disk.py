@@ -51,7 +51,8 @@ def patches(part: str, free: int) -> list[tuple[object, str, object]]:
     def full_open(file, mode="r", *args, **kwargs):
         opened = _open(file, mode, *args, **kwargs)
         writing = any(flag in mode for flag in "wax+")
-        return _FullFile(opened, free) if writing and part in os.fspath(file) else opened
+        named = not isinstance(file, int)  # an open file descriptor: not a path
+        return _FullFile(opened, free) if writing and named and part in os.fspath(file) else opened
 
     def full_fallocate(fd, offset, length):
         if length > free and part in os.readlink(f"/proc/self/fd/{fd}"):

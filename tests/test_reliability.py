@@ -311,7 +311,8 @@ def test_two_training_jobs_run_in_parallel_without_interfering(parallel_study):
         checkpoint = load_torch(workdir / f"results/models/{run_id}.pt")
         assert checkpoint["run_id"] == run_id and checkpoint["status"] == record["status"]
     leftovers = [p.name for folder in ("models", "registry") for p in (workdir / "results" / folder).iterdir()]
-    assert sorted(leftovers) == sorted(f"{r}{s}" for r in by_policy.values() for s in (".pt", ".json"))
+    expected = (".pt", ".pt.crc32", ".json")  # checkpoint, its checksum, record
+    assert sorted(leftovers) == sorted(f"{r}{s}" for r in by_policy.values() for s in expected)
     # and the parallel run gives exactly what a run on its own gives
     record = read_record(workdir / f"results/registry/{by_policy['steady']}.json")
     alone = dict(record["config"], data=str(workdir / "results/data"), out=str(workdir / "alone.pt"), record="")
