@@ -10,6 +10,8 @@
 # setting runs in a fresh working folder (snakemake --directory) under OUT/work/, removed at the
 # end. With N jobs per GPU, Snakemake's gpu resource counts slots: --resources gpu=N.
 # GPU_STUDY_JOBS="1 2" picks other settings. --dry-run prints the commands and runs nothing.
+# With the Python packages installed by `pip install --target DIR`, set JUPYTER_PATH=DIR/share/jupyter
+# (nbconvert's templates live there).
 set -euo pipefail
 
 dry=0
