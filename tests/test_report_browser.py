@@ -42,12 +42,23 @@ window.addEventListener("load", () => setTimeout(async () => {
   for (const img of document.images) seen.images.push(await loaded(img));
   const errorOutputs = '.output_error, [data-mime-type="application/vnd.jupyter.stderr"]';
   seen.outputs = [...document.querySelectorAll(errorOutputs)].map((el) => el.innerText);
+  // the first of up to 100 polls, 100 ms apart, at which select() finds something (a busy machine renders late)
+  const appears = async (select) => {
+    for (let i = 0; i < 100; i++) {
+      const found = select();
+      if (found) return found;
+      await pause(100);
+    }
+    return null;
+  };
   // Snakemake's report (a React app): open its Figures category, then view every figure listed there
-  const menu = [...document.querySelectorAll("nav a")].find((a) => a.textContent.trim() === "Figures");
-  if (typeof results === "object" && menu) {
+  const isReport = typeof results === "object";
+  const menu = isReport && await appears(
+    () => [...document.querySelectorAll("nav a")].find((a) => a.textContent.trim() === "Figures"));
+  if (menu) {
     seen.carried = Object.keys(results);
     menu.click();
-    await pause(500);
+    await appears(() => document.querySelector("tbody tr"));
     for (let i = 0; i < document.querySelectorAll("tbody tr").length; i++) {
       const row = document.querySelectorAll("tbody tr")[i];
       const path = row.querySelector("td").textContent.trim();
