@@ -386,10 +386,9 @@ def jobs_suite(base: TrainConfig, repeat: int = 3, log=print) -> list[dict]:
 
     Fastest of ``repeat`` jobs each; the warm process is started (and its first job run) first.
     """
-    device = "cpu" if resolve_device(base.device).type == "cpu" else base.device
     threads = str(base.threads or torch.get_num_threads())
-    args = ["--data", base.data, "--init", base.init, "--weights", base.weights, "--epochs", "1", "--device", device,
-            "--threads", threads, "--plans", base.plans, "--auto", base.auto]  # fmt: skip
+    args = ["--data", base.data, "--init", base.init, "--weights", base.weights, "--epochs", "1",
+            "--device", base.device, "--threads", threads, "--plans", base.plans, "--auto", base.auto]  # fmt: skip
     outside = {"cold": [], "warm": []}
     with tempfile.TemporaryDirectory(prefix="warm-") as warm_dir:
         log("jobs suite: starting a warm process")
