@@ -12,8 +12,7 @@ rule benchmark_optimizations:
         "../envs/torch.yaml"
     threads: config["threads"]
     resources:
-        **TRAINING_RESOURCES
-        | {"mem_mb": lambda wildcards, attempt: 6000 * attempt, "runtime": 60},
+        **TRAINING_RESOURCES | {"mem_mb": memory_mb(6000), "runtime": 60},
     params:
         script=script("benchmark.py"),
         args=benchmark_args,

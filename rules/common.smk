@@ -2,6 +2,7 @@
 # the other files share. Paths live here and in the rules only; scripts get them as arguments.
 import functools
 import glob
+import inspect
 import json
 import os
 import re
@@ -47,7 +48,7 @@ PROBES = runs.probe_runs(config)
 SEARCH = config["search"]["enabled"]
 POOL = runs.candidate_runs(config) if SEARCH else {}
 RANDOM = runs.random_runs(config) if SEARCH else {}
-PLAN = {m: search.brackets(config, m) for m in ("sh", "hb")} if SEARCH else {}
+PLAN = {m: search.brackets(config, m, POOL) for m in ("sh", "hb")} if SEARCH else {}
 # Cached feature chains: the probes' layers, plus every stage of each searched backbone (proxies).
 FEATURE_INITS = runs.cached_inits(config)
 FEATURE_CHAINS = runs.feature_chains(config)
@@ -124,6 +125,20 @@ MOP_OUTPUTS = [
 GPU = 0 if config["device"] == "cpu" else 1
 
 
+def fixed_signature(func):
+    """``func`` with its signature worked out once. Snakemake inspects the signature of an input,
+    params or resources function at every job: a tenth of the DAG's build time in a large search.
+    """
+    func.__signature__ = inspect.signature(func)
+    return func
+
+
+def memory_mb(mb):
+    """mem_mb of a job: ``mb`` at the first attempt, twice at the second (``--retries``), and so on."""
+    return fixed_signature(lambda wildcards, attempt: mb * attempt)
+
+
+@fixed_signature
 def gpu_flags(wildcards, resources):
     """--gpus: the job's gpu resource, or 1 for a SLURM share of a GPU (gres shard or mps); jobs per GPU."""
     gpus = resources.gpu or int(
@@ -192,11 +207,11 @@ def train_args(spec, input, **overrides):
 # Resources of every job that trains; rules that differ say so.
 TRAINING_RESOURCES = {
     "gpu": GPU,
-    "mem_mb": lambda wildcards, attempt: 4000 * attempt,
+    "mem_mb": memory_mb(4000),
     "runtime": 120,
 }
 # Resources of the small bookkeeping jobs (tables, figures, promotions).
-SMALL_RESOURCES = {"mem_mb": lambda wildcards, attempt: 1000 * attempt, "runtime": 10}
+SMALL_RESOURCES = {"mem_mb": memory_mb(1000), "runtime": 10}
 
 
 def feature_inputs(wildcards):
@@ -340,6 +355,7 @@ def space_weights():
     return sorted((*pair, weights_file(*pair)) for pair in pairs if pair)
 
 
+@fixed_signature
 def trial_inputs(wildcards):
     """The round's suggestion file, the data and every weights file a suggestion may start from."""
     return {
@@ -362,6 +378,13 @@ def bracket_weights(method, bracket):
     return sorted(weights_file(*w) for w in weights if w)
 
 
+def previous_ranking(wildcards):
+    """The ranking file of the rung before this one."""
+    rung = int(wildcards.rung) - 1
+    return f"{RUNG.format(method=wildcards.method, bracket=wildcards.bracket, rung=rung)}/ranking.json"
+
+
+@fixed_signature
 def next_rung_inputs(wildcards):
     """The promotion file, the data and the weights files the candidates may start from. Which
     checkpoint a slot continues is decided at run time: the promote job declares the previous

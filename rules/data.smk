@@ -16,7 +16,7 @@ rule fetch_data:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=lambda wildcards, attempt: 1000 * attempt,
+        mem_mb=memory_mb(1000),
         runtime=60,
     params:
         script=script("prepare_data.py"),
@@ -40,7 +40,7 @@ rule subset:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        mem_mb=memory_mb(2000),
         runtime=30,
     params:
         script=script("prepare_data.py"),
@@ -72,7 +72,7 @@ rule fetch_weights:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        mem_mb=memory_mb(2000),
         runtime=30,
     params:
         script=script("prepare_data.py"),

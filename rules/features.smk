@@ -19,8 +19,7 @@ rule extract_features:
         "../envs/torch.yaml"
     threads: config["threads"]
     resources:
-        **TRAINING_RESOURCES
-        | {"mem_mb": lambda wildcards, attempt: 2000 * attempt, "runtime": 60},
+        **TRAINING_RESOURCES | {"mem_mb": memory_mb(2000), "runtime": 60},
     params:
         gpus=gpu_flags,
         script=script("extract_features.py"),

@@ -87,7 +87,7 @@ rule notebook:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        mem_mb=memory_mb(2000),
         runtime=30,
     params:
         figures_dir=lambda wildcards, input: os.path.dirname(input.figures[0]),

@@ -11,9 +11,13 @@
 # (tlselect.replay).
 
 
+localrules:
+    search_promote,
+
+
 use rule train as search_grid with:
     input:
-        unpack(lambda wildcards: run_inputs(POOL[wildcards.candidate])),
+        unpack(fixed_signature(lambda wildcards: run_inputs(POOL[wildcards.candidate]))),
     output:
         model="results/search/grid/{candidate}.pt",
         record="results/search/grid/{candidate}.json",
@@ -25,15 +29,19 @@ use rule train as search_grid with:
         candidate=r"[^/]+",  # only this rule writes results/search/grid/; one_of(POOL) would slow large pools
     priority: 0
     params:
-        args=lambda wildcards, input: train_args(
-            POOL[wildcards.candidate], input, epochs=config["search"]["max_epochs"]
+        args=fixed_signature(
+            lambda wildcards, input: train_args(
+                POOL[wildcards.candidate], input, epochs=config["search"]["max_epochs"]
+            )
         ),
         run_id="grid-{candidate}",
 
 
 use rule train as search_random with:
     input:
-        unpack(lambda wildcards: run_inputs(RANDOM[wildcards.candidate])),
+        unpack(
+            fixed_signature(lambda wildcards: run_inputs(RANDOM[wildcards.candidate]))
+        ),
     output:
         model="results/search/random/{candidate}.pt",
         record="results/search/random/{candidate}.json",
@@ -45,15 +53,23 @@ use rule train as search_random with:
         candidate=r"[^/]+",
     priority: 0
     params:
-        args=lambda wildcards, input: train_args(
-            RANDOM[wildcards.candidate], input, epochs=config["search"]["max_epochs"]
+        args=fixed_signature(
+            lambda wildcards, input: train_args(
+                RANDOM[wildcards.candidate],
+                input,
+                epochs=config["search"]["max_epochs"],
+            )
         ),
         run_id="random-{candidate}",
 
 
 use rule train as search_first_rung with:
     input:
-        unpack(lambda wildcards: run_inputs(first_rung_candidate(wildcards))),
+        unpack(
+            fixed_signature(
+                lambda wildcards: run_inputs(first_rung_candidate(wildcards))
+            )
+        ),
     output:
         model="results/search/{method}/b{bracket}/rung0/slot{slot}.pt",
         record="results/search/{method}/b{bracket}/rung0/slot{slot}.json",
@@ -67,31 +83,33 @@ use rule train as search_first_rung with:
         slot=r"\d+",
     priority: 0
     params:
-        args=lambda wildcards, input: train_args(
-            first_rung_candidate(wildcards),
-            input,
-            epochs=PLAN[wildcards.method][int(wildcards.bracket)].epochs[0],
-            keep_state=True,
+        args=fixed_signature(
+            lambda wildcards, input: train_args(
+                first_rung_candidate(wildcards),
+                input,
+                epochs=PLAN[wildcards.method][int(wildcards.bracket)].epochs[0],
+                keep_state=True,
+            )
         ),
         run_id="{method}-b{bracket}-rung0-slot{slot}",
 
 
-rule search_promote:
+rule search_rank:
     input:
         records=lambda wildcards: rung_slots(
-            wildcards.method, wildcards.bracket, int(wildcards.rung) - 1
+            wildcards.method, wildcards.bracket, wildcards.rung
         ),
         checkpoints=lambda wildcards: rung_slots(
-            wildcards.method, wildcards.bracket, int(wildcards.rung) - 1, ".pt"
+            wildcards.method, wildcards.bracket, wildcards.rung, ".pt"
         ),
     output:
-        "results/search/{method}/b{bracket}/rung{rung}/promoted.json",
+        f"{RUNG}/ranking.json",
     log:
-        "results/logs/search/{method}/b{bracket}/rung{rung}/promote.log",
+        "results/logs/search/{method}/b{bracket}/rung{rung}/rank.log",
     wildcard_constraints:
         method="sh|hb",
         bracket=r"\d+",
-        rung=r"[1-9]\d*",
+        rung=r"\d+",
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -99,11 +117,29 @@ rule search_promote:
         **SMALL_RESOURCES,
     params:
         script=script("search.py"),
+    shell:
+        "python {params.script} rank {input.records} --out {output} 2>&1 | tee {log}"
+
+
+# Its own job with one input, so that the many slot jobs reading the promotion file do not each
+# make Snakemake scan the whole previous rung (a quadratic DAG build; see README, "Scale").
+rule search_promote:
+    input:
+        previous_ranking,
+    output:
+        f"{RUNG}/promoted.json",
+    log:
+        "results/logs/search/{method}/b{bracket}/rung{rung}/promote.log",
+    wildcard_constraints:
+        method="sh|hb",
+        bracket=r"\d+",
+        rung=r"[1-9]\d*",
+    params:
         keep=lambda wildcards: PLAN[wildcards.method][int(wildcards.bracket)].keep[
             int(wildcards.rung)
         ],
-    shell:
-        "python {params.script} promote {input.records} --keep {params.keep} --out {output} 2>&1 | tee {log}"
+    run:
+        search.write_promotion(input[0], params.keep, output[0], log[0])
 
 
 use rule train as search_next_rung with:
@@ -124,9 +160,11 @@ use rule train as search_next_rung with:
     priority: 0
     params:
         script=script("search.py"),
-        args=lambda wildcards, input: (
-            f"continue --promoted {input.promoted} --slot {wildcards.slot} --epochs "
-            f"{PLAN[wildcards.method][int(wildcards.bracket)].epochs[int(wildcards.rung)]}"
+        args=fixed_signature(
+            lambda wildcards, input: (
+                f"continue --promoted {input.promoted} --slot {wildcards.slot} --epochs "
+                f"{PLAN[wildcards.method][int(wildcards.bracket)].epochs[int(wildcards.rung)]}"
+            )
         ),
         run_id="{method}-b{bracket}-rung{rung}-slot{slot}",
 
@@ -174,11 +212,13 @@ use rule train as search_trial with:
     priority: 0
     params:
         script=script("search.py"),
-        args=lambda wildcards, input: (
-            f"trial --suggested {input.suggested} --slot {wildcards.slot} {PLAN_FLAGS} "
-            f"--data {os.path.dirname(input.subset)} "
-            + " ".join(
-                f"--init-weights {i} {b} {path}" for i, b, path in space_weights()
+        args=fixed_signature(
+            lambda wildcards, input: (
+                f"trial --suggested {input.suggested} --slot {wildcards.slot} {PLAN_FLAGS} "
+                f"--data {os.path.dirname(input.subset)} "
+                + " ".join(
+                    f"--init-weights {i} {b} {path}" for i, b, path in space_weights()
+                )
             )
         ),
         run_id="{method}-round{round}-trial{slot}",
@@ -196,7 +236,7 @@ rule search_proxies:
         "../envs/torch.yaml"
     threads: config["threads"]
     resources:
-        mem_mb=lambda wildcards, attempt: 4000 * attempt,
+        mem_mb=memory_mb(4000),
         runtime=30,
     params:
         script=script("search.py"),
@@ -274,7 +314,7 @@ rule search_replay:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        mem_mb=memory_mb(2000),
         runtime=60,
     params:
         script=script("replay.py"),

@@ -15,7 +15,7 @@ rule source_data:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        mem_mb=memory_mb(2000),
         runtime=30,
     params:
         script=script("prepare_data.py"),

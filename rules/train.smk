@@ -4,7 +4,7 @@
 
 rule train:
     input:
-        unpack(lambda wildcards: run_inputs(RUNS[wildcards.run_id])),
+        unpack(fixed_signature(lambda wildcards: run_inputs(RUNS[wildcards.run_id]))),
     output:
         model="results/models/{run_id}.pt",
         record="results/registry/{run_id}.json",
@@ -23,7 +23,9 @@ rule train:
     params:
         gpus=gpu_flags,
         script=script("train.py"),
-        args=lambda wildcards, input: train_args(RUNS[wildcards.run_id], input),
+        args=fixed_signature(
+            lambda wildcards, input: train_args(RUNS[wildcards.run_id], input)
+        ),
         run_id="{run_id}",
         device=config["device"],
     shell:
@@ -34,7 +36,7 @@ rule train:
 
 use rule train as probe with:
     input:
-        unpack(lambda wildcards: run_inputs(PROBES[wildcards.run_id])),
+        unpack(fixed_signature(lambda wildcards: run_inputs(PROBES[wildcards.run_id]))),
     log:
         "results/logs/probe/{run_id}.log",
     benchmark:
@@ -42,7 +44,8 @@ use rule train as probe with:
     wildcard_constraints:
         run_id=one_of(PROBES),
     resources:
-        **TRAINING_RESOURCES
-        | {"mem_mb": lambda wildcards, attempt: 2000 * attempt, "runtime": 30},
+        **TRAINING_RESOURCES | {"mem_mb": memory_mb(2000), "runtime": 30},
     params:
-        args=lambda wildcards, input: train_args(PROBES[wildcards.run_id], input),
+        args=fixed_signature(
+            lambda wildcards, input: train_args(PROBES[wildcards.run_id], input)
+        ),

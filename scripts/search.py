@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Model search steps (tlselect.search, tlselect.proxies), one subcommand per workflow rule.
 
-  promote   rank the previous rung's records on validation accuracy, keep the best --keep
+  rank      rank a rung's records on validation accuracy; the next rung's promotion keeps the top
   continue  train the candidate a promoted slot holds: continue its checkpoint to --epochs
   suggest   a round of TPE, GP-UCB or cost-aware GP-UCB from the earlier rounds' suggestions and records
   trial     train the candidate a suggested slot holds (other flags go to scripts/train.py's)
@@ -35,9 +35,9 @@ from tlselect.space import Space
 from tlselect.train import TrainConfig, config_from_args, train
 
 
-def promote(args) -> int:
+def rank_rung(args) -> int:
     records = {path: read_record(path) for path in args.records}
-    write_json(args.out, {"keep": args.keep, "slots": search.promote(records, args.keep)})
+    write_json(args.out, {"ranking": search.promote(records, len(records))})
     return 0
 
 
@@ -197,11 +197,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("promote", help="keep the best --keep records of a rung (validation accuracy)")
-    p.add_argument("records", nargs="+", help="the previous rung's records (checkpoints: same path, .pt)")
-    p.add_argument("--keep", type=int, required=True)
-    p.add_argument("--out", required=True, help="promotion file (JSON)")
-    p.set_defaults(run=promote)
+    p = commands.add_parser("rank", help="rank a rung's records on validation accuracy (the next rung keeps the top)")
+    p.add_argument("records", nargs="+", help="the rung's records (checkpoints: same path, .pt)")
+    p.add_argument("--out", required=True, help="ranking file (JSON)")
+    p.set_defaults(run=rank_rung)
 
     p = commands.add_parser("continue", help="continue the checkpoint a promoted slot holds")
     p.add_argument("--promoted", required=True)

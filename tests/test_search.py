@@ -125,10 +125,14 @@ def test_a_promoted_slot_continues_its_checkpoint(tensor_data, tmp_path):
             schedule="constant", precision="float32", device="cpu", keep_state=True, eval_batch_size=64,
         )  # fmt: skip
         write_record(cfg.record, train(cfg, log=lambda _: None))
-    promoted = tmp_path / "rung1" / "promoted.json"
+    ranking, promoted = rung0 / "ranking.json", tmp_path / "rung1" / "promoted.json"
     records = [str(rung0 / f"slot{s}.json") for s in (0, 1)]
-    assert search_cli.main(["promote", *records, "--keep", "1", "--out", str(promoted)]) == 0
+    assert search_cli.main(["rank", *records, "--out", str(ranking)]) == 0
+    search.write_promotion(ranking, 1, promoted)
+    ranked = json.loads(ranking.read_text())["ranking"]
+    assert len(ranked) == 2 and ranked[0]["val_accuracy"] >= ranked[1]["val_accuracy"]
     slot = json.loads(promoted.read_text())["slots"][0]
+    assert json.loads(promoted.read_text())["slots"] == ranked[:1]
     out = tmp_path / "rung1" / "slot0"
     args = ["--promoted", str(promoted), "--slot", "0", "--epochs", "3", "--device", "cpu"]
     args += ["--out", f"{out}.pt", "--record", f"{out}.json", "--run-id", "rung1-slot0"]

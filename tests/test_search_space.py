@@ -10,7 +10,7 @@ from tlselect import search
 from tlselect.backbones import BACKBONES, NO_FREEZE
 from tlselect.config import ConfigError
 from tlselect.runs import candidate_runs, candidate_spec
-from tlselect.space import Space
+from tlselect.space import Space, draw
 
 
 @pytest.fixture
@@ -44,6 +44,19 @@ def test_samples_are_seeded_within_bounds_and_conditional(config):
         stages = BACKBONES[s["backbone"]].stage_names
         assert spec.settings["freeze"] in (NO_FREEZE, *stages) and spec.settings["lr"] == s["lr"]
         assert spec.id == candidate_spec(config, dict(s)).id
+
+
+def test_draws_are_scipys_draws():
+    """The numpy draws equal scipy.stats' rvs bit for bit, so random search's runs keep their ids."""
+    stats = pytest.importorskip("scipy.stats")
+    for kind, low, high, frozen in [
+        ("loguniform", 0.005, 0.2, stats.loguniform(0.005, 0.2)),
+        ("uniform", 0.0, 0.2, stats.uniform(0.0, 0.2)),
+        ("uniform", 0.05, 0.3, stats.uniform(0.05, 0.3 - 0.05)),
+    ]:
+        mine, theirs = np.random.RandomState(3), np.random.RandomState(3)
+        for _ in range(200):
+            assert draw(mine, kind, low, high) == float(frozen.rvs(random_state=theirs))
 
 
 def test_inverted_bounds_are_a_config_error(config):

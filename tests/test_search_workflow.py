@@ -146,5 +146,6 @@ def test_a_larger_budget_adds_a_rung_and_keeps_the_others(search_study):
     finally:
         (search_study / "tiny.yaml").write_text(original)
     assert "output: results/search/sh/b0/rung2/slot0.pt" in out
-    assert "output: results/search/sh/b0/rung0/" not in out and "output: results/search/sh/b0/rung1/" not in out
+    assert "output: results/search/sh/b0/rung0/" not in out and "output: results/search/sh/b0/rung1/slot" not in out
+    assert "output: results/search/sh/b0/rung1/ranking.json" in out  # the new rung ranks the old last one
     assert job_counts(out).get("extract_features", 0) == 0

@@ -14,11 +14,13 @@ rounds at run time (:func:`tlselect.strategies.suggest`). :func:`compare` tabula
 from __future__ import annotations
 
 import csv
+import json
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlselect.atomic import write_json, write_text
 from tlselect.backbones import BACKBONES
 from tlselect.config import ConfigError, check_init
 from tlselect.registry import RegistryError, rank
@@ -94,9 +96,12 @@ def max_bracket(search: dict) -> int:
     return s
 
 
-def brackets(config: dict, method: str) -> list[Bracket]:
-    """The static plan of ``sh`` (one bracket over the whole pool) or ``hb`` (``search.brackets``)."""
-    return plan(list(candidate_runs(config)), config["search"], config["seed"], method)
+def brackets(config: dict, method: str, pool: dict | None = None) -> list[Bracket]:
+    """The static plan of ``sh`` (one bracket over the whole pool) or ``hb`` (``search.brackets``).
+
+    ``pool``: the config's :func:`tlselect.runs.candidate_runs`, when the caller has it already.
+    """
+    return plan(list(candidate_runs(config) if pool is None else pool), config["search"], config["seed"], method)
 
 
 def plan(candidates: list[str], search: dict, seed: int, method: str) -> list[Bracket]:
@@ -134,6 +139,15 @@ def promote(records: dict[str, dict], keep: int) -> list[dict]:
         }
         for slot, r in enumerate(ranked)
     ]
+
+
+def write_promotion(ranking: str | Path, keep: int, out: str | Path, log: str | Path | None = None) -> None:
+    """The promotion file of a rung: the first ``keep`` of the previous rung's ranking file."""
+    ranked = json.loads(Path(ranking).read_text())["ranking"]
+    write_json(out, {"keep": keep, "slots": ranked[:keep]})
+    if log:
+        names = ", ".join(slot["candidate"] for slot in ranked[:keep])
+        write_text(log, f"kept {min(keep, len(ranked))} of {len(ranked)} from {ranking}: {names}\n")
 
 
 def job_cost(record: dict, first_epoch: int) -> tuple[int, float]:

@@ -7,8 +7,9 @@ stage of the chosen backbone, :func:`tlselect.runs.freeze_stage`), ``lr`` and ``
 
 :meth:`Space.grid` is today's pool: the product of the ``search`` lists, with weight decay, label
 smoothing and batch size at the search runs' defaults. :meth:`Space.sample` draws as scikit-learn's
-``ParameterSampler`` (``RandomizedSearchCV``) does: a list uniformly, a distribution by its
-``rvs(random_state=rng)``. :func:`tlselect.runs.candidate_spec` turns either into a run spec.
+``ParameterSampler`` (``RandomizedSearchCV``) does: a list uniformly, a distribution as scipy's
+``loguniform``/``uniform`` ``rvs(random_state=rng)`` would (the same draws, without importing scipy
+when the Snakefile is parsed). :func:`tlselect.runs.candidate_spec` turns either into a run spec.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from scipy import stats
+import numpy as np
 
 from tlselect.runs import FREEZE_DEPTHS, hyperparameters, resolve_init
 
@@ -94,14 +95,13 @@ class Space:
         ]
 
     def distributions(self) -> dict:
-        """``{parameter: list or scipy distribution}`` of the unconditional parameters."""
-        low, high = self.label_smoothing
+        """``{parameter: list, or ("loguniform" or "uniform", low, high)}`` of the unconditional parameters."""
         return {
             "backbone": list(self.backbones),
             "init": list(self.inits),
-            "lr": stats.loguniform(*self.lr),
-            "weight_decay": stats.loguniform(*self.weight_decay),
-            "label_smoothing": stats.uniform(low, high - low),
+            "lr": ("loguniform", *self.lr),
+            "weight_decay": ("loguniform", *self.weight_decay),
+            "label_smoothing": ("uniform", *self.label_smoothing),
             "batch_size": list(self.batch_sizes),
             "resolution": list(self.resolutions),
         }
@@ -110,10 +110,18 @@ class Space:
         """One draw (a numpy ``RandomState`` or ``Generator``); floats keep 3 significant digits."""
         out = {}
         for key, dist in sorted(self.distributions().items()):  # ParameterSampler's order: sorted keys
-            if hasattr(dist, "rvs"):
-                out[key] = float(f"{dist.rvs(random_state=rng):.3g}")
+            if isinstance(dist, tuple):
+                out[key] = float(f"{draw(rng, *dist):.3g}")
             else:
                 out[key] = dist[rng.choice(len(dist))]
         choices = self.freeze_choices(out["init"])
         out["freeze"] = choices[rng.choice(len(choices))]
         return out
+
+
+def draw(rng, kind: str, low: float, high: float) -> float:
+    """One value as ``scipy.stats.loguniform(low, high)`` or ``uniform(low, high - low)`` draws it (inverse CDF)."""
+    u = rng.uniform()
+    if kind == "loguniform":
+        return float(np.exp(np.log(low) + u * (np.log(high) - np.log(low))))
+    return float(u * (high - low) + low)
