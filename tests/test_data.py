@@ -1,7 +1,9 @@
 """Subset materialization: determinism, stratification, class restriction and bad folders."""
 
+import io
 import json
 import shutil
+import tarfile
 
 import pytest
 import torch
@@ -87,6 +89,38 @@ def test_archive_extraction_finds_nested_root(tiny_archive, tmp_path):
     dest = tmp_path / "resources" / "tiny"
     data.extract_archive(tiny_archive, dest)
     assert sorted(data.scan_image_folder(dest)["train"]) == ["cat", "dog", "frog"]
+
+
+def tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def test_system_tar_and_tarfile_extract_the_same_tree(tiny_archive, tmp_path, monkeypatch):
+    data.extract_archive(tiny_archive, tmp_path / "tar")
+    monkeypatch.setattr(data.shutil, "which", lambda name: None)  # no tar installed
+    data.extract_archive(tiny_archive, tmp_path / "tarfile")
+    assert tree(tmp_path / "tar") == tree(tmp_path / "tarfile") and len(tree(tmp_path / "tar")) > 20
+
+
+def test_an_archive_with_links_or_escaping_names_extracts_nothing_outside(tiny_archive, tmp_path):
+    base = tmp_path / "evil"
+    with tarfile.open(tiny_archive) as tf:
+        members = [(m, tf.extractfile(m).read() if m.isfile() else None) for m in tf.getmembers()]
+    for name, link in [("up", "../../outside.txt"), ("absolute", "/etc/passwd")]:
+        archive = tmp_path / f"{name}.tar"
+        with tarfile.open(archive, "w") as tf:
+            for member, content in members:
+                tf.addfile(member, io.BytesIO(content) if content is not None else None)
+            escape = tarfile.TarInfo("tiny-dataset/train/cat/escape.png")
+            escape.type, escape.linkname = tarfile.SYMTYPE, link
+            tf.addfile(escape)
+            outside = tarfile.TarInfo("../outside.txt")
+            outside.size = 3
+            tf.addfile(outside, io.BytesIO(b"bad"))
+        with pytest.raises(tarfile.FilterError):
+            data.extract_archive(archive, base / name / "dest")
+        assert not (tmp_path / "outside.txt").exists() and not (base / "outside.txt").exists()
+        assert not (base / name / "dest").exists()
 
 
 def test_source_task_avoids_target_images(image_folder):
