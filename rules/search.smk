@@ -2,9 +2,9 @@
 # cached features, the full grid, random search (draws from the space's distributions, each a run of
 # its own), successive halving (sh), Hyperband (hb), TPE, GP-UCB and cost-aware GP-UCB. Rungs and
 # rounds are unrolled statically. Rung 0 of a bracket trains its candidates for the first rung's
-# epochs; a promote job ranks rung k-1's records on validation accuracy and names which candidate
-# each slot of rung k holds (the promote job declares rung k-1's records and checkpoints; a slot job
-# declares only the promotion file); the slot job continues that candidate's rung k-1 checkpoint.
+# epochs; a rank job ranks rung k-1's records on validation accuracy (declaring its records and
+# checkpoints), a promote job names which candidate each slot of rung k holds (a slot job declares
+# only the promotion file), and the slot job continues that candidate's rung k-1 checkpoint.
 # A model-based method's round r: a suggest job reads the suggestion files and trial records of
 # rounds < r and writes q trials (tlselect.strategies.suggest); each trial job trains one to
 # max_epochs. The replay runs every method again, for many seeds, on the grid's records
@@ -121,8 +121,9 @@ rule search_rank:
         "python {params.script} rank {input.records} --out {output} 2>&1 | tee {log}"
 
 
-# Its own job with one input, so that the many slot jobs reading the promotion file do not each
-# make Snakemake scan the whole previous rung (a quadratic DAG build; see README, "Scale").
+# Its own job with one input: Snakemake scans the input list of a file's producer for every job that
+# reads the file, so a promotion file made by the rank job itself would make the DAG's build
+# quadratic in the pool (docs/measurements/dag-scale-cpu.md).
 rule search_promote:
     input:
         previous_ranking,
