@@ -135,12 +135,18 @@ rule search_promote:
         method="sh|hb",
         bracket=r"\d+",
         rung=r"[1-9]\d*",
+    conda:
+        "../envs/torch.yaml"
+    threads: 1
+    resources:
+        **SMALL_RESOURCES,
     params:
+        script=script("search.py"),
         keep=lambda wildcards: PLAN[wildcards.method][int(wildcards.bracket)].keep[
             int(wildcards.rung)
         ],
-    run:
-        search.write_promotion(input[0], params.keep, output[0], log[0])
+    shell:
+        "python {params.script} promote {input} --keep {params.keep} --out {output} 2>&1 | tee {log}"
 
 
 use rule train as search_next_rung with:

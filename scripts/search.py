@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Model search steps (tlselect.search, tlselect.proxies), one subcommand per workflow rule.
 
-  rank      rank a rung's records on validation accuracy; the next rung's promotion keeps the top
+  rank      rank a rung's records on validation accuracy
+  promote   the next rung's promotion file: the top --keep of a rung's ranking
   continue  train the candidate a promoted slot holds: continue its checkpoint to --epochs
   suggest   a round of TPE, GP-UCB or cost-aware GP-UCB from the earlier rounds' suggestions and records
   trial     train the candidate a suggested slot holds (other flags go to scripts/train.py's)
@@ -38,6 +39,11 @@ from tlselect.train import TrainConfig, config_from_args, train
 def rank_rung(args) -> int:
     records = {path: read_record(path) for path in args.records}
     write_json(args.out, {"ranking": search.promote(records, len(records))})
+    return 0
+
+
+def promote(args) -> int:
+    print(search.write_promotion(args.ranking, args.keep, args.out))
     return 0
 
 
@@ -201,6 +207,12 @@ def main(argv=None) -> int:
     p.add_argument("records", nargs="+", help="the rung's records (checkpoints: same path, .pt)")
     p.add_argument("--out", required=True, help="ranking file (JSON)")
     p.set_defaults(run=rank_rung)
+
+    p = commands.add_parser("promote", help="the next rung's promotion file: the top --keep of a ranking file")
+    p.add_argument("ranking", help="the previous rung's ranking file (rank's output)")
+    p.add_argument("--keep", type=int, required=True)
+    p.add_argument("--out", required=True, help="promotion file (JSON)")
+    p.set_defaults(run=promote)
 
     p = commands.add_parser("continue", help="continue the checkpoint a promoted slot holds")
     p.add_argument("--promoted", required=True)

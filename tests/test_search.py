@@ -128,7 +128,7 @@ def test_a_promoted_slot_continues_its_checkpoint(tensor_data, tmp_path):
     ranking, promoted = rung0 / "ranking.json", tmp_path / "rung1" / "promoted.json"
     records = [str(rung0 / f"slot{s}.json") for s in (0, 1)]
     assert search_cli.main(["rank", *records, "--out", str(ranking)]) == 0
-    search.write_promotion(ranking, 1, promoted)
+    assert search_cli.main(["promote", str(ranking), "--keep", "1", "--out", str(promoted)]) == 0
     ranked = json.loads(ranking.read_text())["ranking"]
     assert len(ranked) == 2 and ranked[0]["val_accuracy"] >= ranked[1]["val_accuracy"]
     slot = json.loads(promoted.read_text())["slots"][0]

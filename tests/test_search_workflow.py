@@ -59,6 +59,9 @@ def test_search_compares_every_method(search_study):
     best = max(grid, key=lambda r: (r["metrics"]["val_accuracy"], [-ord(c) for c in r["name"]]))
     assert table.loc["grid", "val_accuracy"] == best["metrics"]["val_accuracy"]
     promoted = json.loads((search_study / "results/search/sh/b0/rung1/promoted.json").read_text())["slots"]
+    ranking = json.loads((search_study / "results/search/sh/b0/rung0/ranking.json").read_text())["ranking"]
+    assert promoted == ranking[: len(promoted)] and len(promoted) < len(ranking)
+    assert "kept" in (search_study / "results/logs/search/sh/b0/rung1/promote.log").read_text()
     for slot in promoted:
         record = read_record(search_study / f"results/search/sh/b0/rung1/slot{slot['slot']}.json")
         assert record["continued_from"] == slot["checkpoint"] and record["name"] == slot["candidate"]

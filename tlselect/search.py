@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlselect.atomic import write_json, write_text
+from tlselect.atomic import write_json
 from tlselect.backbones import BACKBONES
 from tlselect.config import ConfigError, check_init
 from tlselect.registry import RegistryError, rank
@@ -141,13 +141,12 @@ def promote(records: dict[str, dict], keep: int) -> list[dict]:
     ]
 
 
-def write_promotion(ranking: str | Path, keep: int, out: str | Path, log: str | Path | None = None) -> None:
-    """The promotion file of a rung: the first ``keep`` of the previous rung's ranking file."""
+def write_promotion(ranking: str | Path, keep: int, out: str | Path) -> str:
+    """Write the promotion file of a rung, the first ``keep`` of the previous rung's ranking file; say what it kept."""
     ranked = json.loads(Path(ranking).read_text())["ranking"]
     write_json(out, {"keep": keep, "slots": ranked[:keep]})
-    if log:
-        names = ", ".join(slot["candidate"] for slot in ranked[:keep])
-        write_text(log, f"kept {min(keep, len(ranked))} of {len(ranked)} from {ranking}: {names}\n")
+    names = ", ".join(slot["candidate"] for slot in ranked[:keep])
+    return f"kept {min(keep, len(ranked))} of {len(ranked)} from {ranking}: {names}"
 
 
 def job_cost(record: dict, first_epoch: int) -> tuple[int, float]:
