@@ -204,6 +204,20 @@ def train_args(spec, input, **overrides):
     return args
 
 
+def spec_inputs(specs, key):
+    """Input function of the training rules: what the run ``specs[wildcards.<key>]`` reads."""
+    return fixed_signature(lambda wildcards: run_inputs(specs[getattr(wildcards, key)]))
+
+
+def spec_args(specs, key, **overrides):
+    """params.args of the training rules: scripts/train.py's arguments for ``specs[wildcards.<key>]``."""
+    return fixed_signature(
+        lambda wildcards, input: train_args(
+            specs[getattr(wildcards, key)], input, **overrides
+        )
+    )
+
+
 # Resources of every job that trains; rules that differ say so.
 TRAINING_RESOURCES = {
     "gpu": GPU,
@@ -346,6 +360,7 @@ def suggest_inputs(wildcards):
     }
 
 
+@functools.cache
 def space_weights():
     """``(init, backbone, weights file)`` of every pretrained init and backbone of the search space."""
     inits = {runs.resolve_init(config, i) for i in config["search"]["inits"]}

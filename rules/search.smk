@@ -17,7 +17,7 @@ localrules:
 
 use rule train as search_grid with:
     input:
-        unpack(fixed_signature(lambda wildcards: run_inputs(POOL[wildcards.candidate]))),
+        unpack(spec_inputs(POOL, "candidate")),
     output:
         model="results/search/grid/{candidate}.pt",
         record="results/search/grid/{candidate}.json",
@@ -29,19 +29,13 @@ use rule train as search_grid with:
         candidate=r"[^/]+",  # only this rule writes results/search/grid/; one_of(POOL) would slow large pools
     priority: 0
     params:
-        args=fixed_signature(
-            lambda wildcards, input: train_args(
-                POOL[wildcards.candidate], input, epochs=config["search"]["max_epochs"]
-            )
-        ),
+        args=spec_args(POOL, "candidate", epochs=config["search"]["max_epochs"]),
         run_id="grid-{candidate}",
 
 
 use rule train as search_random with:
     input:
-        unpack(
-            fixed_signature(lambda wildcards: run_inputs(RANDOM[wildcards.candidate]))
-        ),
+        unpack(spec_inputs(RANDOM, "candidate")),
     output:
         model="results/search/random/{candidate}.pt",
         record="results/search/random/{candidate}.json",
@@ -53,13 +47,7 @@ use rule train as search_random with:
         candidate=r"[^/]+",
     priority: 0
     params:
-        args=fixed_signature(
-            lambda wildcards, input: train_args(
-                RANDOM[wildcards.candidate],
-                input,
-                epochs=config["search"]["max_epochs"],
-            )
-        ),
+        args=spec_args(RANDOM, "candidate", epochs=config["search"]["max_epochs"]),
         run_id="random-{candidate}",
 
 

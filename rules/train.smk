@@ -4,7 +4,7 @@
 
 rule train:
     input:
-        unpack(fixed_signature(lambda wildcards: run_inputs(RUNS[wildcards.run_id]))),
+        unpack(spec_inputs(RUNS, "run_id")),
     output:
         model="results/models/{run_id}.pt",
         record="results/registry/{run_id}.json",
@@ -23,9 +23,7 @@ rule train:
     params:
         gpus=gpu_flags,
         script=script("train.py"),
-        args=fixed_signature(
-            lambda wildcards, input: train_args(RUNS[wildcards.run_id], input)
-        ),
+        args=spec_args(RUNS, "run_id"),
         run_id="{run_id}",
         device=config["device"],
     shell:
@@ -36,7 +34,7 @@ rule train:
 
 use rule train as probe with:
     input:
-        unpack(fixed_signature(lambda wildcards: run_inputs(PROBES[wildcards.run_id]))),
+        unpack(spec_inputs(PROBES, "run_id")),
     log:
         "results/logs/probe/{run_id}.log",
     benchmark:
@@ -46,6 +44,4 @@ use rule train as probe with:
     resources:
         **TRAINING_RESOURCES | {"mem_mb": memory_mb(2000), "runtime": 30},
     params:
-        args=fixed_signature(
-            lambda wildcards, input: train_args(PROBES[wildcards.run_id], input)
-        ),
+        args=spec_args(PROBES, "run_id"),

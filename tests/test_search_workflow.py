@@ -8,7 +8,7 @@ import sys
 import pandas as pd
 import pytest
 import yaml
-from conftest import PINNED_PLAN, REPO, strict_json
+from conftest import PINNED_PLAN, REPO, strict_json, tiny_data
 from test_workflow import job_counts, snakemake
 
 from tlselect import replay
@@ -26,8 +26,7 @@ pytestmark = pytest.mark.workflow
 def search_study(tmp_path_factory, tiny_archive):
     workdir = tmp_path_factory.mktemp("search")
     tiny = {
-        "data": {"archive": str(tiny_archive), "name": "tiny", "train_per_class": 8, "val_per_class": 2,
-                 "test_per_class": 4},
+        "data": tiny_data(tiny_archive),
         "pretrained": "source",
         "threads": 1,
         "source": {"train_per_class": 4, "val_per_class": 1, "train": {"epochs": 1}},

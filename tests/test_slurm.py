@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import PINNED_PLAN, REPO
+from conftest import PINNED_PLAN, REPO, tiny_data
 
 pytestmark = pytest.mark.slurm
 
@@ -122,9 +122,7 @@ def studies(tmp_path_factory, tiny_archive):
     policies = yaml.safe_load((REPO / "config.yaml").read_text())["policies"]
     policies = [policy for policy in policies if policy["name"] == "finetune"]
     tiny = {
-        "data": {
-            "archive": str(tiny_archive), "name": "tiny", "train_per_class": 8, "val_per_class": 2, "test_per_class": 4
-        },
+        "data": tiny_data(tiny_archive),
         "pretrained": "source",
         "device": "cpu",
         "threads": 1,
