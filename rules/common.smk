@@ -16,8 +16,12 @@ min_version("9.0")
 
 sys.path.insert(0, workflow.basedir)
 
-from tlselect import mop, runs, search, warm  # noqa: E402
-from tlselect.backbones import BACKBONES  # noqa: E402
+from tlselect.search import mop  # noqa: E402
+from tlselect import runs  # noqa: E402
+from tlselect.core import settings  # noqa: E402
+from tlselect.search import brackets  # noqa: E402
+from tlselect.training import forkserver  # noqa: E402
+from tlselect.core.backbones import BACKBONES  # noqa: E402
 from tlselect.config import (
     ConfigError,
     check,
@@ -36,30 +40,32 @@ try:
     check_renamed(config)
     validate(config, SCHEMA)
     check(config)
-    search.check(config)
+    brackets.check(config)
 except ConfigError as error:
     raise ValueError(f"invalid configuration: {error}") from None
 
-# Every job reads it (scripts/_cli.py): whether to run in a fork of the warm process.
-os.environ[warm.ENV] = "1" if config["warm_start"] else "0"
+# Every job reads it (scripts/_cli.py): whether to run in a fork of the fork server.
+os.environ[forkserver.ENV] = "1" if config["fork_server"] else "0"
 
 RUNS = runs.policy_runs(config)
 PROBES = runs.probe_runs(config)
 SEARCH = config["search"]["enabled"]
 POOL = runs.candidate_runs(config) if SEARCH else {}
 RANDOM = runs.random_runs(config) if SEARCH else {}
-PLAN = {m: search.brackets(config, m, POOL) for m in ("sh", "hb")} if SEARCH else {}
+BRACKETS = (
+    {m: brackets.brackets(config, m, POOL) for m in ("sh", "hb")} if SEARCH else {}
+)
 # Cached feature chains: the probes' layers, plus every stage of each searched backbone (proxies).
 FEATURE_INITS = runs.cached_inits(config)
 FEATURE_CHAINS = runs.feature_chains(config)
-BENCHMARKS = config["benchmarks"]["enabled"]
+SPEEDUPS = config["speedups"]["enabled"]
 SPLITS = ["train", "val", "test"]
 DATA_ROOT = f"resources/{config['data']['name']}"
 SUBSET = "results/data/subset.json"
 SOURCE_SUBSET = "results/source/data/subset.json"
 # ImageNet weights, fetched once by a local rule (jobs on offline compute nodes read this file).
 IMAGENET_WEIGHTS = "resources/weights/{backbone}-imagenet.pth"
-# Files a job found corrupt (tlselect.atomic.verify moved each to <file>.corrupt): targets of rule
+# Files a job found corrupt (tlselect.core.files.verify moved each to <file>.corrupt): targets of rule
 # all, so that the next run computes them anew, and everything that reads them.
 CORRUPT = [
     marker.removesuffix(".corrupt")
@@ -74,12 +80,12 @@ STUDY_FIGURES = [
     "validation_curves",
     "accuracy_by_layer",
 ]
-FIGURES = STUDY_FIGURES + (["speedups"] if BENCHMARKS else [])
+FIGURES = STUDY_FIGURES + (["speedups"] if SPEEDUPS else [])
 # The study first: its jobs (policies, probes, their features, table, figures and notebook) go
 # before the model search's and the benchmark's whenever both are ready. The study's notebook
 # (results/report/study.html) is then done early; solution.html adds the search and benchmark.
 STUDY_FIRST = 50
-REPORTS = ["solution"] + (["study"] if SEARCH or BENCHMARKS else [])
+REPORTS = ["solution"] + (["study"] if SEARCH or SPEEDUPS else [])
 # The model search's report files by name; the study asks for them when the search is on.
 SEARCH_FILES = {
     "search": "results/tables/search.csv",
@@ -92,10 +98,10 @@ SEARCH_FILES = {
 }
 SEARCH_OUTPUTS = SEARCH_FILES if SEARCH else {}
 OPTIMIZATIONS = "results/tables/optimizations.csv"
-# Execution plans measured per kind of device (tlselect.plan): the first job on one writes it.
+# Execution plans measured per kind of device (tlselect.training.plan): the first job on one writes it.
 PLANS = "results/plans"
 PLAN_FLAGS = f"{plan_flags(config)} --plans {PLANS}"
-# Model hopper parallelism: partition files, and each run's partition per sub-epoch (tlselect.mop).
+# Model hopper parallelism: partition files, and each run's partition per sub-epoch (tlselect.search.mop).
 MOP_RUNS = runs.mop_runs(config)
 MOP_PARTITIONS = [
     f"results/mop/partitions/p{k}.pt" for k in range(config["mop"]["partitions"])
@@ -120,7 +126,7 @@ MOP_OUTPUTS = [
 ]
 # GPUs each training/extraction job asks for: none on device cpu, else one. A local run's
 # --resources gpu=N caps the total (gpu=0 lowers it to 0, so device auto runs on the CPU); on SLURM
-# the profile's set-resources decide. The job claims its GPU itself (tlselect.gpus, --gpus).
+# the profile's set-resources decide. The job claims its GPU itself (tlselect.training.gpus, --gpus).
 # With gpu_jobs_per_device N, up to N jobs share one GPU and --resources gpu counts GPU slots (GPUs x N).
 GPU = 0 if config["device"] == "cpu" else 1
 
@@ -240,7 +246,7 @@ def feature_inputs(wildcards):
                 wildcards.backbone, wildcards.init, chain[index - 1]
             )
         }
-    weights = runs.weights_of(FEATURE_INITS[wildcards.init], wildcards.backbone)
+    weights = settings.weights_of(FEATURE_INITS[wildcards.init], wildcards.backbone)
     return inputs | ({"weights": weights_file(*weights)} if weights else {})
 
 
@@ -257,21 +263,21 @@ def feature_args(wildcards, input):
     return args
 
 
-def benchmark_inputs(wildcards):
+def speedups_inputs(wildcards):
     """Decoded subset and image folder (the naive path reads images), plus the init's weights."""
-    weights = runs.weights_of(config["pretrained"], config["backbone"])
+    weights = settings.weights_of(config["pretrained"], config["backbone"])
     return {**subset_files(), "images": DATA_ROOT} | (
         {"weights": weights_file(*weights)} if weights else {}
     )
 
 
-def benchmark_args(wildcards, input):
-    bench = config["benchmarks"]
+def speedups_args(wildcards, input):
+    bench = config["speedups"]
     args = (
         f"--suites {' '.join(bench['suites'])} --epochs {bench['epochs']} "
         f"--accuracy-epochs {bench['accuracy_epochs']} --init {config['pretrained']} "
         f"--layers {' '.join(config['features']['layers'] or ['layer1', 'layer2', 'layer3', 'layer4'])} "
-        f"--batch-size {runs.hyperparameters(config, {})['batch_size']} --lr {config['train']['lr']} "
+        f"--batch-size {settings.hyperparameters(config, {})['batch_size']} --lr {config['train']['lr']} "
         f"--data {os.path.dirname(input.subset)} --plans {PLANS} "
         "--auto precision,channels_last,threads,eval_batch_size"
     )
@@ -304,7 +310,7 @@ def figure_inputs(wildcards):
 
 def rung_slots(method, bracket, rung, suffix=".json"):
     """Record (or checkpoint, benchmark) paths of every slot of one rung."""
-    keep = PLAN[method][int(bracket)].keep[int(rung)]
+    keep = BRACKETS[method][int(bracket)].keep[int(rung)]
     path = RUNG.format(method=method, bracket=bracket, rung=rung)
     return [f"{path}/slot{slot}{suffix}" for slot in range(keep)]
 
@@ -317,9 +323,9 @@ def search_jobs(method, last_only=False):
             "results/benchmarks/"
             + record.removeprefix("results/").replace(".json", ".tsv"),
         )
-        for b, plan in enumerate(PLAN[method])
-        for r in range(plan.rungs)
-        if not last_only or r == plan.rungs - 1
+        for b, bracket in enumerate(BRACKETS[method])
+        for r in range(bracket.rungs)
+        if not last_only or r == bracket.rungs - 1
         for record in rung_slots(method, b, r)
     ]
 
@@ -363,9 +369,9 @@ def suggest_inputs(wildcards):
 @functools.cache
 def space_weights():
     """``(init, backbone, weights file)`` of every pretrained init and backbone of the search space."""
-    inits = {runs.resolve_init(config, i) for i in config["search"]["inits"]}
+    inits = {settings.resolve_init(config, i) for i in config["search"]["inits"]}
     pairs = {
-        runs.weights_of(i, b) for b in config["search"]["backbones"] for i in inits
+        settings.weights_of(i, b) for b in config["search"]["backbones"] for i in inits
     }
     return sorted((*pair, weights_file(*pair)) for pair in pairs if pair)
 
@@ -382,14 +388,16 @@ def trial_inputs(wildcards):
 
 def first_rung_candidate(wildcards):
     return POOL[
-        PLAN[wildcards.method][int(wildcards.bracket)].candidates[int(wildcards.slot)]
+        BRACKETS[wildcards.method][int(wildcards.bracket)].candidates[
+            int(wildcards.slot)
+        ]
     ]
 
 
 @functools.cache
 def bracket_weights(method, bracket):
     """The weights files any candidate of a bracket may start from (computed once per bracket)."""
-    weights = {POOL[c].weights for c in PLAN[method][int(bracket)].candidates}
+    weights = {POOL[c].weights for c in BRACKETS[method][int(bracket)].candidates}
     return sorted(weights_file(*w) for w in weights if w)
 
 
@@ -420,7 +428,7 @@ def compare_inputs(wildcards):
         "random": grid_jobs("random"),
         "sh": search_jobs("sh"),
         "hb": search_jobs("hb"),
-        **{method: round_jobs(method) for method in search.MODEL_BASED},
+        **{method: round_jobs(method) for method in brackets.MODEL_BASED},
     }
     inputs = {name: [record for record, _ in pairs] for name, pairs in jobs.items()}
     for name, pairs in jobs.items():
@@ -454,7 +462,7 @@ def notebook_inputs(wildcards):
             f"results/figures/{f}.png" for f in (FIGURES if full else STUDY_FIGURES)
         ],
     }
-    if full and BENCHMARKS:
+    if full and SPEEDUPS:
         inputs["optimizations"] = OPTIMIZATIONS
     return inputs | (SEARCH_OUTPUTS if full else {})
 
@@ -487,8 +495,8 @@ def checkpoints():
     paths += [source_model(b) for b in runs.source_backbones(specs)]
     paths += [record.replace(".json", ".pt") for record, _ in grid_jobs()]
     if SEARCH:
-        jobs = [*grid_jobs("random"), *(j for m in PLAN for j in search_jobs(m))]
-        jobs += [j for m in search.MODEL_BASED for j in round_jobs(m)]
+        jobs = [*grid_jobs("random"), *(j for m in BRACKETS for j in search_jobs(m))]
+        jobs += [j for m in brackets.MODEL_BASED for j in round_jobs(m)]
         paths += [record.replace(".json", ".pt") for record, _ in jobs]
     paths += [
         MOP_STEP.format(run_id=r, step=k) + ".pt"

@@ -1,4 +1,4 @@
-# Model hopper parallelism (Cerebro; tlselect.mop): the training images split into partition files,
+# Model hopper parallelism (Cerebro; tlselect.search.mop): the training images split into partition files,
 # and each `mop.policies` run a chain of sub-epoch jobs. Sub-epoch s of a run trains one more
 # sub-epoch on the partition its schedule names, continuing sub-epoch s-1's checkpoint, so a job
 # reads only its partition (plus validation and test). Every partition once per epoch.

@@ -1,7 +1,7 @@
 # Report: registry -> tables -> figures -> executed notebook (papermill) and its HTML.
 
 
-rule aggregate:
+rule tables:
     input:
         unpack(lambda wildcards: study_records()),
     output:
@@ -10,7 +10,7 @@ rule aggregate:
         summary=report("results/tables/summary.md", category="Tables"),
         plans="results/tables/plans.csv",
     log:
-        "results/logs/aggregate.log",
+        "results/logs/tables.log",
     priority: STUDY_FIRST
     conda:
         "../envs/torch.yaml"
@@ -18,7 +18,7 @@ rule aggregate:
     resources:
         **SMALL_RESOURCES,
     params:
-        script=script("evaluate.py"),
+        script=script("tables.py"),
         source=lambda wildcards, input: (
             f"--source-record {input.source}" if "source" in input.keys() else ""
         ),
@@ -29,7 +29,7 @@ rule aggregate:
 
 rule optimizations_table:
     input:
-        "results/benchmarks/optimizations.json",
+        "results/speedups/optimizations.json",
     output:
         report(OPTIMIZATIONS, category="Tables"),
     log:
@@ -40,7 +40,7 @@ rule optimizations_table:
     resources:
         **SMALL_RESOURCES,
     params:
-        script=script("evaluate.py"),
+        script=script("tables.py"),
     shell:
         "python {params.script} --optimizations {input} --optimizations-table {output} 2>&1 | tee {log}"
 

@@ -6,9 +6,9 @@
 # checkpoints), a promote job names which candidate each slot of rung k holds (a slot job declares
 # only the promotion file), and the slot job continues that candidate's rung k-1 checkpoint.
 # A model-based method's round r: a suggest job reads the suggestion files and trial records of
-# rounds < r and writes q trials (tlselect.strategies.suggest); each trial job trains one to
+# rounds < r and writes q trials (tlselect.search.strategies.suggest); each trial job trains one to
 # max_epochs. The replay runs every method again, for many seeds, on the grid's records
-# (tlselect.replay).
+# (tlselect.search.replay).
 
 
 localrules:
@@ -75,7 +75,7 @@ use rule train as search_first_rung with:
             lambda wildcards, input: train_args(
                 first_rung_candidate(wildcards),
                 input,
-                epochs=PLAN[wildcards.method][int(wildcards.bracket)].epochs[0],
+                epochs=BRACKETS[wildcards.method][int(wildcards.bracket)].epochs[0],
                 keep_state=True,
             )
         ),
@@ -130,7 +130,7 @@ rule search_promote:
         **SMALL_RESOURCES,
     params:
         script=script("search.py"),
-        keep=lambda wildcards: PLAN[wildcards.method][int(wildcards.bracket)].keep[
+        keep=lambda wildcards: BRACKETS[wildcards.method][int(wildcards.bracket)].keep[
             int(wildcards.rung)
         ],
     shell:
@@ -158,7 +158,7 @@ use rule train as search_next_rung with:
         args=fixed_signature(
             lambda wildcards, input: (
                 f"continue --promoted {input.promoted} --slot {wildcards.slot} --epochs "
-                f"{PLAN[wildcards.method][int(wildcards.bracket)].epochs[int(wildcards.rung)]}"
+                f"{BRACKETS[wildcards.method][int(wildcards.bracket)].epochs[int(wildcards.rung)]}"
             )
         ),
         run_id="{method}-b{bracket}-rung{rung}-slot{slot}",
@@ -172,7 +172,7 @@ rule search_suggest:
     log:
         "results/logs/search/{method}/round{round}/suggest.log",
     wildcard_constraints:
-        method=one_of(search.MODEL_BASED),
+        method=one_of(brackets.MODEL_BASED),
         round=r"\d+",
     conda:
         "../envs/torch.yaml"
@@ -201,7 +201,7 @@ use rule train as search_trial with:
     benchmark:
         "results/benchmarks/search/{method}/round{round}/trial{slot}.tsv"
     wildcard_constraints:
-        method=one_of(search.MODEL_BASED),
+        method=one_of(brackets.MODEL_BASED),
         round=r"\d+",
         slot=r"\d+",
     priority: 0

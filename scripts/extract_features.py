@@ -16,11 +16,12 @@ from _cli import cli
 
 import torch
 
-from tlselect.data import load_split
-from tlselect.features import DTYPES, extract_range, open_features
-from tlselect.gpus import assign
-from tlselect.models import StagedNet, initialize
-from tlselect.train import TrainingError, resolve_device
+from tlselect.data.tensors import load_split
+from tlselect.training.features import DTYPES, extract_range, open_features
+from tlselect.training.gpus import assign
+from tlselect.training.loop import resolve_device
+from tlselect.training.models import StagedNet, initialize
+from tlselect.training.options import TrainingError
 
 SPLITS = ("train", "val", "test")
 

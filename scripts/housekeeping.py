@@ -14,7 +14,7 @@ from pathlib import Path
 
 from _cli import cli
 
-from tlselect.atomic import remove
+from tlselect.core.files import remove
 
 
 def stale_resume_files(results: Path, checkpoints: list[str]) -> list[Path]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from _cli import cli
 
-from tlselect.plots import FIGURES, draw
+from tlselect.report.plots import FIGURES, draw
 
 
 @cli

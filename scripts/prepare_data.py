@@ -14,33 +14,35 @@ from pathlib import Path
 
 from _cli import cli
 
-from tlselect import data
-from tlselect.atomic import save_torch, write_json
+from tlselect.core.files import save_torch, write_json
+from tlselect.data.fetch import extract_archive, fetch_cifar10
+from tlselect.data.folders import check_non_images, make_subset, scan_image_folder, source_task_files
+from tlselect.data.tensors import decode_splits, load_json, load_split, partition_split
 
 
 def fetch(args) -> None:
     dest = Path(args.dest)
     if args.archive:
         print(f"extracting {args.archive} into {dest}", flush=True)
-        data.extract_archive(Path(args.archive), dest)
+        extract_archive(Path(args.archive), dest)
     else:
         print(f"downloading CIFAR-10 with torchvision into {dest}", flush=True)
-        data.fetch_cifar10(dest)
-    layout = data.scan_image_folder(dest)
+        fetch_cifar10(dest)
+    layout = scan_image_folder(dest)
     counts = {split: sum(len(f) for f in classes.values()) for split, classes in layout.items()}
     print(f"image folder ready: {len(layout['train'])} classes, {counts}", flush=True)
 
 
 def partition(args) -> None:
     """Split one decoded split into len(--out) class-balanced partitions (model hopper parallelism)."""
-    decoded = dict(zip(("images", "labels"), data.load_split(Path(args.split)), strict=True))
-    for out, part in zip(args.out, data.partition_split(decoded, len(args.out), args.seed), strict=True):
+    decoded = dict(zip(("images", "labels"), load_split(Path(args.split)), strict=True))
+    for out, part in zip(args.out, partition_split(decoded, len(args.out), args.seed), strict=True):
         print(f"partition {out}: {len(part['labels'])} images", flush=True)
         save_torch(out, part)
 
 
 def weights(args) -> None:
-    from tlselect.models import fetch_imagenet_weights  # torch only for this step
+    from tlselect.training.models import fetch_imagenet_weights  # torch only for this step
 
     fetch_imagenet_weights(args.backbone, args.out)
     print(f"ImageNet weights of {args.backbone} written to {args.out}", flush=True)
@@ -56,10 +58,10 @@ def save_all(out: Path, tensors: dict, skipped: list[str]) -> None:
 
 def subset(args) -> None:
     root, out = Path(args.root), Path(args.out)
-    strays = data.check_non_images(root, args.skip_unreadable)
-    chosen, tensors, unreadable = data.decode_splits(
+    strays = check_non_images(root, args.skip_unreadable)
+    chosen, tensors, unreadable = decode_splits(
         root,
-        lambda exclude: data.make_subset(
+        lambda exclude: make_subset(
             root, args.classes, args.train_per_class, args.val_per_class, args.test_per_class, args.seed, exclude
         ),
         args.image_size,
@@ -74,16 +76,16 @@ def subset(args) -> None:
 def source(args) -> None:
     """The source task; it skips unreadable images when the target subset did (data.skip_unreadable)."""
     root, out = Path(args.root), Path(args.out)
-    target = data.load_json(Path(args.subset))
+    target = load_json(Path(args.subset))
     classes = args.classes or target["classes"]
     known = target.get("skipped", {})
     skip = known.get("skip_unreadable", False)
     sizes = (args.train_per_class, args.val_per_class, args.seed)
 
     def pick(exclude):
-        return {"splits": data.source_task_files(target, root, classes, *sizes, known.get("files", []) + exclude)}
+        return {"splits": source_task_files(target, root, classes, *sizes, known.get("files", []) + exclude)}
 
-    chosen, tensors, skipped = data.decode_splits(root, pick, args.image_size, skip)
+    chosen, tensors, skipped = decode_splits(root, pick, args.image_size, skip)
     save_all(out, tensors, skipped)
     write_json(
         out / "subset.json",
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=partition)
     p = commands.add_parser("weights", help="fetch a backbone's ImageNet weights (torchvision) into one file")
-    p.add_argument("--backbone", required=True, help="backbone name (tlselect.backbones.BACKBONES)")
+    p.add_argument("--backbone", required=True, help="backbone name (tlselect.core.backbones.BACKBONES)")
     p.add_argument("--out", required=True, help="weights file to write")
     p.set_defaults(func=weights)
     args = parser.parse_args(argv)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Replay every search method on the grid's records (tlselect.replay): replay.csv and the anytime figure.
+"""Replay every search method on the grid's records (tlselect.search.replay): replay.csv and the anytime figure.
 
 replay.csv holds one row per method, compute axis (epochs, seconds) and share of the grid's
 compute (1/9, 1/5, 1/3, 1): mean regret in test-accuracy points over the seeds, its 95% interval,
@@ -14,10 +14,10 @@ from _cli import cli
 
 import numpy as np
 
-from tlselect import replay
-from tlselect.atomic import atomic_path
-from tlselect.plots import draw_replay
-from tlselect.registry import read_record
+from tlselect.core.files import atomic_path
+from tlselect.core.registry import read_record
+from tlselect.report.plots import draw_replay
+from tlselect.search import replay
 
 
 @cli
@@ -36,9 +36,9 @@ def main(argv=None) -> int:
     parser.add_argument("--figure", required=True, help="the anytime figure (PNG)")
     args = parser.parse_args(argv)
     rows = replay.table([read_record(path) for path in args.grid])
-    plan = {k: getattr(args, k) for k in ("eta", "min_epochs", "max_epochs", "brackets", "q", "startup", "delta")}
+    settings = {k: getattr(args, k) for k in ("eta", "min_epochs", "max_epochs", "brackets", "q", "startup", "delta")}
     shares = sorted({*np.geomspace(1 / 100, 1, 41), *replay.SHARES})
-    curve = replay.curves(rows, plan, args.seeds, shares)
+    curve = replay.curves(rows, settings, args.seeds, shares)
     table = curve[curve["share"].isin(replay.SHARES)]
     with atomic_path(Path(args.out)) as tmp:
         table.to_csv(tmp, index=False)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Model search steps (tlselect.search, tlselect.proxies), one subcommand per workflow rule.
+"""Model search steps (tlselect.search, tlselect.search.proxies), one subcommand per workflow rule.
 
   rank      rank a rung's records on validation accuracy
   promote   the next rung's promotion file: the top --keep of a rung's ranking
@@ -24,26 +24,28 @@ from _cli import cli
 
 import pandas as pd
 
-from tlselect import proxies, replay, search, strategies
-from tlselect.atomic import atomic_path, write_json
-from tlselect.data import load_split
-from tlselect.features import load_features
-from tlselect.gpus import assign
-from tlselect.plots import draw_search
-from tlselect.registry import RegistryError, rank, read_record, write_record
-from tlselect.runs import RunSpec, candidate_spec, init_label
-from tlselect.space import Space
-from tlselect.train import TrainConfig, config_from_args, train
+from tlselect.core.files import atomic_path, write_json
+from tlselect.core.registry import RegistryError, rank, read_record, write_record
+from tlselect.core.settings import init_label
+from tlselect.data.tensors import load_split
+from tlselect.report.plots import draw_search
+from tlselect.runs import RunSpec, candidate_spec
+from tlselect.search import brackets, compare, proxies, replay, strategies
+from tlselect.search.space import Space
+from tlselect.training.features import load_features
+from tlselect.training.gpus import assign
+from tlselect.training.options import TrainConfig, config_from_args
+from tlselect.training.trainer import train
 
 
 def rank_rung(args) -> int:
     records = {path: read_record(path) for path in args.records}
-    write_json(args.out, {"ranking": search.promote(records, len(records))})
+    write_json(args.out, {"ranking": brackets.promote(records, len(records))})
     return 0
 
 
 def promote(args) -> int:
-    print(search.write_promotion(args.ranking, args.keep, args.out))
+    print(brackets.write_promotion(args.ranking, args.keep, args.out))
     return 0
 
 
@@ -164,7 +166,7 @@ def _top(table: pd.DataFrame, column: str) -> str:
     return f"{row['backbone']}/{row['init']}/{row['layer']}"
 
 
-def _jobs(paths: list[str], benchmarks: list[str]) -> list[search.Job]:
+def _jobs(paths: list[str], benchmarks: list[str]) -> list[compare.Job]:
     """Each record with the epochs it continued from (those came before) and its benchmark file."""
     if len(paths) != len(benchmarks):
         raise RegistryError(f"{len(paths)} records but {len(benchmarks)} benchmark files: give one per record")
@@ -174,19 +176,19 @@ def _jobs(paths: list[str], benchmarks: list[str]) -> list[search.Job]:
         first = 0
         if record.get("continued_from"):
             first = read_record(Path(record["continued_from"]).with_suffix(".json"))["config"]["epochs"]
-        jobs.append(search.Job(record, first, benchmark))
+        jobs.append(compare.Job(record, first, benchmark))
     return jobs
 
 
 def compare(args) -> int:
     jobs, finals = {}, {}
-    for method in search.METHODS:
+    for method in brackets.METHODS:
         method_jobs = _jobs(getattr(args, method), getattr(args, f"{method}_benchmarks"))
         if method_jobs:
             jobs[method] = method_jobs
             final = getattr(args, f"{method}_final", None)
             finals[method] = [read_record(p) for p in final] if final else [j.record for j in method_jobs]
-    table = pd.DataFrame(search.compare(jobs, finals))
+    table = pd.DataFrame(compare.compare(jobs, finals))
     with atomic_path(Path(args.out)) as tmp:
         table.to_csv(tmp, index=False)
     print(table.to_string(index=False))
@@ -228,7 +230,7 @@ def main(argv=None) -> int:
     p.set_defaults(run=continue_slot)
 
     p = commands.add_parser("suggest", help="a round of a model-based method's trials (JSON)")
-    p.add_argument("--method", required=True, choices=search.MODEL_BASED)
+    p.add_argument("--method", required=True, choices=brackets.MODEL_BASED)
     p.add_argument("--round", type=int, required=True)
     p.add_argument("--q", type=int, required=True, help="trials to suggest")
     p.add_argument("--epochs", type=int, required=True, help="epochs each trial trains")
@@ -261,7 +263,7 @@ def main(argv=None) -> int:
     p.set_defaults(run=proxy_scores)
 
     p = commands.add_parser("compare", help="search.csv: one row per method")
-    for method in search.METHODS:
+    for method in brackets.METHODS:
         flag = "--" + method.replace("_", "-")
         p.add_argument(flag, nargs="*", default=[], help=f"every {method} job's record")
         p.add_argument(f"{flag}-benchmarks", nargs="*", default=[], help="their benchmark files, in order")

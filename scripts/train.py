@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Train one run on decoded subset tensors (a probe: on one cached layer); write its checkpoint and record.
 
-Every field of ``tlselect.train.TrainConfig`` is a flag; see ``--help``. Two more: --gpus N, the
+Every field of ``tlselect.training.options.TrainConfig`` is a flag; see ``--help``. Two more: --gpus N, the
 GPUs the scheduler gave this job (a rule passes its gpu resource); they are claimed before CUDA
-starts, N=0 hides every GPU (tlselect.gpus). Without it the run sees the GPUs its environment shows.
+starts, N=0 hides every GPU (tlselect.training.gpus). Without it the run sees the GPUs its environment shows.
 --gpu-jobs-per-device M: at most M jobs share one GPU (default 1).
 """
 
@@ -12,9 +12,10 @@ import sys
 
 from _cli import cli
 
-from tlselect.gpus import assign
-from tlselect.registry import write_record
-from tlselect.train import config_from_args, train
+from tlselect.core.registry import write_record
+from tlselect.training.gpus import assign
+from tlselect.training.options import config_from_args
+from tlselect.training.trainer import train
 
 
 @cli

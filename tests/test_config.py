@@ -8,7 +8,7 @@ from conftest import REPO
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from tlselect.config import ConfigError, check, coerce_cli_values
+from tlselect.config import ConfigError, check, check_renamed, coerce_cli_values
 from tlselect.runs import policy_runs
 
 SCHEMA = str(REPO / "schemas" / "config.schema.yaml")
@@ -86,12 +86,25 @@ def test_nested_command_line_values_get_the_schema_types():
         "search": {"enabled": "true", "lrs": ["0.1", "0.02"], "train": {"epochs": "3"}},
         "data": {"train_per_class": "100", "classes": ["1", "2"], "archive": "x.tar"},
         "policies": [{"name": "a", "lr": "0.5", "augment": "false", "freeze": "none"}],
-        "benchmarks": {"enabled": "maybe"},
+        "speedups": {"enabled": "maybe"},
     }
     config = coerce_cli_values(given, schema)
     assert config["search"] == {"enabled": True, "lrs": [0.1, 0.02], "train": {"epochs": 3}}
     assert config["data"] == {"train_per_class": 100, "classes": ["1", "2"], "archive": "x.tar"}  # names stay
     assert config["policies"][0] == {"name": "a", "lr": 0.5, "augment": False, "freeze": "none"}
-    assert config["benchmarks"]["enabled"] == "maybe"  # not a boolean: left for the schema to reject
+    assert config["speedups"]["enabled"] == "maybe"  # not a boolean: left for the schema to reject
     with pytest.raises(WorkflowError):
         validate(config, SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"), [("warm_start", "fork_server"), ("benchmarks", "speedups"), ("train.amp", "plan.precision")]
+)
+def test_a_key_of_an_earlier_version_is_refused_naming_what_replaced_it(old, new):
+    config = load_default()
+    block, _, key = old.rpartition(".")
+    (config[block] if block else config)[key] = True
+    with pytest.raises(ConfigError, match=new.replace(".", r"\.")) as error:
+        check_renamed(config)
+    assert old.split(".")[-1] in str(error.value)
+    check_renamed(load_default())  # the current keys pass

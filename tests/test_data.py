@@ -8,13 +8,13 @@ import tarfile
 import pytest
 import torch
 
-from tlselect import data
+from tlselect.data import fetch, folders, tensors
 
 
 def subset(root, **kw):
     args = dict(classes=None, train_per_class=8, val_per_class=2, test_per_class=4, seed=3)
     args.update(kw)
-    return data.make_subset(root, **args)
+    return folders.make_subset(root, **args)
 
 
 def test_subset_is_deterministic_and_seed_dependent(image_folder):
@@ -40,7 +40,7 @@ def test_class_list_restricts_and_orders_labels(image_folder):
     chosen = subset(image_folder, classes=["frog", "cat"])
     assert chosen["classes"] == ["frog", "cat"]
     assert {f.split("/")[1] for f, label in chosen["splits"]["train"] if label == 0} == {"frog"}
-    with pytest.raises(data.DataError, match="bird"):
+    with pytest.raises(folders.DataError, match="bird"):
         subset(image_folder, classes=["bird"])
 
 
@@ -52,13 +52,13 @@ def test_checksum_changes_with_content(image_folder):
 
 
 def test_subset_larger_than_data_is_rejected(image_folder):
-    with pytest.raises(data.DataError, match="has 12 images in train/ but the subset asks for 50"):
+    with pytest.raises(folders.DataError, match="has 12 images in train/ but the subset asks for 50"):
         subset(image_folder, train_per_class=50)
 
 
 def test_decode_gives_uint8_tensors_in_subset_order(image_folder):
     chosen = subset(image_folder)
-    decoded = data.decode_images(image_folder, chosen["splits"]["val"], 32)
+    decoded = tensors.decode_images(image_folder, chosen["splits"]["val"], 32)
     assert decoded["images"].dtype == torch.uint8 and decoded["images"].shape == (6, 3, 32, 32)
     assert decoded["labels"].tolist() == [label for _, label in chosen["splits"]["val"]]
 
@@ -73,7 +73,7 @@ def test_decode_gives_uint8_tensors_in_subset_order(image_folder):
 )
 def test_bad_layouts_are_named(image_folder, damage, message):
     damage(image_folder)
-    with pytest.raises(data.DataError, match=message):
+    with pytest.raises(folders.DataError, match=message):
         subset(image_folder)
 
 
@@ -81,14 +81,14 @@ def test_corrupt_image_is_named(image_folder):
     chosen = subset(image_folder)
     victim = chosen["splits"]["train"][0][0]
     (image_folder / victim).write_bytes(b"not an image")
-    with pytest.raises(data.DataError, match=victim):
-        data.decode_images(image_folder, chosen["splits"]["train"], 32)
+    with pytest.raises(folders.DataError, match=victim):
+        tensors.decode_images(image_folder, chosen["splits"]["train"], 32)
 
 
 def test_archive_extraction_finds_nested_root(tiny_archive, tmp_path):
     dest = tmp_path / "resources" / "tiny"
-    data.extract_archive(tiny_archive, dest)
-    assert sorted(data.scan_image_folder(dest)["train"]) == ["cat", "dog", "frog"]
+    fetch.extract_archive(tiny_archive, dest)
+    assert sorted(folders.scan_image_folder(dest)["train"]) == ["cat", "dog", "frog"]
 
 
 def tree(root):
@@ -96,9 +96,9 @@ def tree(root):
 
 
 def test_system_tar_and_tarfile_extract_the_same_tree(tiny_archive, tmp_path, monkeypatch):
-    data.extract_archive(tiny_archive, tmp_path / "tar")
-    monkeypatch.setattr(data.shutil, "which", lambda name: None)  # no tar installed
-    data.extract_archive(tiny_archive, tmp_path / "tarfile")
+    fetch.extract_archive(tiny_archive, tmp_path / "tar")
+    monkeypatch.setattr(fetch.shutil, "which", lambda name: None)  # no tar installed
+    fetch.extract_archive(tiny_archive, tmp_path / "tarfile")
     assert tree(tmp_path / "tar") == tree(tmp_path / "tarfile") and len(tree(tmp_path / "tar")) > 20
 
 
@@ -118,16 +118,16 @@ def test_an_archive_with_links_or_escaping_names_extracts_nothing_outside(tiny_a
             outside.size = 3
             tf.addfile(outside, io.BytesIO(b"bad"))
         with pytest.raises(tarfile.FilterError):
-            data.extract_archive(archive, base / name / "dest")
+            fetch.extract_archive(archive, base / name / "dest")
         assert not (tmp_path / "outside.txt").exists() and not (base / "outside.txt").exists()
         assert not (base / name / "dest").exists()
 
 
 def test_source_task_avoids_target_images(image_folder):
     chosen = subset(image_folder, train_per_class=6, val_per_class=2)
-    source = data.source_task_files(chosen, image_folder, chosen["classes"], per_class=6, val_per_class=1, seed=0)
+    source = folders.source_task_files(chosen, image_folder, chosen["classes"], per_class=6, val_per_class=1, seed=0)
     target = {f for split in ("train", "val") for f, _ in chosen["splits"][split]}
     picked = {f for split in ("train", "val") for f, _ in source[split]}
     assert len(picked) == 18 and not picked & target
-    with pytest.raises(data.DataError, match="only 6 training images outside"):
-        data.source_task_files(chosen, image_folder, chosen["classes"], per_class=7, val_per_class=1, seed=0)
+    with pytest.raises(folders.DataError, match="only 6 training images outside"):
+        folders.source_task_files(chosen, image_folder, chosen["classes"], per_class=7, val_per_class=1, seed=0)

@@ -30,12 +30,13 @@ from test_reliability import (
     without_timings,
 )
 
-from tlselect import data
-from tlselect.atomic import CorruptFile, DiskFull, corrupt_path, load_torch, save_torch, write_json, write_text
-from tlselect.features import extract_range, load_features, open_features
-from tlselect.models import StagedNet, load_state_dict_file
-from tlselect.registry import read_record
-from tlselect.train import TrainConfig, resume_path, train
+from tlselect.core.files import CorruptFile, DiskFull, corrupt_path, load_torch, save_torch, write_json, write_text
+from tlselect.core.registry import read_record
+from tlselect.data import tensors
+from tlselect.training.features import extract_range, load_features, open_features
+from tlselect.training.models import StagedNet, load_state_dict_file
+from tlselect.training.options import TrainConfig, resume_path
+from tlselect.training.trainer import train
 
 # ---------------------------------------------------------------------------------------------
 # A full disk: one writer of each kind, small then large
@@ -151,7 +152,7 @@ def checkpoint(path: Path):
 
 def decoded_split(path: Path):
     save_torch(path, {"images": images(16), "labels": torch.arange(16) % 3})
-    return data.load_split
+    return tensors.load_split
 
 
 def feature_file(path: Path):
@@ -200,7 +201,7 @@ def test_a_corrupted_file_is_detected_when_read_named_and_moved_aside(tmp_path, 
 
 def test_a_file_without_a_checksum_is_read_unchecked(tmp_path):
     folder = small_tensors(tmp_path / "data")  # torch.save by hand: no sidecar
-    assert data.load_split(folder / "train.pt")[0].shape == (24, 3, 32, 32)
+    assert tensors.load_split(folder / "train.pt")[0].shape == (24, 3, 32, 32)
 
 
 @pytest.mark.parametrize("damage", [flip_byte, truncate], ids=["flipped-byte", "truncated"])

@@ -1,4 +1,4 @@
-"""Local GPU assignment (tlselect.gpus), on the CPU with simulated devices ($TLSELECT_GPU_SLOTS).
+"""Local GPU assignment (tlselect.training.gpus), on the CPU with simulated devices ($TLSELECT_GPU_SLOTS).
 
 Concurrent jobs get distinct GPUs (or, with N jobs per GPU, at most N share one), a job beyond the
 pool waits, a killed job's GPU is reclaimed at once; the training scripts claim their GPU at
@@ -18,7 +18,7 @@ import pytest
 import yaml
 from conftest import REPO, tiny_data
 
-from tlselect import gpus
+from tlselect.training import gpus
 
 # A stand-in job: claims the GPUs it was given, prints what it sees, then runs until killed.
 JOB = (
@@ -200,7 +200,7 @@ def dry_run(tmp_path_factory, tiny_archive):
         "source": {"train_per_class": 4, "val_per_class": 1},
         "features": {"layers": ["stem"], "inits": ["scratch"]},
         "search": {"enabled": True},
-        "benchmarks": {"enabled": True},
+        "speedups": {"enabled": True},
         "mop": {"enabled": True, "partitions": 2},
     }
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
@@ -255,8 +255,9 @@ def test_slurm_profile_sets_the_gpus_of_every_rule_that_asks_for_one(dry_run):
 
 
 def test_gpu_study_script_prints_one_study_per_jobs_per_gpu_setting(tmp_path):
-    """scripts/gpu_study.sh --dry-run: the study it would run per setting, nothing run or written."""
-    command = ["bash", str(REPO / "scripts/gpu_study.sh"), "--dry-run", str(tmp_path / "a.tar.gz"), str(tmp_path / "o")]
+    """benchmarks/gpu_study.sh --dry-run: the study it would run per setting, nothing run or written."""
+    script = str(REPO / "benchmarks/gpu_study.sh")
+    command = ["bash", script, "--dry-run", str(tmp_path / "a.tar.gz"), str(tmp_path / "o")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     studies = [shlex.split(line[2:]) for line in result.stdout.splitlines() if " -m snakemake " in line]

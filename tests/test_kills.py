@@ -28,7 +28,7 @@ import pytest
 import yaml
 from conftest import PINNED_PLAN, REPO, tiny_data
 
-from tlselect.atomic import write_text
+from tlselect.core.files import write_text
 
 KILLS = int(os.environ.get("TLSELECT_KILLS", "5"))
 SEED = int(os.environ.get("TLSELECT_KILL_SEED") or random.randrange(10**6))
@@ -58,7 +58,7 @@ PLACES = [  # in the study's order
     Place("training epoch", ("train",), "results/models/*.resume.pt", 0.6),  # after an epoch's checkpoint
     Place("checkpoint write", ("train", "pretrain_source"), "results/*/.*.resume.pt.*", 0),  # its temporary
     Place("probe", ("probe",), "start", 4),
-    Place("aggregation", ("aggregate",), "start", 3),
+    Place("aggregation", ("tables",), "start", 3),
     Place("figure", ("figure",), "start", 4),
     Place("notebook", ("notebook",), "start", 3),
 ]
@@ -79,7 +79,7 @@ def write_study(workdir: Path, archive: Path) -> None:
             {"name": "freeze_most", "init": "pretrained", "freeze": "layer3"},
         ],
         "features": {"layers": ["layer1"], "inits": ["pretrained"], "probe": {"epochs": 2}},
-        "benchmarks": {"enabled": False},
+        "speedups": {"enabled": False},
         "search": {"enabled": False},
     }
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(study))

@@ -8,8 +8,8 @@ import torch
 from conftest import REPO
 from torch import nn
 
-from tlselect import models
-from tlselect.models import InitError, StagedNet
+from tlselect.training import models
+from tlselect.training.models import InitError, StagedNet
 
 
 @pytest.fixture(scope="module")

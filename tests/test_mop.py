@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from tlselect import mop
+from tlselect.search import mop
 
 EPOCH = [6, 3, 3, 3, 6]  # A, B, C, D, E
 SUB = [t / 3 for t in EPOCH]
@@ -135,7 +135,7 @@ def test_chains_visit_every_partition_once_per_epoch(schedule):
 
 def test_partitions_are_disjoint_class_balanced_and_cover_the_split():
     torch = pytest.importorskip("torch")
-    from tlselect.data import partition_split
+    from tlselect.data.tensors import partition_split
 
     labels = torch.tensor([0] * 6 + [1] * 4 + [2] * 2)
     decoded = {"images": torch.arange(12).reshape(12, 1, 1, 1).to(torch.uint8), "labels": labels}

@@ -8,8 +8,8 @@ import yaml
 from conftest import tiny_data
 from test_workflow import job_counts, snakemake
 
-from tlselect import mop
-from tlselect.registry import read_record
+from tlselect.core.registry import read_record
+from tlselect.search import mop
 
 pytestmark = pytest.mark.workflow
 

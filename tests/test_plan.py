@@ -10,10 +10,11 @@ import time
 import pytest
 import torch
 
-from tlselect import plan as plan_module
 from tlselect.config import plan_flags
-from tlselect.plan import ExecutionPlan, PlanError, Workload, calibrate, resolve, stored_plan
-from tlselect.train import TrainConfig, train
+from tlselect.training import plan as plan_module
+from tlselect.training.options import TrainConfig
+from tlselect.training.plan import ExecutionPlan, PlanError, Workload, calibrate, resolve, stored_plan
+from tlselect.training.trainer import train
 
 CPU = torch.device("cpu")
 WORK = Workload("resnet18", 32, 8, CPU, job_steps=10, eval_batch_sizes=(8, 16))

@@ -31,13 +31,14 @@ import yaml
 from conftest import PINNED_PLAN, REPO, strict_json
 from snakemake.utils import validate
 
-from tlselect import data
-from tlselect.atomic import atomic_path, load_torch, write_json
 from tlselect.config import ConfigError, check, merged
-from tlselect.plots import draw
-from tlselect.registry import read_record
+from tlselect.core.files import atomic_path, load_torch, write_json
+from tlselect.core.registry import read_record
+from tlselect.data import fetch, folders
+from tlselect.report.plots import draw
 from tlselect.runs import policy_runs
-from tlselect.train import TrainConfig, train
+from tlselect.training.options import TrainConfig
+from tlselect.training.trainer import train
 
 sys.path.insert(0, str(REPO / "scripts"))
 import evaluate as evaluate_cli  # noqa: E402
@@ -92,8 +93,8 @@ def make_study(workdir: Path, archive: Path, policies: list[dict], **train_setti
         "policies": policies,
     }
     base = yaml.safe_load((REPO / "config.yaml").read_text())
-    if "benchmarks" in base:  # the optimizations benchmark needs ImageNet weights: not a reliability matter
-        overlay["benchmarks"] = {"enabled": False}
+    if "speedups" in base:  # the optimizations benchmark needs ImageNet weights: not a reliability matter
+        overlay["speedups"] = {"enabled": False}
     if "search" in base:  # the model search (tests/test_search_workflow.py) is no reliability matter either
         overlay["search"] = {"enabled": False}
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(overlay))
@@ -114,7 +115,7 @@ def snakemake_env() -> dict:
 
 
 def table_args(folder: Path) -> list[str]:
-    """scripts/evaluate.py's output arguments for tables in ``folder``."""
+    """scripts/tables.py's output arguments for tables in ``folder``."""
     return [
         arg
         for name in ("runs.csv", "curves.csv", "summary.md", "plans.csv")
@@ -439,7 +440,7 @@ def _unguarded_writes(path: Path) -> list[str]:
 def test_every_output_file_is_written_through_a_temporary_path():
     files = sorted((REPO / "tlselect").glob("*.py")) + sorted((REPO / "scripts").glob("*.py"))
     unguarded = [hit for path in files for hit in _unguarded_writes(path)]
-    assert unguarded == [], "write through tlselect.atomic (atomic_path, write_json, save_torch):\n" + "\n".join(
+    assert unguarded == [], "write through tlselect.core.files (atomic_path, write_json, save_torch):\n" + "\n".join(
         unguarded
     )
     # and the notebook rule executes and converts in a temporary folder, then renames into place
@@ -527,7 +528,7 @@ def test_bad_image_folder_is_an_error_naming_files_and_fix(image_folder, tmp_pat
 
 
 def test_skip_unreadable_leaves_bad_files_out_and_records_them(image_folder, tmp_path):
-    picked = data.make_subset(image_folder, None, 8, 2, 4, seed=0)["splits"]
+    picked = folders.make_subset(image_folder, None, 8, 2, 4, seed=0)["splits"]
     corrupt, truncated = picked["train"][0][0], picked["test"][0][0]
     (image_folder / corrupt).write_bytes(b"garbage")
     truncate(image_folder / truncated)
@@ -646,9 +647,9 @@ def test_bad_config_stops_snakemake_before_any_job(tmp_path, tiny_archive):
 
 
 def test_archive_listing_is_cheap_and_matches_the_extracted_folder(tiny_archive, tmp_path):
-    counts = data.archive_image_counts(tiny_archive)
-    data.extract_archive(tiny_archive, tmp_path / "tiny")
-    layout = data.scan_image_folder(tmp_path / "tiny")
+    counts = fetch.archive_image_counts(tiny_archive)
+    fetch.extract_archive(tiny_archive, tmp_path / "tiny")
+    layout = folders.scan_image_folder(tmp_path / "tiny")
     assert counts == {split: {c: len(files) for c, files in classes.items()} for split, classes in layout.items()}
 
 

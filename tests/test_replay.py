@@ -10,14 +10,14 @@ import pytest
 import yaml
 from conftest import REPO
 
-from tlselect import replay, search
-from tlselect.registry import write_record
+from tlselect.core.registry import write_record
 from tlselect.runs import candidate_runs
+from tlselect.search import brackets, replay
 
 sys.path.insert(0, str(REPO / "scripts"))
 import replay as replay_cli  # noqa: E402
 
-PLAN = {"eta": 3, "min_epochs": 1, "max_epochs": 9, "brackets": 3, "q": 3, "startup": 4, "delta": 0.1}
+SEARCH = {"eta": 3, "min_epochs": 1, "max_epochs": 9, "brackets": 3, "q": 3, "startup": 4, "delta": 0.1}
 
 
 @pytest.fixture
@@ -46,30 +46,30 @@ def synthetic_records(config, seed=0, epochs=9):
 
 def test_sh_replay_chooses_what_the_workflow_promotion_chooses(config):
     rows = replay.table(synthetic_records(config))
-    plan = {**config["search"], **PLAN}
-    # the workflow's plan and promotion, rung by rung, on the rows' validation accuracy at each rung's epochs
-    (bracket,) = search.brackets(config, "sh")
+    settings = {**config["search"], **SEARCH}
+    # the workflow's brackets and promotion, rung by rung, on the rows' validation accuracy at each rung's epochs
+    (bracket,) = brackets.brackets(config, "sh")
     names = list(bracket.candidates)
     reached = dict.fromkeys(names, bracket.epochs[0])  # epochs each candidate trained in all
     for rung in range(1, bracket.rungs):
         before = bracket.epochs[rung - 1]
         records = {n: {"name": n, "status": "completed", "metrics": {"val_accuracy": rows[n].val[before - 1]}}
                    for n in names}  # fmt: skip
-        names = [k["candidate"] for k in search.promote(records, bracket.keep[rung])]
+        names = [k["candidate"] for k in brackets.promote(records, bracket.keep[rung])]
         reached.update(dict.fromkeys(names, bracket.epochs[rung]))
-    done = replay.run("sh", rows, plan, seed=5)
+    done = replay.run("sh", rows, settings, seed=5)
     assert done.trace[-1][2] == names[0] and len(names) == 1
     assert done.epochs == bracket.cost() == sum(reached.values()) and done.level == 9
     # survivors continue their checkpoints: each candidate's epochs are paid once
     assert done.seconds == pytest.approx(sum(sum(rows[n].seconds[:e]) for n, e in reached.items()))
-    assert replay.run("sh", rows, plan, seed=6).trace[-1] == done.trace[-1]
+    assert replay.run("sh", rows, settings, seed=6).trace[-1] == done.trace[-1]
 
 
 @pytest.mark.parametrize("method", replay.METHODS)
 def test_every_method_is_seeded_and_within_the_grid_budget(config, method):
     rows = replay.table(synthetic_records(config))
-    plan = {**config["search"], **PLAN}
-    first, again = replay.run(method, rows, plan, 3), replay.run(method, rows, plan, 3)
+    settings = {**config["search"], **SEARCH}
+    first, again = replay.run(method, rows, settings, 3), replay.run(method, rows, settings, 3)
     assert first.trace == again.trace
     grid_epochs = sum(len(r.val) for r in rows.values())
     if method == "hb":

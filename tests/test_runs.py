@@ -13,8 +13,9 @@ from conftest import REPO
 from snakemake.utils import validate
 
 from tlselect import runs
-from tlselect.space import Space
-from tlselect.train import PROBE_UNUSED, TrainConfig, config_from_args
+from tlselect.core import settings
+from tlselect.search.space import Space
+from tlselect.training.options import PROBE_UNUSED, TrainConfig, config_from_args
 
 SCHEMA = str(REPO / "schemas" / "config.schema.yaml")
 
@@ -84,7 +85,7 @@ def test_probe_specs_hold_only_what_a_probe_uses():
         assert not PROBE_UNUSED & set(spec.settings), spec.settings
         assert spec.features == (
             spec.settings["backbone"],
-            runs.init_label(spec.settings["init"]),
+            settings.init_label(spec.settings["init"]),
             spec.settings["layer"],
         )
         assert spec.name == f"probe_{spec.settings['layer']}" and spec.id.startswith(spec.name)
@@ -132,7 +133,7 @@ def full_dry_run(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     return subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "--directory", str(tmp_path / "work"), "--snakefile", "Snakefile",
-         "--configfile", str(REPO / "config.yaml"), "--config", "search={enabled: true}", "benchmarks={enabled: true}"],
+         "--configfile", str(REPO / "config.yaml"), "--config", "search={enabled: true}", "speedups={enabled: true}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
@@ -141,7 +142,7 @@ def test_parsing_the_snakefile_imports_neither_torch_nor_torchvision(full_dry_ru
     result = full_dry_run
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "imported while parsing" not in result.stdout + result.stderr
-    assert all(rule in result.stdout for rule in ("train", "probe", "search_grid", "benchmark_optimizations"))
+    assert all(rule in result.stdout for rule in ("train", "probe", "search_grid", "speedups"))
 
 
 def test_the_study_goes_before_the_search_and_the_benchmark(full_dry_run):
@@ -152,8 +153,8 @@ def test_the_study_goes_before_the_search_and_the_benchmark(full_dry_run):
         if name:
             found = re.search(r"^\s+priority: (\d+)", block, re.M)
             priorities.setdefault(name.group(1), set()).add(int(found.group(1)) if found else 0)
-    study = {"train", "probe", "extract_features", "aggregate", "figure", "notebook"}
-    later = {"search_grid", "search_first_rung", "search_next_rung", "benchmark_optimizations"}
+    study = {"train", "probe", "extract_features", "tables", "figure", "notebook"}
+    later = {"search_grid", "search_first_rung", "search_next_rung", "speedups"}
     assert study | later <= set(priorities)
     assert min(min(priorities[r]) for r in study) > max(max(priorities[r]) for r in later)
     assert "results/report/study.html" in full_dry_run.stdout and "results/report/solution.html" in full_dry_run.stdout
@@ -161,7 +162,7 @@ def test_the_study_goes_before_the_search_and_the_benchmark(full_dry_run):
 
 @pytest.mark.parametrize("size", [100, 1000])
 def test_dag_scale_pools_have_the_size_they_name(size):
-    sys.path.insert(0, str(REPO / "scripts"))
+    sys.path.insert(0, str(REPO / "benchmarks"))
     import dag_scale
 
     config = load_default()

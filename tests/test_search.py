@@ -12,10 +12,11 @@ import yaml
 from conftest import REPO
 from scipy import optimize, stats
 
-from tlselect import proxies, search
-from tlselect.registry import RegistryError, read_record, write_record
+from tlselect.core.registry import RegistryError, read_record, write_record
 from tlselect.runs import candidate_runs, random_runs
-from tlselect.train import TrainConfig, train
+from tlselect.search import brackets, compare, proxies
+from tlselect.training.options import TrainConfig
+from tlselect.training.trainer import train
 
 sys.path.insert(0, str(REPO / "scripts"))
 import search as search_cli  # noqa: E402
@@ -76,14 +77,14 @@ def test_pool_and_rung_arithmetic(config):
     assert len(pool) == 12 and len(set(pool)) == 12
     assert {s.settings["freeze"] for s in pool.values()} == {"none", "layer3", "block3"}
     assert all(s.settings["schedule"] == "constant" for s in pool.values())
-    (sh,) = search.brackets(config, "sh")
+    (sh,) = brackets.brackets(config, "sh")
     assert (sh.keep, sh.epochs) == ((12, 4, 1), (1, 3, 9))
     assert sh.cost() == 12 + 4 * 2 + 1 * 6 <= 12 * 9 / 3
-    hb = search.brackets(config, "hb")
+    hb = brackets.brackets(config, "hb")
     assert [(b.keep, b.epochs) for b in hb] == [((9, 3, 1), (1, 3, 9)), ((5, 1), (3, 9)), ((3,), (9,))]
     assert all(set(b.candidates) <= set(pool) and len(b.candidates) == b.keep[0] for b in hb)
     config["search"]["brackets"] = 1
-    assert len(search.brackets(config, "hb")) == 1
+    assert len(brackets.brackets(config, "hb")) == 1
     assert candidate_runs(config) == pool  # stable ids
 
 
@@ -110,10 +111,10 @@ def test_promote_ranks_on_validation_never_test():
         "r/slot2.json": _record("c", 0.7, 0.20),
         "r/slot3.json": _record("d", None, None, "diverged"),
     }
-    kept = search.promote(records, 3)
+    kept = brackets.promote(records, 3)
     assert [k["candidate"] for k in kept] == ["b", "c", "a"]  # ties by candidate id, test ignored
     assert kept[0]["checkpoint"] == "r/slot1.pt" and [k["slot"] for k in kept] == [0, 1, 2]
-    assert search.promote(records, 4)[-1]["candidate"] == "d"
+    assert brackets.promote(records, 4)[-1]["candidate"] == "d"
 
 
 def test_a_promoted_slot_continues_its_checkpoint(tensor_data, tmp_path):
@@ -143,7 +144,7 @@ def test_a_promoted_slot_continues_its_checkpoint(tensor_data, tmp_path):
     previous = read_record(slot["record"])
     assert record["curves"][0] == previous["curves"][0]  # the first epoch is the rung-0 run's, not redone
     jobs = search_cli._jobs([f"{out}.json"], [f"{out}.tsv"])
-    assert jobs[0].first_epoch == 1 and search.job_cost(jobs[0].record, jobs[0].first_epoch)[0] == 2
+    assert jobs[0].first_epoch == 1 and compare.job_cost(jobs[0].record, jobs[0].first_epoch)[0] == 2
 
 
 def test_compare_counts_only_new_epochs_and_chooses_on_validation(tmp_path):
@@ -151,11 +152,11 @@ def test_compare_counts_only_new_epochs_and_chooses_on_validation(tmp_path):
         benchmark = tmp_path / f"job{len(list(tmp_path.iterdir()))}.tsv"
         benchmark.write_text(f"s\th:m:s\n{seconds}\t0:00:10\n")
         record = {**_record(candidate, val, test), "curves": [{"train_seconds": 1.0}] * epochs}
-        return search.Job(record, first, str(benchmark))
+        return compare.Job(record, first, str(benchmark))
 
     grid = [job("a", 0.6, 0.9, 9, seconds=30), job("b", 0.8, 0.7, 9, seconds=30)]
     sh = [job("a", 0.5, 0.9, 1), job("b", 0.6, 0.7, 1), job("b", 0.8, 0.7, 9, first=1, seconds=25)]
-    rows = {r["method"]: r for r in search.compare({"grid": grid, "sh": sh}, {"grid": [g.record for g in grid],
+    rows = {r["method"]: r for r in compare.compare({"grid": grid, "sh": sh}, {"grid": [g.record for g in grid],
                                                                               "sh": [sh[-1].record]})}  # fmt: skip
     assert rows["grid"]["chosen"] == "b" and rows["grid"]["epochs"] == 18
     assert rows["sh"]["epochs"] == 1 + 1 + 8 and rows["sh"]["compute_share"] == pytest.approx(10 / 18)
@@ -166,4 +167,4 @@ def test_compare_counts_only_new_epochs_and_chooses_on_validation(tmp_path):
 def test_a_missing_benchmark_file_is_an_error_not_zero_seconds(tmp_path):
     record = {**_record("a", 0.5, 0.5), "curves": [{"train_seconds": 1.0}]}
     with pytest.raises(RegistryError, match="benchmark file"):
-        search.compare({"grid": [search.Job(record, 0, str(tmp_path / "missing.tsv"))]}, {"grid": [record]})
+        compare.compare({"grid": [compare.Job(record, 0, str(tmp_path / "missing.tsv"))]}, {"grid": [record]})

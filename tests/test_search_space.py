@@ -6,11 +6,11 @@ import pytest
 import yaml
 from conftest import REPO
 
-from tlselect import search
-from tlselect.backbones import BACKBONES, NO_FREEZE
 from tlselect.config import ConfigError
+from tlselect.core.backbones import BACKBONES, NO_FREEZE
 from tlselect.runs import candidate_runs, candidate_spec
-from tlselect.space import Space, draw
+from tlselect.search import brackets
+from tlselect.search.space import Space, draw
 
 
 @pytest.fixture
@@ -62,16 +62,16 @@ def test_draws_are_scipys_draws():
 def test_inverted_bounds_are_a_config_error(config):
     config["search"]["distributions"]["lr"] = [0.1, 0.01]
     with pytest.raises(ConfigError, match="search.distributions.lr"):
-        search.check(config)
+        brackets.check(config)
 
 
 def test_more_trials_than_grid_points_is_a_config_error(config):
     config["search"].update(enabled=True, rounds=5, q=3)  # 15 pulls of a 12-point grid
     with pytest.raises(ConfigError, match="search.rounds x search.q"):
-        search.check(config)
+        brackets.check(config)
 
 
 def test_a_single_batch_size_is_a_valid_distribution(config):
     config["search"]["distributions"]["batch_sizes"] = [8]
-    search.check(config)
+    brackets.check(config)
     assert {Space.from_config(config).sample(np.random.RandomState(s))["batch_size"] for s in range(5)} == {8}

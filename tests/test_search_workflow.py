@@ -11,10 +11,10 @@ import yaml
 from conftest import PINNED_PLAN, REPO, strict_json, tiny_data
 from test_workflow import job_counts, snakemake
 
-from tlselect import replay
 from tlselect.config import merged
-from tlselect.registry import read_record
+from tlselect.core.registry import read_record
 from tlselect.runs import candidate_config
+from tlselect.search import replay
 
 sys.path.insert(0, str(REPO / "scripts"))
 import search as search_cli  # noqa: E402
@@ -34,7 +34,7 @@ def search_study(tmp_path_factory, tiny_archive):
         "plan": PINNED_PLAN,
         "policies": [{"name": "finetune", "init": "pretrained", "freeze": "none"}],
         "features": {"layers": [], "inits": []},
-        "benchmarks": {"enabled": False},
+        "speedups": {"enabled": False},
         "search": {"enabled": True, "backbones": ["resnet18", "mobilenet_v3_small"],
                    "inits": ["pretrained", "scratch"], "freezes": ["none"], "lrs": [0.05], "random_samples": 2,
                    "rounds": 2, "q": 2, "distributions": {"batch_sizes": [8]},
@@ -120,8 +120,8 @@ def test_the_same_records_give_the_same_suggestion_file(search_study, tmp_path):
 def test_the_replay_of_successive_halving_chooses_what_the_real_run_chose(search_study):
     table = pd.read_csv(search_study / "results/tables/search.csv").set_index("method")
     rows = replay.table([read_record(p) for p in (search_study / "results/search/grid").glob("*.json")])
-    plan = {"eta": 2, "min_epochs": 1, "max_epochs": 2, "brackets": 2}
-    assert replay.run("sh", rows, plan, seed=0).trace[-1][2] == table.loc["sh", "chosen"]
+    settings = {"eta": 2, "min_epochs": 1, "max_epochs": 2, "brackets": 2}
+    assert replay.run("sh", rows, settings, seed=0).trace[-1][2] == table.loc["sh", "chosen"]
     regrets = pd.read_csv(search_study / "results/tables/replay.csv")
     assert set(regrets["method"]) == set(replay.METHODS) and (regrets["seeds"] <= 3).all()
     assert (search_study / "results/figures/replay_anytime.png").read_bytes()[:4] == b"\x89PNG"

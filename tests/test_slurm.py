@@ -1,4 +1,4 @@
-"""The workflow on a real SLURM (scripts/slurm_cluster.sh up): profiles/slurm, retries, killed jobs.
+"""The workflow on a real SLURM (scripts/setup/slurm_cluster.sh up): profiles/slurm, retries, killed jobs.
 
 A tiny study runs once locally and once through ``snakemake --profile profiles/slurm``; every
 non-local job must go through sbatch and the two tables must agree. A throwaway workflow then
@@ -47,7 +47,7 @@ def cluster_problem() -> str | None:
 def cluster():
     problem = cluster_problem()
     if problem:
-        message = f"{problem}; start the test cluster with: bash scripts/slurm_cluster.sh up"
+        message = f"{problem}; start the test cluster with: bash scripts/setup/slurm_cluster.sh up"
         if os.environ.get("TLSELECT_REQUIRE_SLURM") == "1":
             pytest.fail(message)
         pytest.skip(message)
@@ -156,7 +156,7 @@ def test_study_jobs_go_through_sbatch(studies):
     assert f"Using profiles {PROFILE} and workflow specific profile {REPO / 'profiles/default'}" in output
     jobs = slurm_jobs(slurm_job_ids(output))
     rules = {rule_of(job) for job in jobs}
-    assert rules == {"subset", "source_data", "pretrain_source", "train", "extract_features", "probe", "aggregate"}
+    assert rules == {"subset", "source_data", "pretrain_source", "train", "extract_features", "probe", "tables"}
     assert all(job["state"] == "COMPLETED" for job in jobs), jobs
     assert "fetch_data" not in rules and "localrule fetch_data:" in output  # a download rule runs here
     pretrain = next(job["id"] for job in jobs if rule_of(job) == "pretrain_source")

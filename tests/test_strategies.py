@@ -9,10 +9,10 @@ import yaml
 from conftest import REPO
 from sklearn.gaussian_process.kernels import RBF, WhiteKernel
 
-from tlselect import strategies
-from tlselect.backbones import BACKBONES, NO_FREEZE
+from tlselect.core.backbones import BACKBONES, NO_FREEZE
 from tlselect.runs import candidate_spec
-from tlselect.space import Space
+from tlselect.search import strategies
+from tlselect.search.space import Space
 
 
 @pytest.fixture

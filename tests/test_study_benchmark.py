@@ -16,7 +16,7 @@ def test_study_benchmark_compares_the_plain_script_and_the_workflow(tmp_path, ti
                                        "data": {"name": "tiny"}}))  # fmt: skip
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts/study_benchmark.py"), "--archive", str(tiny_archive), "--out", str(out),
+        [sys.executable, str(REPO / "benchmarks/study.py"), "--archive", str(tiny_archive), "--out", str(out),
          "--workdir", str(tmp_path / "work"), "--cores", "1", "--workers", "0", "--source-classes", "cat", "dog",
          "--classes", "dog", "frog", "--source-per-class", "4", "--source-val-per-class", "1",
          "--train-per-class", "8", "--val-per-class", "2", "--test-per-class", "4", "--source-epochs", "1",
@@ -39,7 +39,7 @@ def test_study_benchmark_compares_the_plain_script_and_the_workflow(tmp_path, ti
 
 
 def test_the_plain_script_trains_only_the_unfrozen_parameters():
-    sys.path.insert(0, str(REPO / "scripts"))
+    sys.path.insert(0, str(REPO / "benchmarks"))
     import plain_study
     import torch
     import torchvision

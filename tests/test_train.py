@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from tlselect.registry import read_record, validate_record, write_record
-from tlselect.train import TrainConfig, TrainingError, TrainingState, augment_batch, augment_draws, train
+from tlselect.core.registry import read_record, validate_record, write_record
+from tlselect.training.loop import augment_batch, augment_draws
+from tlselect.training.options import TrainConfig, TrainingError
+from tlselect.training.trainer import TrainingState, train
 
 
 def config(tensor_data, tmp_path, **kw):
@@ -50,7 +52,7 @@ def test_same_seed_gives_identical_metrics(tensor_data, tmp_path):
 
 def test_cached_prefix_training_matches_uncached(tensor_data, tmp_path, monkeypatch):
     # A pretrained-like init: the prefix must be the same weights in both runs.
-    from tlselect.models import StagedNet
+    from tlselect.training.models import StagedNet
 
     torch.manual_seed(3)
     weights = tmp_path / "init.pt"
@@ -126,7 +128,7 @@ def test_continuing_a_run_equals_training_longer(tensor_data, tmp_path):
 
 
 def test_a_probe_trains_on_cached_features_and_records_only_what_it_uses(tensor_data, tmp_path):
-    from tlselect.train import PROBE_UNUSED
+    from tlselect.training.options import PROBE_UNUSED
 
     layer = tmp_path / "features" / "layer4"
     layer.mkdir(parents=True)
@@ -170,7 +172,7 @@ def test_resume_file_holds_cudas_rng_state_only_when_cuda_runs(monkeypatch):
 def test_resume_files_take_at_most_a_tenth_of_the_time(tensor_data, tmp_path, monkeypatch, write_cost, expected):
     """With a clock that only the resume-file writes move, epochs take no time: a free write follows
     every epoch but the last, a costly one only the first (it would take more than a tenth)."""
-    from tlselect import train as trainer
+    from tlselect.training import trainer
 
     clock = [0.0]
     written = []

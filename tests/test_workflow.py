@@ -15,7 +15,7 @@ import pytest
 import yaml
 from conftest import PINNED_PLAN, REPO, strict_json, tiny_data
 
-from tlselect.registry import read_record
+from tlselect.core.registry import read_record
 
 pytestmark = pytest.mark.workflow
 
@@ -47,7 +47,7 @@ def study(tmp_path_factory, tiny_archive):
         "source": {"train_per_class": 4, "val_per_class": 1, "train": {"epochs": 1}},
         "train": {"epochs": 1, "batch_size": 8},
         "features": {"layers": ["layer2", "layer4"], "inits": ["pretrained", "scratch"], "probe": {"epochs": 2}},
-        "benchmarks": {"enabled": True, "epochs": 1, "accuracy_epochs": 1},
+        "speedups": {"enabled": True, "epochs": 1, "accuracy_epochs": 1},
         "search": {"enabled": False},  # off by default; tests/test_search_workflow.py runs it
     }
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
@@ -117,15 +117,15 @@ def test_changing_one_policy_reruns_only_it_and_the_report(study):
     policies[3]["lr"] = 0.011  # freeze_most
     out = dry_run_after(study, lambda tiny: tiny.update(policies=policies))
     # the study's notebook and the full one (the benchmark is on here) both show the new table
-    assert job_counts(out) == {"train": 1, "aggregate": 1, "figure": 5, "notebook": 2, "all": 1}
-    assert "benchmark_optimizations" not in out
+    assert job_counts(out) == {"train": 1, "tables": 1, "figure": 5, "notebook": 2, "all": 1}
+    assert "speedups" not in out
     assert re.search(r"results/models/freeze_most-resnet18-source-\w+\.pt", out)
 
 
 def test_adding_a_layer_runs_only_its_probes(study):
     out = dry_run_after(study, lambda tiny: tiny["features"].update(layers=["layer1", "layer2", "layer4"]))
     # layer1 is already cached (the chain runs stem..layer4): only its two probes are new
-    assert job_counts(out) == {"probe": 2, "aggregate": 1, "figure": 5, "notebook": 2, "all": 1}
+    assert job_counts(out) == {"probe": 2, "tables": 1, "figure": 5, "notebook": 2, "all": 1}
     assert len(set(re.findall(r"results/models/(probe_layer1-[\w-]+)\.pt", out))) == 2
 
 
@@ -140,7 +140,7 @@ def test_imagenet_weights_come_through_a_workflow_step(tmp_path, tiny_archive, m
     import torch
     import torchvision
 
-    from tlselect.models import imagenet_weights_path
+    from tlselect.training.models import imagenet_weights_path
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # torchvision's cache holds the file, as offline
     cached = imagenet_weights_path("resnet18")

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import yaml
 
-from tlselect.backbones import BACKBONES, NO_FREEZE
-from tlselect.data import archive_image_counts
-from tlselect.errors import TLSelectError
-from tlselect.runs import NAMED_INITS, hyperparameters, policy_runs, probe_runs, resolve_init, source_backbones
+from tlselect.core.backbones import BACKBONES, NO_FREEZE
+from tlselect.core.errors import TLSelectError
+from tlselect.core.settings import NAMED_INITS, hyperparameters, resolve_init
+from tlselect.data.fetch import archive_image_counts
+from tlselect.runs import policy_runs, probe_runs, source_backbones
 
 
 class ConfigError(TLSelectError):
@@ -76,6 +77,13 @@ def merged(base: dict, overlay: dict) -> dict:
     return out
 
 
+# Top-level keys of earlier versions: (old, new, what it is).
+RENAMED_KEYS = (
+    ("warm_start", "fork_server", "one process imports torch once and forks every job"),
+    ("benchmarks", "speedups", "the optimizations benchmark"),
+)
+
+
 def check_renamed(config: dict) -> None:
     """Keys of earlier versions, named with what replaced them (before the schema calls them unknown)."""
     places = [("train", config.get("train") or {}), ("source.train", (config.get("source") or {}).get("train") or {})]
@@ -86,6 +94,9 @@ def check_renamed(config: dict) -> None:
                 f"{key}.amp: mixed precision is now part of the execution plan; remove amp and set "
                 "plan.precision (auto: measured per device, or float32, bfloat16, float16)"
             )
+    for old_key, new_key, what in RENAMED_KEYS:
+        if old_key in config:
+            raise ConfigError(f"{old_key} is now called {new_key} ({what}): rename the key in your config")
 
 
 def plan_flags(config: dict) -> str:

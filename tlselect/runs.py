@@ -1,7 +1,7 @@
 """Run specs: every kind of run the workflow trains, from the config, in one place.
 
 A run is one training job. Its :class:`RunSpec` holds a stable id, the trainer settings (the
-fields of ``tlselect.train.TrainConfig``, so :meth:`RunSpec.flags` are ``scripts/train.py``'s
+fields of ``tlselect.training.options.TrainConfig``, so :meth:`RunSpec.flags` are ``scripts/train.py``'s
 flags) and what the job needs besides the decoded subset: the source model of a backbone, or a
 cached feature layer. Kinds of run:
 
@@ -27,31 +27,11 @@ import hashlib
 import json
 import shlex
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from tlselect.backbones import BACKBONES, NO_FREEZE
-
-# Hyperparameters the ``train`` block sets and a policy (or source.train, search.train) overrides.
-HYPER_KEYS = (
-    "epochs",
-    "batch_size",
-    "optimizer",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "schedule",
-    "warmup_epochs",
-    "label_smoothing",
-    "augment",
-    "cache_features",
-)
-# What a linear probe on fixed cached activations uses of them (no augmentation or caching).
-PROBE_HYPER_KEYS = HYPER_KEYS[:9]
-NAMED_INITS = ("scratch", "imagenet", "source")
-# Generic freeze depths of the search pool, mapped onto each backbone's stage table.
-FREEZE_DEPTHS = ("none", "early", "most")
+from tlselect.core.backbones import BACKBONES, NO_FREEZE
+from tlselect.core.settings import PROBE_HYPER_KEYS, freeze_stage, hyperparameters, init_label, resolve_init, weights_of
 
 
 @dataclass(frozen=True)
@@ -83,24 +63,6 @@ class RunSpec:
         return " ".join(flags)
 
 
-def resolve_init(config: dict, init: str) -> str:
-    """'pretrained' means the study's ``pretrained`` setting; the rest name themselves."""
-    return config["pretrained"] if init == "pretrained" else init
-
-
-def init_label(init: str) -> str:
-    """A resolved init as it appears in ids and folder names (a weights file by its stem)."""
-    return init if init in NAMED_INITS else "file-" + Path(init).stem.replace("_", "-")
-
-
-def hyperparameters(config: dict, overrides: dict, keys: tuple[str, ...] = HYPER_KEYS) -> dict:
-    """The ``train`` defaults, overridden key by key (by a policy, ``source.train`` or ``search.train``)."""
-    merged = {k: overrides.get(k, config["train"][k]) for k in keys}
-    if merged.get("batch_size") == "auto":
-        merged["batch_size"] = 0  # the trainer sizes it to the training images (tlselect.train.auto_batch_size)
-    return merged
-
-
 def _digest(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -126,11 +88,6 @@ def _run_id(config: dict, label: str, tag: str, settings: dict, **more) -> str:
 def _unnamed(settings: dict) -> dict:
     """Settings without ``kind`` and ``name``: what determines a run, not what it is called."""
     return {k: v for k, v in settings.items() if k not in ("kind", "name")}
-
-
-def weights_of(init: str, backbone: str) -> tuple[str, str] | None:
-    """The weights file a run with this init loads, as ``(init, backbone)``; None for scratch or a path."""
-    return (init, backbone) if init in ("source", "imagenet") else None
 
 
 def _model_settings(config: dict, backbone: str, init: str, freeze: str, resolution: int) -> dict:
@@ -209,19 +166,8 @@ def probe_runs(config: dict) -> dict[str, RunSpec]:
     return out
 
 
-def freeze_stage(backbone: str, depth: str) -> str:
-    """The stage that ``depth`` freezes through: early = the 2nd stage, most = the second-to-last."""
-    stages = BACKBONES[backbone].stage_names
-    return {"none": NO_FREEZE, "early": stages[1], "most": stages[-2]}[depth]
-
-
-def freeze_depth(backbone: str, stage: str) -> str:
-    """The generic depth whose :func:`freeze_stage` is ``stage`` (a recorded candidate's depth)."""
-    return next(d for d in FREEZE_DEPTHS if freeze_stage(backbone, d) == stage)
-
-
 def candidate_spec(config: dict, params: dict) -> RunSpec:
-    """The run spec of one point of the search space (:mod:`tlselect.space`): grid point or sample.
+    """The run spec of one point of the search space (:mod:`tlselect.search.space`): grid point or sample.
 
     A candidate's ``name`` is its id; the search rules set its epochs.
     """
@@ -239,7 +185,7 @@ def candidate_spec(config: dict, params: dict) -> RunSpec:
 
 def candidate_config(config: dict) -> dict:
     """The part of ``config`` that defines the search space and its candidates' specs: with it,
-    :func:`candidate_spec` and :meth:`tlselect.space.Space.from_config` give what they give with the
+    :func:`candidate_spec` and :meth:`tlselect.search.space.Space.from_config` give what they give with the
     whole config (a strategy's suggest job gets only this, so nothing else reruns it)."""
     space = ("backbones", "inits", "freezes", "lrs", "resolutions", "distributions", "train")
     return {
@@ -251,7 +197,7 @@ def candidate_config(config: dict) -> dict:
 
 def candidate_runs(config: dict) -> dict[str, RunSpec]:
     """``{candidate_id: spec}`` of the search pool: the grid of the search space (the ``search`` lists)."""
-    from tlselect.space import Space  # the space builds on this module's helpers
+    from tlselect.search.space import Space  # the space builds on this module's helpers
 
     specs = (candidate_spec(config, params) for params in Space.from_config(config).grid())
     return {spec.id: spec for spec in specs}
@@ -259,8 +205,8 @@ def candidate_runs(config: dict) -> dict[str, RunSpec]:
 
 def random_runs(config: dict) -> dict[str, RunSpec]:
     """``{candidate_id: spec}`` of random search: ``search.random_samples`` draws from the space's
-    distributions (:meth:`tlselect.space.Space.sample`, seeded with ``seed``), in draw order."""
-    from tlselect.space import Space
+    distributions (:meth:`tlselect.search.space.Space.sample`, seeded with ``seed``), in draw order."""
+    from tlselect.search.space import Space
 
     space, rng = Space.from_config(config), np.random.RandomState(config["seed"])
     specs = (candidate_spec(config, space.sample(rng)) for _ in range(config["search"]["random_samples"]))

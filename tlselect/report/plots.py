@@ -1,0 +1,210 @@
+"""Report figures (matplotlib, PNG), drawn from the aggregated tables only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from tlselect.core.backbones import backbone_spec  # noqa: E402
+from tlselect.core.files import atomic_path  # noqa: E402
+from tlselect.report.tables import pareto_front  # noqa: E402
+
+
+def accuracy_vs_time(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
+    """Validation accuracy against training time, one point per run, with the Pareto front."""
+    done = runs[runs["status"] == "completed"]
+    probes = done[done["kind"] == "probe"]
+    ax.scatter(probes["train_seconds"], probes["val_accuracy"], s=18, color="grey", label="layer probes", zorder=3)
+    for row in done[done["kind"] == "policy"].itertuples():
+        ax.scatter(row.train_seconds, row.val_accuracy, s=60, zorder=3)
+        ax.annotate(
+            row.name, (row.train_seconds, row.val_accuracy), textcoords="offset points", xytext=(5, 4), fontsize=8
+        )
+    front = pareto_front(runs)
+    ax.plot(front["train_seconds"], front["val_accuracy"], "k--", lw=1, label="Pareto front", zorder=2)
+    for row in runs[runs["status"] == "diverged"].itertuples():
+        ax.scatter(row.train_seconds, 0, marker="x", color="red", s=60, zorder=3)
+        ax.annotate(
+            f"{row.name} (diverged)",
+            (row.train_seconds, 0),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+            color="red",
+        )
+    ax.set_xscale("symlog", linthresh=1)
+    ax.margins(x=0.12, y=0.08)
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Accuracy vs training time")
+    ax.legend(loc="best")
+    ax.grid(alpha=0.3)
+
+
+def accuracy_by_policy(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
+    """Validation and test accuracy per policy (selection on validation; test reported)."""
+    ordered = runs[runs["kind"] == "policy"].sort_values("name")
+    positions = range(len(ordered))
+    val = ordered["val_accuracy"].fillna(0).astype(float)
+    test = ordered["test_accuracy"].fillna(0).astype(float)
+    ax.bar([p - 0.2 for p in positions], val, width=0.4, label="validation")
+    ax.bar([p + 0.2 for p in positions], test, width=0.4, label="test")
+    labels = [f"{r.name}\n({r.status})" if r.status != "completed" else r.name for r in ordered.itertuples()]
+    ax.set_xticks(list(positions), labels, rotation=20, ha="right")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("Accuracy per policy")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+
+
+def validation_curves(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
+    """Validation accuracy per epoch, one line per policy."""
+    policies = set(runs.loc[runs["kind"] == "policy", "name"])
+    for policy, group in curves[curves["name"].isin(policies)].groupby("name", sort=True):
+        ax.plot(group["epoch"], group["val_accuracy"], marker="o", ms=3, label=policy)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Validation curves")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def accuracy_by_layer(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
+    """Linear-probe validation accuracy per cached layer, one line per init (Yosinski et al.'s curve)."""
+    probes = runs[(runs["kind"] == "probe") & (runs["status"] == "completed")]
+    for (backbone, init), group in probes.groupby(["backbone", "init"], sort=True):
+        stages = backbone_spec(backbone).stage_names
+        group = group.sort_values("layer", key=lambda column: column.map(stages.index))
+        ax.plot(group["layer"], group["val_accuracy"], marker="o", label=f"init {init}")
+    ax.set_xlabel("layer (cached features, average-pooled)")
+    ax.set_ylabel("linear-probe validation accuracy")
+    ax.set_title("Which layer transfers: accuracy by layer")
+    if len(probes):
+        ax.legend()
+    ax.grid(alpha=0.3)
+
+
+def speedups(runs: pd.DataFrame, curves: pd.DataFrame, ax, optimizations: pd.DataFrame | None = None) -> None:
+    """Measured speedup of each optimization over its baseline, with the goal where there is one."""
+    if optimizations is None or optimizations.empty:
+        ax.text(0.5, 0.5, "no benchmark output", ha="center", va="center")
+        return
+    rows = optimizations.iloc[::-1]
+    positions = range(len(rows))
+    colors = ["tab:green" if m is True else "tab:red" if m is False else "tab:blue" for m in rows["meets_goal"]]
+    ax.barh(list(positions), rows["speedup"], color=colors)
+    for p, r in zip(positions, rows.itertuples(), strict=True):
+        ax.text(r.speedup, p, f" {r.speedup:.2f}x", va="center", fontsize=8)
+        if pd.notna(r.goal):
+            ax.plot([r.goal, r.goal], [p - 0.4, p + 0.4], "k:", lw=1)
+    ax.set_yticks(list(positions), [f"{r.suite}: {r.optimization}" for r in rows.itertuples()], fontsize=7)
+    ax.axvline(1, color="grey", lw=0.8)
+    ax.set_xlabel("speedup over its baseline (dotted: goal; green met, red not met)")
+    ax.set_title(f"Optimizations measured on {optimizations['device'].iloc[0]}")
+    ax.grid(axis="x", alpha=0.3)
+
+
+FIGURES = {
+    f.__name__: f for f in (accuracy_vs_time, accuracy_by_policy, validation_curves, accuracy_by_layer, speedups)
+}
+
+
+def draw(name: str, runs_csv: Path, curves_csv: Path, out: Path, optimizations_csv: Path | None = None) -> None:
+    """Draw figure ``name`` from the tables into ``out`` (PNG, written atomically)."""
+    runs = pd.read_csv(runs_csv)
+    curves = (
+        pd.read_csv(curves_csv)
+        if Path(curves_csv).stat().st_size > 1
+        else pd.DataFrame(columns=["name", "epoch", "val_accuracy"])
+    )
+    fig, ax = plt.subplots(figsize=(9, 4.5) if name == "speedups" else (7, 4.5), dpi=120)
+    if name == "speedups":
+        optimizations = pd.read_csv(optimizations_csv) if optimizations_csv else None
+        if optimizations is not None:
+            optimizations["meets_goal"] = optimizations["meets_goal"].map({True: True, False: False})
+        speedups(runs, curves, ax, optimizations)
+    else:
+        FIGURES[name](runs, curves, ax)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def search_compute(search: pd.DataFrame, ax) -> None:
+    """Chosen model's validation and test accuracy against the epochs each search method spent."""
+    for row in search.itertuples():
+        ax.scatter(row.epochs, row.val_accuracy, s=60, marker="o", zorder=3)
+        ax.scatter(row.epochs, row.test_accuracy, s=40, marker="x", color="black", zorder=3)
+        label = f"{row.method} ({row.epochs} ep, {row.wall_seconds:.0f} s)"
+        ax.annotate(label, (row.epochs, row.val_accuracy), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.margins(x=0.25, y=0.15)
+    ax.set_xlabel("compute spent (training epochs, all jobs)")
+    ax.set_ylabel("accuracy of the chosen model")
+    ax.set_title("Model search: accuracy vs compute (o validation, x test)")
+    ax.grid(alpha=0.3)
+
+
+def proxy_vs_finetune(proxies: pd.DataFrame, taus: pd.DataFrame | None, axes) -> None:
+    """Each proxy's score against the best fine-tuned validation accuracy, per (backbone, init)."""
+    tau = {} if taus is None else dict(zip(taus["proxy"], taus["weighted_kendall_tau"], strict=True))
+    for ax, proxy in zip(axes, ("logme", "knn_accuracy", "linear_probe_accuracy"), strict=True):
+        for row in proxies.itertuples():
+            ax.scatter(getattr(row, proxy), row.finetune_val_accuracy, s=40, zorder=3)
+            ax.annotate(
+                f"{row.backbone}/{row.init}",
+                (getattr(row, proxy), row.finetune_val_accuracy),
+                textcoords="offset points",
+                xytext=(4, 3),
+                fontsize=7,
+            )
+        value = tau.get(proxy)
+        ax.set_title(f"{proxy} (weighted tau {value:.2f})" if pd.notna(value) else proxy, fontsize=9)
+        ax.set_xlabel(proxy)
+        ax.margins(0.2)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("fine-tuned validation accuracy (best grid run)")
+
+
+def draw_search(name: str, table_csv: Path, out: Path, tau_csv: Path | None = None) -> None:
+    """Draw ``search_compute`` (from search.csv) or ``proxy_vs_finetune`` (proxies.csv, proxy_tau.csv)."""
+    table = pd.read_csv(table_csv)
+    if name == "search_compute":
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+        search_compute(table, ax)
+    else:
+        fig, axes = plt.subplots(1, 3, figsize=(12, 4), dpi=120, sharey=True)
+        proxy_vs_finetune(table, pd.read_csv(tau_csv) if tau_csv else None, axes)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def draw_replay(curve: pd.DataFrame, out: Path) -> None:
+    """Anytime regret of every replayed method: mean and 95% interval against the share of the grid's
+    compute, in epochs (left) and seconds (right); drawn where every seed has chosen a model."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120, sharey=True)
+    seeds = curve["seeds"].max()
+    for ax, axis in zip(axes, ("epochs", "seconds"), strict=True):
+        for method, rows in curve[(curve["axis"] == axis) & (curve["seeds"] == seeds)].groupby("method", sort=False):
+            line = ax.plot(rows["share"], rows["regret_points"], label=method)[0]
+            ax.fill_between(rows["share"], rows["ci95_low"], rows["ci95_high"], color=line.get_color(), alpha=0.2)
+        ax.set_xscale("log")
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel(f"share of the grid's compute ({axis})")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"mean regret (test points), {seeds} seeds")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Replayed model search on the grid's records: regret of the model chosen on validation")
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

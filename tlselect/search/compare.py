@@ -1,0 +1,69 @@
+"""The search comparison: for every method, the candidates it tried, the epochs and wall seconds it
+spent (from the records and Snakemake's benchmark files) and the model it chose.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlselect.core.registry import RegistryError, rank
+
+
+def job_cost(record: dict, first_epoch: int) -> tuple[int, float]:
+    """Epochs and training seconds a job spent itself: a continued run's first epochs came before."""
+    curves = record["curves"][first_epoch:]
+    return len(curves), sum(c["train_seconds"] for c in curves)
+
+
+def benchmark_seconds(path: str | Path) -> float:
+    """Wall seconds of a job from its Snakemake benchmark file (the ``s`` column of its last row)."""
+    try:
+        with Path(path).open() as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+        return float(rows[-1]["s"])
+    except (OSError, IndexError, KeyError, ValueError) as error:
+        raise RegistryError(f"cannot read the job's wall time from its benchmark file {path}: {error!r}") from error
+
+
+@dataclass
+class Job:
+    """One search job: its record, the epochs it continued from, its Snakemake benchmark file."""
+
+    record: dict
+    first_epoch: int
+    benchmark: str
+
+
+def compare(jobs: dict[str, list[Job]], finals: dict[str, list[dict]]) -> list[dict]:
+    """One row per method: compute spent and the chosen model (best validation accuracy of ``finals``).
+
+    ``jobs[method]`` are every job the method paid for; ``finals[method]`` the runs it chooses from
+    (the last rung of every bracket for SH and HB, every job's run for the others). Test accuracy
+    is reported.
+    """
+    rows = []
+    for method, method_jobs in jobs.items():
+        costs = [job_cost(j.record, j.first_epoch) for j in method_jobs]
+        chosen = rank(finals[method])[0]
+        rows.append(
+            {
+                "method": method,
+                "candidates": len({j.record["name"] for j in method_jobs}),
+                "jobs": len(method_jobs),
+                "epochs": sum(e for e, _ in costs),
+                "train_seconds": sum(s for _, s in costs),
+                "wall_seconds": sum(benchmark_seconds(j.benchmark) for j in method_jobs),
+                "chosen": chosen["name"],
+                "val_accuracy": chosen["metrics"]["val_accuracy"],
+                "test_accuracy": chosen["metrics"]["test_accuracy"],
+            }
+        )
+    grid = next((r for r in rows if r["method"] == "grid"), None)
+    for row in rows:
+        row["compute_share"] = row["epochs"] / grid["epochs"] if grid and grid["epochs"] else None
+        row["wall_share"] = row["wall_seconds"] / grid["wall_seconds"] if grid and grid["wall_seconds"] else None
+        gap = (row["test_accuracy"] or 0) - (grid["test_accuracy"] or 0) if grid else None
+        row["test_gap_points"] = None if gap is None else 100 * gap
+    return rows
