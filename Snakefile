@@ -14,6 +14,8 @@ include: "rules/speedups.smk"
 include: "rules/search.smk"
 include: "rules/mop.smk"
 include: "rules/report.smk"
+# After every rule: what this run does with what an earlier one left (rule all's corrupt files).
+include: "rules/recovery.smk"
 
 
 rule all:
@@ -25,4 +27,4 @@ rule all:
         expand("results/report/{report}.html", report=REPORTS),
         SEARCH_OUTPUTS.values(),
         MOP_OUTPUTS,
-        CORRUPT,
+        corrupt_files,

@@ -1,6 +1,9 @@
 # Data: fetch the image folder (download or archive), materialize the seeded subset as tensors.
 
 
+include: "inputs/data.smk"
+
+
 localrules:
     fetch_data,
     fetch_weights,

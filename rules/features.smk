@@ -1,6 +1,9 @@
 # Per-layer feature cache: each layer's activations from the previous layer's (probes: train.smk).
 
 
+include: "inputs/features.smk"
+
+
 rule extract_features:
     input:
         unpack(feature_inputs),
@@ -13,7 +16,7 @@ rule extract_features:
     wildcard_constraints:
         backbone=one_of(FEATURE_CHAINS),
         init=one_of(FEATURE_INITS),
-        layer=one_of(sorted({s for chain in FEATURE_CHAINS.values() for s in chain})),
+        layer=one_of(runs.cached_stages(FEATURE_CHAINS)),
     priority: STUDY_FIRST
     conda:
         "../envs/torch.yaml"

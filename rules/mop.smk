@@ -4,6 +4,9 @@
 # reads only its partition (plus validation and test). Every partition once per epoch.
 
 
+include: "inputs/mop.smk"
+
+
 rule mop_partitions:
     input:
         "results/data/train.pt",

@@ -1,6 +1,9 @@
 # Report: registry -> tables -> figures -> executed notebook (papermill) and its HTML.
 
 
+include: "inputs/report.smk"
+
+
 rule tables:
     input:
         unpack(lambda wildcards: study_records()),

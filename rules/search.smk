@@ -11,6 +11,9 @@
 # (tlselect.search.replay).
 
 
+include: "inputs/search.smk"
+
+
 localrules:
     search_promote,
 

@@ -1,6 +1,9 @@
 # Optimizations benchmark: each speedup measured as a ratio within one run (scripts/speedups.py).
 
 
+include: "inputs/speedups.smk"
+
+
 rule speedups:
     input:
         unpack(speedups_inputs),

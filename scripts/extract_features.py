@@ -9,21 +9,13 @@ fit --memory-mb.
 
 import argparse
 import sys
-import time
-from pathlib import Path
 
 from _cli import cli
 
 import torch
 
-from tlselect.data.tensors import load_split
-from tlselect.training.features import DTYPES, extract_range, open_features
+from tlselect.training.features import DTYPES, cache_layer
 from tlselect.training.gpus import assign
-from tlselect.training.loop import resolve_device
-from tlselect.training.models import StagedNet, initialize
-from tlselect.training.options import TrainingError
-
-SPLITS = ("train", "val", "test")
 
 
 @cli
@@ -49,29 +41,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    inputs_dir, out_dir = Path(args.inputs), Path(args.out)
     assign(args.gpus, args.device, per_device=args.gpu_jobs_per_device)
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
-    model = StagedNet(args.backbone, 2, args.resolution)
-    initialize(model, args.init, args.weights or None)
-    model.to(device)
-    stop = model.stage_index(args.layer) + 1
-    start = model.stage_index(args.from_layer) + 1 if args.from_layer else 0
-    if start >= stop:
-        raise TrainingError(f"--from-layer {args.from_layer} does not come before --layer {args.layer}")
-    for split in SPLITS:
-        t0 = time.perf_counter()
-        if start == 0:
-            inputs, _ = load_split(inputs_dir / f"{split}.pt")
-        else:
-            inputs = open_features(inputs_dir / f"{split}.npy")
-        shape = extract_range(model, inputs, start, stop, out_dir / f"{split}.npy", args.memory_mb, args.dtype, device)
-        print(
-            f"{args.layer} {split}: {len(inputs)} x {shape} ({args.dtype}) from "
-            f"{args.from_layer or 'images'} in {time.perf_counter() - t0:.1f}s",
-            flush=True,
-        )
+    cache_layer(
+        args.inputs, args.out, args.layer, args.from_layer, args.backbone, args.init, args.weights or None,
+        args.resolution, args.seed, args.dtype, args.memory_mb, args.device,
+    )  # fmt: skip
     return 0
 
 

@@ -14,13 +14,7 @@ from pathlib import Path
 
 from _cli import cli
 
-from tlselect.core.files import remove
-
-
-def stale_resume_files(results: Path, checkpoints: list[str]) -> list[Path]:
-    """Resume files under ``results`` that belong to none of ``checkpoints``."""
-    kept = {Path(c).with_suffix(".resume.pt") for c in checkpoints}
-    return sorted(p for p in results.rglob("*.resume.pt") if p not in kept)
+from tlselect.core.files import remove, stale_resume_files
 
 
 @cli

@@ -10,35 +10,19 @@ prepare_data.py weights --backbone resnet18 --out resources/weights/resnet18-ima
 
 import argparse
 import sys
-from pathlib import Path
 
 from _cli import cli
 
-from tlselect.core.files import save_torch, write_json
-from tlselect.data.fetch import extract_archive, fetch_cifar10
-from tlselect.data.folders import check_non_images, make_subset, scan_image_folder, source_task_files
-from tlselect.data.tensors import decode_splits, load_json, load_split, partition_split
+from tlselect.data.fetch import fetch_image_folder
+from tlselect.data.tensors import write_partitions, write_source_task, write_subset
 
 
 def fetch(args) -> None:
-    dest = Path(args.dest)
-    if args.archive:
-        print(f"extracting {args.archive} into {dest}", flush=True)
-        extract_archive(Path(args.archive), dest)
-    else:
-        print(f"downloading CIFAR-10 with torchvision into {dest}", flush=True)
-        fetch_cifar10(dest)
-    layout = scan_image_folder(dest)
-    counts = {split: sum(len(f) for f in classes.values()) for split, classes in layout.items()}
-    print(f"image folder ready: {len(layout['train'])} classes, {counts}", flush=True)
+    fetch_image_folder(args.dest, args.archive or None)
 
 
 def partition(args) -> None:
-    """Split one decoded split into len(--out) class-balanced partitions (model hopper parallelism)."""
-    decoded = dict(zip(("images", "labels"), load_split(Path(args.split)), strict=True))
-    for out, part in zip(args.out, partition_split(decoded, len(args.out), args.seed), strict=True):
-        print(f"partition {out}: {len(part['labels'])} images", flush=True)
-        save_torch(out, part)
+    write_partitions(args.split, args.out, args.seed)
 
 
 def weights(args) -> None:
@@ -48,55 +32,18 @@ def weights(args) -> None:
     print(f"ImageNet weights of {args.backbone} written to {args.out}", flush=True)
 
 
-def save_all(out: Path, tensors: dict, skipped: list[str]) -> None:
-    for split, decoded in tensors.items():
-        print(f"decoded {len(decoded['labels'])} {split} images", flush=True)
-        save_torch(out / f"{split}.pt", decoded)
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable or non-image file(s): {', '.join(skipped)}", flush=True)
-
-
 def subset(args) -> None:
-    root, out = Path(args.root), Path(args.out)
-    strays = check_non_images(root, args.skip_unreadable)
-    chosen, tensors, unreadable = decode_splits(
-        root,
-        lambda exclude: make_subset(
-            root, args.classes, args.train_per_class, args.val_per_class, args.test_per_class, args.seed, exclude
-        ),
-        args.image_size,
-        args.skip_unreadable,
-    )
-    skipped = sorted(strays + unreadable)
-    save_all(out, tensors, skipped)
-    chosen["skipped"] = {"skip_unreadable": args.skip_unreadable, "count": len(skipped), "files": skipped}
-    write_json(out / "subset.json", chosen)
+    write_subset(
+        args.root, args.out, args.classes, args.train_per_class, args.val_per_class, args.test_per_class,
+        args.image_size, args.seed, args.skip_unreadable,
+    )  # fmt: skip
 
 
 def source(args) -> None:
-    """The source task; it skips unreadable images when the target subset did (data.skip_unreadable)."""
-    root, out = Path(args.root), Path(args.out)
-    target = load_json(Path(args.subset))
-    classes = args.classes or target["classes"]
-    known = target.get("skipped", {})
-    skip = known.get("skip_unreadable", False)
-    sizes = (args.train_per_class, args.val_per_class, args.seed)
-
-    def pick(exclude):
-        return {"splits": source_task_files(target, root, classes, *sizes, known.get("files", []) + exclude)}
-
-    chosen, tensors, skipped = decode_splits(root, pick, args.image_size, skip)
-    save_all(out, tensors, skipped)
-    write_json(
-        out / "subset.json",
-        {
-            "seed": args.seed,
-            "classes": classes,
-            "source": target["source"],
-            "splits": chosen["splits"],
-            "skipped": {"skip_unreadable": skip, "count": len(skipped), "files": skipped},
-        },
-    )
+    write_source_task(
+        args.root, args.subset, args.out, args.classes, args.train_per_class, args.val_per_class, args.image_size,
+        args.seed,
+    )  # fmt: skip
 
 
 @cli

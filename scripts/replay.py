@@ -12,11 +12,9 @@ from pathlib import Path
 
 from _cli import cli
 
-import numpy as np
-
-from tlselect.core.files import atomic_path
 from tlselect.core.registry import read_record
 from tlselect.report.plots import draw_replay
+from tlselect.report.tables import write_csv
 from tlselect.search import replay
 
 
@@ -35,13 +33,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="replay.csv")
     parser.add_argument("--figure", required=True, help="the anytime figure (PNG)")
     args = parser.parse_args(argv)
-    rows = replay.table([read_record(path) for path in args.grid])
     settings = {k: getattr(args, k) for k in ("eta", "min_epochs", "max_epochs", "brackets", "q", "startup", "delta")}
-    shares = sorted({*np.geomspace(1 / 100, 1, 41), *replay.SHARES})
-    curve = replay.curves(rows, settings, args.seeds, shares)
-    table = curve[curve["share"].isin(replay.SHARES)]
-    with atomic_path(Path(args.out)) as tmp:
-        table.to_csv(tmp, index=False)
+    curve, table = replay.anytime([read_record(path) for path in args.grid], settings, args.seeds)
+    write_csv(table, args.out)
     draw_replay(curve, Path(args.figure))
     print(table.to_string(index=False))
     return 0

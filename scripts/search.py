@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Model search steps (tlselect.search, tlselect.search.proxies), one subcommand per workflow rule.
+"""Model search steps (tlselect.search.jobs), one subcommand per workflow rule.
 
   rank      rank a rung's records on validation accuracy
   promote   the next rung's promotion file: the top --keep of a rung's ranking
@@ -16,181 +16,60 @@ beside its record, in the same order.
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
 from _cli import cli
 
-import pandas as pd
-
-from tlselect.core.files import atomic_path, write_json
-from tlselect.core.registry import RegistryError, rank, read_record, write_record
-from tlselect.core.settings import init_label
-from tlselect.data.tensors import load_split
 from tlselect.report.plots import draw_search
-from tlselect.runs import RunSpec, candidate_spec
-from tlselect.search import brackets, compare, proxies, replay, strategies
-from tlselect.search.space import Space
-from tlselect.training.features import load_features
-from tlselect.training.gpus import assign
-from tlselect.training.options import TrainConfig, config_from_args
-from tlselect.training.trainer import train
+from tlselect.search import brackets, jobs
 
 
-def rank_rung(args) -> int:
-    records = {path: read_record(path) for path in args.records}
-    write_json(args.out, {"ranking": brackets.promote(records, len(records))})
+def rank(args) -> int:
+    jobs.rank_rung(args.records, args.out)
     return 0
 
 
 def promote(args) -> int:
-    print(brackets.write_promotion(args.ranking, args.keep, args.out))
+    print(jobs.promote(args.ranking, args.keep, args.out))
     return 0
 
 
 def continue_slot(args) -> int:
-    promoted = json.loads(Path(args.promoted).read_text())["slots"]
-    slot = promoted[args.slot]
-    previous = read_record(slot["record"])["config"]
-    config = TrainConfig(
-        **{
-            **previous,
-            "epochs": args.epochs,
-            "out": args.out,
-            "record": args.record,
-            "run_id": args.run_id,
-            "continue_from": slot["checkpoint"],
-            "keep_state": True,
-            "device": args.device,
-            "threads": args.threads,
-        }
-    )
-    assign(args.gpus, config.device, per_device=args.gpu_jobs_per_device)
-    record = train(config)
-    write_record(config.record, record)
+    jobs.continue_slot(
+        args.promoted, args.slot, args.epochs, args.out, args.record, args.run_id, device=args.device,
+        threads=args.threads, gpus=args.gpus, gpu_jobs_per_device=args.gpu_jobs_per_device,
+    )  # fmt: skip
     return 0
 
 
 def suggest(args) -> int:
-    """Rebuild the history from the earlier rounds' suggestion files and records; write this round's."""
-    context = json.loads(args.context)
-    records = {r["name"]: r for r in map(read_record, args.records)}
-    history = []
-    for path in args.suggested:
-        for trial in json.loads(Path(path).read_text())["trials"]:
-            if trial["candidate"] not in records:
-                raise RegistryError(f"{path} names {trial['candidate']}, but no record given is that run's")
-            record = records[trial["candidate"]]
-            seconds = sum(replay.table([record])[record["name"]].seconds)
-            history.append((trial["params"], record["metrics"]["val_accuracy"], seconds))
-    space = Space.from_config(context)
-    asked = strategies.suggest(args.method, space, history, args.round, args.q, context["seed"], args.delta)
-    trials = []
-    for slot, params in enumerate(asked):
-        spec = candidate_spec(context, params)
-        settings = {**spec.settings, "epochs": args.epochs}
-        trials.append({"slot": slot, "candidate": spec.id, "params": params, "settings": settings,
-                       "weights": spec.weights})  # fmt: skip
-    write_json(args.out, {"method": args.method, "round": args.round, "trials": trials})
+    trials = jobs.suggest(
+        args.method, args.round, args.q, args.epochs, json.loads(args.context), args.suggested, args.records,
+        args.out, delta=args.delta,
+    )  # fmt: skip
     print("\n".join(f"slot {t['slot']}: {t['candidate']}" for t in trials))
     return 0
 
 
 def trial(args, rest: list[str]) -> int:
-    """Train a suggested slot's candidate: its settings and weights file, then the rule's other flags."""
-    trials = json.loads(Path(args.suggested).read_text())["trials"]
-    if args.slot >= len(trials):
-        raise RegistryError(f"{args.suggested} holds {len(trials)} trials; there is no slot {args.slot}")
-    chosen = trials[args.slot]
-    flags = shlex.split(RunSpec(chosen["candidate"], chosen["settings"]).flags())
-    if chosen["weights"]:
-        files = {(init, backbone): path for init, backbone, path in args.init_weights}
-        flags += ["--weights", files[tuple(chosen["weights"])]]
-    config = config_from_args(flags + rest)
-    assign(args.gpus, config.device, per_device=args.gpu_jobs_per_device)
-    write_record(config.record, train(config))
+    jobs.trial(args.suggested, args.slot, args.init_weights, rest, args.gpus, args.gpu_jobs_per_device)
     return 0
 
 
-def proxy_scores(args) -> int:
-    """Rows per feature folder (<root>/<backbone>/<init>/<layer>), with fine-tuned grid accuracy."""
-    grid = [read_record(path) for path in args.grid]
-    labels = {split: load_split(Path(args.data) / f"{split}.pt")[1].numpy() for split in ("train", "val")}
-    rows = []
-    for folder in map(Path, args.features):
-        layer, init, backbone = folder.parts[-1], folder.parts[-2], folder.parts[-3]
-        x = {split: load_features(folder / f"{split}.npy", args.pool).flatten(1).numpy() for split in labels}
-        runs = [r for r in grid if r["config"]["backbone"] == backbone and init_label(r["config"]["init"]) == init]
-        best = rank(runs)[0] if runs else None
-        rows.append(
-            {
-                "backbone": backbone,
-                "init": init,
-                "layer": layer,
-                "logme": proxies.logme(x["train"], labels["train"]),
-                "knn_accuracy": proxies.knn_accuracy(
-                    x["train"], labels["train"], x["val"], labels["val"], args.neighbors
-                ),
-                "linear_probe_accuracy": proxies.linear_probe_accuracy(
-                    x["train"], labels["train"], x["val"], labels["val"]
-                ),
-                "finetune_val_accuracy": best["metrics"]["val_accuracy"] if best else None,
-                "finetune_candidate": best["name"] if best else "",
-            }
-        )
-    table = pd.DataFrame(rows)
-    taus = pd.DataFrame(
-        [
-            {
-                "proxy": proxy,
-                "weighted_kendall_tau": proxies.weighted_tau(table[proxy], table["finetune_val_accuracy"]),
-                "top_by_proxy": _top(table, proxy),
-                "top_by_finetune": _top(table, "finetune_val_accuracy"),
-            }
-            for proxy in ("logme", "knn_accuracy", "linear_probe_accuracy")
-        ]
+def proxies(args) -> int:
+    table, taus = jobs.write_proxies(
+        args.features, args.data, args.grid, args.out, args.tau_out, args.pool, args.neighbors
     )
-    for frame, name in ((table, args.out), (taus, args.tau_out)):
-        with atomic_path(Path(name)) as tmp:
-            frame.to_csv(tmp, index=False)
     print(table.to_string(index=False), taus.to_string(index=False), sep="\n\n")
     return 0
 
 
-def _top(table: pd.DataFrame, column: str) -> str:
-    valid = table.dropna(subset=[column])
-    if valid.empty:
-        return ""
-    row = valid.loc[valid[column].astype(float).idxmax()]
-    return f"{row['backbone']}/{row['init']}/{row['layer']}"
-
-
-def _jobs(paths: list[str], benchmarks: list[str]) -> list[compare.Job]:
-    """Each record with the epochs it continued from (those came before) and its benchmark file."""
-    if len(paths) != len(benchmarks):
-        raise RegistryError(f"{len(paths)} records but {len(benchmarks)} benchmark files: give one per record")
-    jobs = []
-    for path, benchmark in zip(paths, benchmarks, strict=True):
-        record = read_record(path)
-        first = 0
-        if record.get("continued_from"):
-            first = read_record(Path(record["continued_from"]).with_suffix(".json"))["config"]["epochs"]
-        jobs.append(compare.Job(record, first, benchmark))
-    return jobs
-
-
 def compare(args) -> int:
-    jobs, finals = {}, {}
-    for method in brackets.METHODS:
-        method_jobs = _jobs(getattr(args, method), getattr(args, f"{method}_benchmarks"))
-        if method_jobs:
-            jobs[method] = method_jobs
-            final = getattr(args, f"{method}_final", None)
-            finals[method] = [read_record(p) for p in final] if final else [j.record for j in method_jobs]
-    table = pd.DataFrame(compare.compare(jobs, finals))
-    with atomic_path(Path(args.out)) as tmp:
-        table.to_csv(tmp, index=False)
+    records = {method: getattr(args, method) for method in brackets.METHODS}
+    benchmarks = {method: getattr(args, f"{method}_benchmarks") for method in brackets.METHODS}
+    finals = {method: getattr(args, f"{method}_final") for method in ("sh", "hb")}
+    table = jobs.compare_methods(records, benchmarks, finals, args.out)
     print(table.to_string(index=False))
     return 0
 
@@ -208,7 +87,7 @@ def main(argv=None) -> int:
     p = commands.add_parser("rank", help="rank a rung's records on validation accuracy (the next rung keeps the top)")
     p.add_argument("records", nargs="+", help="the rung's records (checkpoints: same path, .pt)")
     p.add_argument("--out", required=True, help="ranking file (JSON)")
-    p.set_defaults(run=rank_rung)
+    p.set_defaults(run=rank)
 
     p = commands.add_parser("promote", help="the next rung's promotion file: the top --keep of a ranking file")
     p.add_argument("ranking", help="the previous rung's ranking file (rank's output)")
@@ -260,7 +139,7 @@ def main(argv=None) -> int:
     p.add_argument("--neighbors", type=int, default=5)
     p.add_argument("--out", required=True, help="proxies.csv")
     p.add_argument("--tau-out", required=True, help="proxy_tau.csv (weighted Kendall tau per proxy)")
-    p.set_defaults(run=proxy_scores)
+    p.set_defaults(run=proxies)
 
     p = commands.add_parser("compare", help="search.csv: one row per method")
     for method in brackets.METHODS:

@@ -8,18 +8,15 @@ and ``features`` (staged per-layer cache vs recomputing from pixels). Prints a t
 
 import argparse
 import sys
-import time
 
 from _cli import cli
 
 import torch
 
 from tlselect.core.files import write_json
+from tlselect.training import speedups
 from tlselect.training.gpus import assign
-from tlselect.training.loop import resolve_device
 from tlselect.training.options import TrainConfig
-from tlselect.training.speedups import features_suite, jobs_suite, training_suite
-from tlselect.training.trainer import hardware, versions
 
 
 @cli
@@ -64,26 +61,9 @@ def main(argv=None) -> int:
         plans=args.plans,
         auto=args.auto,
     )
-    start = time.perf_counter()
-    rows = []
-    if "training" in args.suites:
-        rows += training_suite(base, args.accuracy_epochs)
-    if "features" in args.suites:
-        rows += features_suite(base, args.layers, args.epochs)
-    if "jobs" in args.suites:
-        rows += jobs_suite(base)
-    device = resolve_device(args.device)
-    print(f"\nOptimizations on {hardware().get('cuda_device', hardware()['processor'] or 'CPU')} ({device}):")
-    for r in rows:
-        goal = "" if r["goal"] is None else f"  goal >= {r['goal']} {'met' if r['meets_goal'] else 'NOT met'}"
-        print(f"  {r['speedup']:6.2f}x  {r['optimization']}  (vs {r['baseline']}){goal}")
-        if r["note"]:
-            print(f"           {r['note']}")
-    write_json(
-        args.out,
-        {"rows": rows, "device": str(device), "hardware": hardware(), "versions": versions(),
-         "seconds": time.perf_counter() - start},
-    )  # fmt: skip
+    result = speedups.measure(base, args.suites, args.accuracy_epochs, args.layers, args.epochs)
+    print(speedups.summary(result))
+    write_json(args.out, result)
     return 0
 
 

@@ -3,20 +3,11 @@
 and/or the optimizations benchmark's JSON into its table."""
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from _cli import cli
 
-from tlselect.core.files import atomic_path
-from tlselect.core.registry import read_record
 from tlselect.report import tables
-
-
-def write_csv(frame, path: str) -> None:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
 
 
 @cli
@@ -38,23 +29,13 @@ def main(argv=None) -> int:
     if args.optimizations:
         if not args.optimizations_table:
             parser.error("--optimizations needs --optimizations-table")
-        table = tables.optimizations_table(json.loads(Path(args.optimizations).read_text()))
-        write_csv(table, args.optimizations_table)
+        table = tables.write_optimizations_table(args.optimizations, args.optimizations_table)
         print(table.to_string(index=False))
-    if not args.records:
-        return 0
-    records = tables.load_records(args.records)
-    source = read_record(args.source_record) if args.source_record else None
-    table = tables.runs_table(records)
-    write_csv(table, args.runs)
-    write_csv(tables.curves_table(records), args.curves)
-    plans = tables.plan_table([*records, *([source] if source else [])])
-    write_csv(plans, args.plans)
-    source_seconds = source["timings"]["wall_seconds"] if source else None
-    summary = tables.summary_markdown(table, source_seconds, tables.plan_summary(plans))
-    with atomic_path(args.summary) as tmp:
-        tmp.write_text(summary)
-    print(summary)
+    if args.records:
+        summary = tables.write_study_tables(
+            args.records, args.runs, args.curves, args.summary, args.plans, args.source_record or None
+        )
+        print(summary)
     return 0
 
 

@@ -1,8 +1,8 @@
-"""Shared fixtures: tiny image-folder archives and decoded tensors the tests generate themselves."""
+"""Shared fixtures (tiny image-folder archives, decoded tensors, the default config, the tiny study
+run end to end) and the tiers' marks. Shared functions and constants live in ``helpers.py``."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tarfile
@@ -10,46 +10,58 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from helpers import (  # noqa: F401 (tests import these from helpers or here)
+    PINNED_PLAN,
+    REPO,
+    default_config,
+    snakemake,
+    strict_json,
+    tiny_data,
+    tiny_study,
+    write_image_folder,
+    write_study,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CLASSES = ("cat", "dog", "frog")
-# Workflow tests pin the execution plan (no calibration per test); tests/test_workflow.py's study measures it.
-PINNED_PLAN = {"precision": "float32", "channels_last": False, "threads": "all", "compile": False,
-               "eval_batch_size": 64}  # fmt: skip
+# ---------------------------------------------------------------------------------------------
+# Tiers: each test's marks come from its folder (and, under cluster/, its file), so that
+# `pytest tests/unit` and `pytest -m "not workflow and not slurm and not browser"` select the same tests.
+
+TESTS = Path(__file__).resolve().parent
+TIER_MARKS = {
+    "unit": (),
+    "workflow": ("workflow",),
+    "cluster/test_slurm.py": ("slurm",),
+    "cluster/test_report_browser.py": ("browser",),
+}
 
 
-def write_image_folder(root: Path, classes=CLASSES, train: int = 12, test: int = 6, size: int = 32) -> Path:
-    """An image folder whose classes differ in mean colour (learnable), JPEG and PNG mixed."""
-    generator = torch.Generator().manual_seed(0)
-    for split, count in (("train", train), ("test", test)):
-        for label, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                base = torch.zeros(3, size, size)
-                base[label % 3] = 160
-                noise = torch.randint(0, 90, (3, size, size), generator=generator)
-                pixels = (base + noise).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-                suffix = ".png" if i % 2 else ".jpg"
-                Image.fromarray(pixels).save(folder / f"{i:04d}{suffix}")
-    return root
+def tier_marks(path: Path) -> tuple[str, ...]:
+    """The marks of the tests in ``path``: those of its file's entry in TIER_MARKS, else of its folder's."""
+    relative = path.resolve().relative_to(TESTS)
+    for key in (relative.as_posix(), relative.parts[0]):
+        if key in TIER_MARKS:
+            return TIER_MARKS[key]
+    raise pytest.UsageError(
+        f"tests/{relative}: not in a tier; put it under tests/unit/ or tests/workflow/, or name it in "
+        "TIER_MARKS in tests/conftest.py"
+    )
 
 
-def tiny_data(archive: Path) -> dict:
-    """The ``data`` block of a tiny study over :func:`tiny_archive` (8 train, 2 val, 4 test per class)."""
-    return {"archive": str(archive), "name": "tiny", "train_per_class": 8, "val_per_class": 2, "test_per_class": 4}
+def pytest_collection_modifyitems(config, items):
+    tiers = {name for marks in TIER_MARKS.values() for name in marks}
+    for item in items:
+        marks = tier_marks(item.path)
+        stray = {mark.name for mark in item.iter_markers()} & tiers - set(marks)
+        if stray:
+            raise pytest.UsageError(f"{item.nodeid}: marked {sorted(stray)} by hand; tiers are marked by folder")
+        for name in marks:
+            item.add_marker(getattr(pytest.mark, name))
 
 
-def strict_json(path: Path):
-    """Parse a JSON file as strict parsers do: NaN and Infinity are errors, not numbers."""
-
-    def refuse(constant):
-        raise ValueError(f"{path} holds {constant}, which is not JSON")
-
-    return json.loads(Path(path).read_text(), parse_constant=refuse)
+# ---------------------------------------------------------------------------------------------
+# Data
 
 
 @pytest.fixture
@@ -80,6 +92,34 @@ def tensor_data(tmp_path) -> Path:
         images[:, 0] = (labels[:, None, None] * 60).to(torch.uint8)  # a learnable signal
         torch.save({"images": images, "labels": labels}, out / f"{split}.pt")
     return out
+
+
+@pytest.fixture
+def config() -> dict:
+    """The repository's config.yaml as written (no schema defaults filled in), a fresh copy per test."""
+    return default_config(validated=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny study, run end to end (workflow and browser tiers)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, tiny_archive) -> Path:
+    """The working folder of a tiny study run by snakemake: every policy, the source model, probes of
+    two layers from two inits, the speedups benchmark, the plan measured (not pinned)."""
+    workdir = tmp_path_factory.mktemp("study")
+    overlay = tiny_study(
+        tiny_archive,
+        source_epochs=1,
+        plan=None,
+        features={"layers": ["layer2", "layer4"], "inits": ["pretrained", "scratch"], "probe": {"epochs": 2}},
+        speedups={"enabled": True, "epochs": 1, "accuracy_epochs": 1},
+        search={"enabled": False},  # off by default; tests/workflow/test_search_workflow.py runs it
+    )
+    write_study(workdir, overlay)
+    snakemake(workdir)
+    return workdir
 
 
 @pytest.fixture(autouse=True)

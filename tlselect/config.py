@@ -1,13 +1,15 @@
 """Workflow configuration: the checks beyond the JSON schema, before any job runs.
 
-``rules/common.smk`` validates ``config.yaml`` against ``schemas/config.schema.yaml`` (which also
-fills in defaults), then calls :func:`check`; the runs themselves come from :mod:`tlselect.runs`.
+``rules/common.smk`` calls :func:`load_and_check`: it validates ``config.yaml`` against
+``schemas/config.schema.yaml`` (which also fills in defaults), then calls :func:`check`; the runs
+themselves come from :mod:`tlselect.runs`.
 Plain Python without torch, so it is testable without Snakemake and quick to import.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -69,6 +71,29 @@ def coerce_cli_values(config: dict, schema: dict) -> dict:
     return walk(config, schema)
 
 
+def load_and_check(config: dict, schema_path: str | Path, validate: Callable[[dict, str], None]) -> dict:
+    """Check the workflow's ``config`` before any job runs, in place: the one call of ``rules/common.smk``.
+
+    In order: type the strings of ``--config`` values (:func:`coerce_cli_values`), refuse keys of
+    earlier versions (:func:`check_renamed`), validate against the schema at ``schema_path`` with
+    ``validate`` (Snakemake's ``snakemake.utils.validate``, which also fills in the defaults), then
+    :func:`check` and the model search's :func:`tlselect.search.brackets.check`. A problem these
+    checks find raises :class:`ConfigError` ``invalid configuration: <key>: <what to fix>``; a schema
+    violation raises what ``validate`` raises. Returns ``config``.
+    """
+    from tlselect.search import brackets  # it imports this module
+
+    coerce_cli_values(config, yaml.safe_load(Path(schema_path).read_text()))  # --config 'search={enabled: true}'
+    try:
+        check_renamed(config)
+        validate(config, str(schema_path))
+        check(config)
+        brackets.check(config)
+    except ConfigError as error:
+        raise ConfigError(f"invalid configuration: {error}") from None
+    return config
+
+
 def merged(base: dict, overlay: dict) -> dict:
     """Snakemake's merge of config files: nested dicts merge key by key, everything else replaces."""
     out = copy.deepcopy(base)
@@ -112,6 +137,35 @@ def plan_flags(config: dict) -> str:
     else:
         auto.append("eval_batch_size")
     return " ".join(flags + ([f"--auto {','.join(auto)}"] if auto else []))
+
+
+def recalibration_flags(config: dict) -> str:
+    """scripts/calibrate.py's workload flags: the study's backbone, resolution, and the ``train``
+    defaults' batch size (0: sized to the training images) and epochs (the job a compile is spread over)."""
+    hyper = hyperparameters(config, {})
+    return (
+        f"--backbone {config['backbone']} --resolution {config['resolution']} "
+        f"--batch-size {hyper['batch_size']} --epochs {hyper['epochs']}"
+    )
+
+
+def speedups_flags(config: dict, data: str, plans: str, weights: str = "") -> str:
+    """scripts/speedups.py's flags for the ``speedups`` block: its suites and epochs, the study's
+    pretrained init, probed layers (``features.layers``, else ResNet's four), batch size and learning
+    rate; ``data``: the decoded subset's folder, ``plans``: the plans folder, ``weights``: the
+    init's weights file, if it has one."""
+    bench = config["speedups"]
+    args = (
+        f"--suites {' '.join(bench['suites'])} --epochs {bench['epochs']} "
+        f"--accuracy-epochs {bench['accuracy_epochs']} --init {config['pretrained']} "
+        f"--layers {' '.join(config['features']['layers'] or ['layer1', 'layer2', 'layer3', 'layer4'])} "
+        f"--batch-size {hyperparameters(config, {})['batch_size']} --lr {config['train']['lr']} "
+        f"--data {data} --plans {plans} "
+        "--auto precision,channels_last,threads,eval_batch_size"
+    )
+    if weights:
+        args += f" --weights {weights}"
+    return args + (" --compile" if bench["compile"] else "")
 
 
 def check_init(key: str, init: str) -> None:

@@ -253,6 +253,19 @@ def feature_chains(config: dict) -> dict[str, list[str]]:
     return chains
 
 
+def previous_stage(chains: dict[str, list[str]], backbone: str, layer: str) -> str | None:
+    """The cached stage ``layer`` of ``backbone`` is extracted from: the one before it in its
+    :func:`feature_chains` chain, or None for the chain's first (extracted from the decoded images)."""
+    chain = chains[backbone]
+    index = chain.index(layer)
+    return chain[index - 1] if index else None
+
+
+def cached_stages(chains: dict[str, list[str]]) -> list[str]:
+    """Every stage name some :func:`feature_chains` chain caches, sorted."""
+    return sorted({stage for chain in chains.values() for stage in chain})
+
+
 def cached_inits(config: dict) -> dict[str, str]:
     """``{label: init}`` whose features are cached: the probes' inits and the searched ones."""
     inits = feature_inits(config)

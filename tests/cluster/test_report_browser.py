@@ -20,13 +20,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import test_workflow
+from helpers import snakemake
 from PIL import Image
-from test_workflow import snakemake
 
-pytestmark = pytest.mark.workflow
-
-study = test_workflow.study  # the workflow tests' tiny study: every policy, source model, probes, benchmark
+# The fixture ``study`` (conftest.py) is the workflow tests' tiny study: every policy, source model, probes, benchmark.
 
 # Collects the page's own script errors, from the top of <head> on.
 ERRORS = '<script>window.pageErrors = []; window.addEventListener("error", (e) => pageErrors.push(e.message));</script>'

@@ -8,23 +8,21 @@ is retried with twice the memory and succeeds; a job SLURM cancels leaves no out
 Skipped when no SLURM answers, unless TLSELECT_REQUIRE_SLURM=1 (CI), which turns that into a failure.
 """
 
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
-from conftest import PINNED_PLAN, REPO, tiny_data
-
-pytestmark = pytest.mark.slurm
+from helpers import REPO, default_config, snakemake_command, start_snakemake, tiny_study, write_study
 
 PROFILE = REPO / "profiles/slurm"
+STUDY_TARGET = "results/tables/runs.csv"  # the study's table, of the repository's workflow on config.yaml and tiny.yaml
 LIMIT_S = 300  # a hung run is killed (SIGKILL: on SIGTERM Snakemake waits for its running jobs)
 
 
@@ -53,12 +51,11 @@ def cluster():
         pytest.skip(message)
 
 
-def snakemake(workdir: Path, *args: str, background: bool = False):
-    """Run snakemake in ``workdir`` under a hard time limit; output goes to ``workdir/snakemake.out``."""
-    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
-    command = ["timeout", "-s", "KILL", str(LIMIT_S), sys.executable, "-m", "snakemake", *args]
-    with open(workdir / "snakemake.out", "w") as out:  # the child keeps its own copy of the file
-        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+def snakemake_under_limit(workdir: Path, *args: str, background: bool = False, cores: int | None = None, **how):
+    """Run snakemake in ``workdir`` (``cores``, ``how``: see helpers.snakemake_command; no --cores by
+    default, the profile sets the jobs) under a hard time limit; output goes to ``workdir/snakemake.out``."""
+    command = ["timeout", "-s", "KILL", str(LIMIT_S), *snakemake_command(workdir, *args, cores=cores, **how)]
+    process = start_snakemake(command, workdir, workdir / "snakemake.out")
     return process if background else finish(process, workdir)
 
 
@@ -108,42 +105,31 @@ def rule_of(job: dict[str, str]) -> str:
     return job["comment"].removeprefix("rule_").split("_wildcards_")[0]
 
 
-def study_args(workdir: Path) -> list[str]:
-    return [
-        "results/tables/runs.csv", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--configfile", str(REPO / "config.yaml"), str(workdir / "tiny.yaml"),
-    ]  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory, tiny_archive):
     """The same tiny study (device cpu, one thread per job, seed 0) run through SLURM and locally."""
     # One policy and one probe: at most two jobs are ready at once, as many as the test node has CPUs.
-    policies = yaml.safe_load((REPO / "config.yaml").read_text())["policies"]
-    policies = [policy for policy in policies if policy["name"] == "finetune"]
-    tiny = {
-        "data": tiny_data(tiny_archive),
-        "pretrained": "source",
-        "device": "cpu",
-        "threads": 1,
-        "source": {"train_per_class": 4, "val_per_class": 1, "train": {"epochs": 1}},
-        "train": {"epochs": 2, "batch_size": 8},
-        "plan": PINNED_PLAN,
-        "policies": policies,
-        "features": {"layers": ["stem"], "inits": ["scratch"], "probe": {"epochs": 2}},
-    }  # fmt: skip
+    policies = [policy for policy in default_config(validated=False)["policies"] if policy["name"] == "finetune"]
+    tiny = tiny_study(
+        tiny_archive,
+        source_epochs=1,
+        device="cpu",
+        train={"epochs": 2, "batch_size": 8},
+        policies=policies,
+        features={"layers": ["stem"], "inits": ["scratch"], "probe": {"epochs": 2}},
+    )
     workdirs = {}
     for name in ("slurm", "local"):
         workdirs[name] = tmp_path_factory.mktemp(f"study-{name}")
-        (workdirs[name] / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+        write_study(workdirs[name], tiny)
 
     start = time.monotonic()
     # the README's command; pretrain_source also asks SLURM for the (fake) GPU, as on a GPU partition
-    slurm = snakemake(
-        workdirs["slurm"], *study_args(workdirs["slurm"]), "--profile", str(PROFILE),
-        "--set-resources", "pretrain_source:gpu=1", background=True,
+    slurm = snakemake_under_limit(
+        workdirs["slurm"], STUDY_TARGET, "--profile", str(PROFILE), "--set-resources", "pretrain_source:gpu=1",
+        background=True,
     )  # fmt: skip
-    local_rc, local_out = snakemake(workdirs["local"], *study_args(workdirs["local"]), "--cores", "2")
+    local_rc, local_out = snakemake_under_limit(workdirs["local"], STUDY_TARGET, cores=2)
     slurm_rc, slurm_out = finish(slurm, workdirs["slurm"])
     print(f"local and SLURM studies took {time.monotonic() - start:.0f}s")
     assert local_rc == 0, f"local run failed:\n{local_out[-5000:]}"
@@ -188,8 +174,8 @@ def test_killed_snakemake_cancelled_jobs_and_the_same_command_give_the_same_tabl
     whole_node = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0]
     # feature extraction takes the whole node, so it and the source subset cannot run at once: one waits
     extract = f"extract_features:cpus_per_task={whole_node}"
-    command = [*study_args(tmp_path), "--profile", str(PROFILE), "--set-resources", extract]
-    run = snakemake(tmp_path, *command, background=True)
+    command = [STUDY_TARGET, "--profile", str(PROFILE), "--set-resources", extract]
+    run = snakemake_under_limit(tmp_path, *command, background=True)
     deadline = time.monotonic() + LIMIT_S
     jobs = []
     while {"RUNNING", "PENDING"} - {job["state"] for job in jobs}:
@@ -207,15 +193,80 @@ def test_killed_snakemake_cancelled_jobs_and_the_same_command_give_the_same_tabl
     subprocess.run(["scancel", "--name", run_id.group(1)], check=True)
     killed_output = (tmp_path / "snakemake.out").read_text()
 
-    returncode, output = snakemake(tmp_path, *command, "--unlock")
+    returncode, output = snakemake_under_limit(tmp_path, *command, "--unlock")
     assert returncode == 0, output
-    returncode, output = snakemake(tmp_path, *command)
+    returncode, output = snakemake_under_limit(tmp_path, *command)
     assert returncode == 0, output[-8000:]
     print(f"in flight when snakemake was killed: {[(rule_of(job), job['state']) for job in in_flight]}")
     resubmitted = {rule_of(job) for job in slurm_jobs(slurm_job_ids(output))}
     assert {rule_of(job) for job in in_flight} <= resubmitted
     assert not set(slurm_job_ids(output)) & set(slurm_job_ids(killed_output))
     assert_same_tables(tmp_path, studies["local"][0])
+
+
+STUDY_RULES = {"subset", "source_data", "pretrain_source", "train", "extract_features", "probe", "tables"}
+
+
+def test_killed_snakemake_whose_jobs_go_on_the_same_command_waits_for_them_and_keeps_their_results(
+    tmp_path, tiny_archive
+):
+    # Snakemake dies (SIGKILL) while its SLURM jobs run and nobody cancels them: they finish. The same
+    # command (after --unlock) waits for those still running and keeps what they wrote: each of the
+    # study's jobs is submitted once over both runs.
+    policies = [policy for policy in default_config(validated=False)["policies"] if policy["name"] == "finetune"]
+    study = tiny_study(
+        tiny_archive,
+        source_epochs=1,
+        device="cpu",
+        train={"epochs": 30, "batch_size": 8},  # the policy's job outlasts the kill, the unlock and the restart
+        policies=policies,
+        features={"layers": ["stem"], "inits": ["scratch"], "probe": {"epochs": 2}},
+    )
+    write_study(tmp_path, study)
+    command = [STUDY_TARGET, "--profile", str(PROFILE)]
+    run = snakemake_under_limit(tmp_path, *command, background=True)
+    deadline = time.monotonic() + LIMIT_S
+    train = None
+    while train is None:
+        assert run.poll() is None, f"the run ended before its training job ran:\n{finish(run, tmp_path)[1][-5000:]}"
+        assert time.monotonic() < deadline, "the policy's training job never ran"
+        time.sleep(0.2)
+        run_id = re.search(r"SLURM run ID: (\S+)", (tmp_path / "snakemake.out").read_text())
+        jobs = slurm_jobs_named(run_id.group(1)) if run_id else []
+        train = next((job for job in jobs if rule_of(job) == "train" and job["state"] == "RUNNING"), None)
+    os.killpg(run.pid, signal.SIGKILL)  # snakemake dies; its jobs go on (nothing cancels them)
+    run.wait()
+    killed_output = (tmp_path / "snakemake.out").read_text()
+    in_flight = [job for job in slurm_jobs_named(run_id.group(1)) if job["state"] in ("RUNNING", "PENDING")]
+    assert train["id"] in {job["id"] for job in in_flight}, "the training job ended before snakemake was killed"
+
+    returncode, output = snakemake_under_limit(tmp_path, *command, "--unlock")
+    assert returncode == 0, output
+    assert "still pending or running" not in output  # --unlock finds the lock and waits for nothing
+    rerun = snakemake_under_limit(tmp_path, *command, background=True)
+    # Once the wait is over, the policy's checkpoint and record are those the killed run's job wrote.
+    run_id_of_policy = train["comment"].split("_wildcards_")[1]
+    checkpoint = tmp_path / f"results/models/{run_id_of_policy}.pt"
+    record = tmp_path / f"results/registry/{run_id_of_policy}.json"
+    while "the earlier run's SLURM jobs have ended" not in (tmp_path / "snakemake.out").read_text():
+        assert rerun.poll() is None, f"the run did not wait for the killed run's jobs:\n{finish(rerun, tmp_path)[1]}"
+        time.sleep(0.2)
+    written = (checkpoint.stat().st_ino, checkpoint.stat().st_mtime_ns, record.read_bytes())
+    returncode, output = finish(rerun, tmp_path)
+    assert returncode == 0, output[-8000:]
+
+    print(f"in flight when snakemake was killed: {[(rule_of(job), job['state']) for job in in_flight]}")
+    for job in in_flight:
+        assert f"SLURM job {job['id']} rule {rule_of(job)}" in output  # waited for, by name
+    assert {job["state"] for job in slurm_jobs([job["id"] for job in in_flight])} == {"COMPLETED"}
+    submitted = slurm_jobs(slurm_job_ids(killed_output)) + slurm_jobs(slurm_job_ids(output))
+    comments = [job["comment"] for job in submitted]  # rule and wildcards: one per job of the DAG
+    assert len(comments) == len(set(comments)), f"a job was submitted twice: {sorted(comments)}"
+    assert {rule_of(job) for job in submitted} == STUDY_RULES
+    assert not {job["comment"] for job in in_flight} & {job["comment"] for job in slurm_jobs(slurm_job_ids(output))}
+    assert (checkpoint.stat().st_ino, checkpoint.stat().st_mtime_ns, record.read_bytes()) == written
+    assert json.loads(record.read_text())["resumed_from_epoch"] is None  # trained once, in the killed run's job
+    assert "finetune" in pd.read_csv(tmp_path / STUDY_TARGET)["name"].tolist()
 
 
 NEEDS_MEMORY = '''"""Stand-in for a job that needs more memory than its first attempt gets.
@@ -264,7 +315,9 @@ rule killed:
 def test_failed_job_is_retried_with_more_memory_and_a_cancelled_job_leaves_no_output(tmp_path):
     (tmp_path / "Snakefile").write_text(FAILING_WORKFLOW)
     (tmp_path / "needs_memory.py").write_text(NEEDS_MEMORY)
-    run = snakemake(tmp_path, "--profile", str(PROFILE), "--keep-going", background=True)
+    run = snakemake_under_limit(  # the throwaway workflow of tmp_path, not the repository's
+        tmp_path, "--profile", str(PROFILE), "--keep-going", background=True, snakefile=None, configfiles=()
+    )
     killed = tmp_path / "killed.txt"
     deadline = time.monotonic() + 120
     while not (killed.is_file() and killed.read_text().strip()) and run.poll() is None:

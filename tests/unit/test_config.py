@@ -1,27 +1,17 @@
 """Config: the schema fills defaults and names bad keys; the semantic checks name the key."""
 
-import copy
-
 import pytest
 import yaml
-from conftest import REPO
+from helpers import SCHEMA, default_config
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from tlselect.config import ConfigError, check, check_renamed, coerce_cli_values
+from tlselect.config import ConfigError, check, check_renamed, coerce_cli_values, load_and_check
 from tlselect.runs import policy_runs
-
-SCHEMA = str(REPO / "schemas" / "config.schema.yaml")
-
-
-def load_default():
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
-    validate(config, SCHEMA)
-    return config
 
 
 def test_default_config_is_valid_and_complete():
-    config = load_default()
+    config = default_config()
     check(config)
     assert {p["name"] for p in config["policies"]} == {
         "scratch",
@@ -52,7 +42,7 @@ def test_schema_fills_defaults():
     ],
 )
 def test_schema_rejects_bad_values_naming_the_key(change, key):
-    config = copy.deepcopy(yaml.safe_load((REPO / "config.yaml").read_text()))
+    config = default_config(validated=False)
     change(config)
     with pytest.raises(WorkflowError) as info:
         validate(config, SCHEMA)
@@ -73,7 +63,7 @@ def test_schema_rejects_bad_values_naming_the_key(change, key):
     ],
 )
 def test_semantic_checks_name_the_key(change, message):
-    config = load_default()
+    config = default_config()
     change(config)
     with pytest.raises(ConfigError, match=message):
         check(config)
@@ -101,10 +91,22 @@ def test_nested_command_line_values_get_the_schema_types():
     ("old", "new"), [("warm_start", "fork_server"), ("benchmarks", "speedups"), ("train.amp", "plan.precision")]
 )
 def test_a_key_of_an_earlier_version_is_refused_naming_what_replaced_it(old, new):
-    config = load_default()
+    config = default_config()
     block, _, key = old.rpartition(".")
     (config[block] if block else config)[key] = True
     with pytest.raises(ConfigError, match=new.replace(".", r"\.")) as error:
         check_renamed(config)
     assert old.split(".")[-1] in str(error.value)
-    check_renamed(load_default())  # the current keys pass
+    check_renamed(default_config())  # the current keys pass
+
+
+def test_load_and_check_types_validates_and_checks_the_config_naming_the_key():
+    config = default_config(validated=False)
+    config["search"] = {"enabled": "true"}  # as --config 'search={enabled: true}' leaves it
+    assert load_and_check(config, SCHEMA, validate) is config
+    assert config["search"]["enabled"] is True and config["search"]["q"] >= 1  # typed, defaults filled in
+    config["data"]["val_per_class"] = config["data"]["train_per_class"]
+    with pytest.raises(ConfigError, match=r"^invalid configuration: data\.val_per_class"):
+        load_and_check(config, SCHEMA, validate)
+    with pytest.raises(WorkflowError):  # the schema's own error
+        load_and_check({**default_config(), "seed": "x"}, SCHEMA, validate)

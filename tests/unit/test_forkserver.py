@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from tlselect.core.registry import read_record
 from tlselect.training import forkserver

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 from torch import nn
 
 from tlselect.training import models

@@ -148,13 +148,12 @@ def test_partitions_are_disjoint_class_balanced_and_cover_the_split():
 
 
 def test_mop_runs_count_sub_epochs_and_check_the_config():
-    import yaml
-    from conftest import REPO
+    from helpers import default_config
 
     from tlselect.config import ConfigError, check
     from tlselect.runs import mop_runs
 
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config = default_config(validated=False)
     assert mop_runs(config) == {}
     config["mop"]["enabled"] = True
     (spec,) = mop_runs(config).values()

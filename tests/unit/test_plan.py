@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,28 +22,49 @@ CPU = torch.device("cpu")
 WORK = Workload("resnet18", 32, 8, CPU, job_steps=10, eval_batch_sizes=(8, 16))
 
 
-def slowed(knob: str, value, seconds: float = 0.03):
-    """A training step that sleeps ``seconds`` whenever the plan has ``knob`` set to ``value``."""
+class FakeClock:
+    """The plan module's ``time``: ``perf_counter()`` moves by ``tick`` per reading and by what
+    :meth:`advance` adds, nothing else, so that calibration measures exactly the steps' set costs
+    however busy the machine is. Powers of two keep every sum exact."""
+
+    def __init__(self, tick: float = 2**-10):
+        self.now, self.tick = 0.0, tick
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def __getattr__(self, name):  # anything else of the time module, unchanged
+        return getattr(time, name)
+
+
+def slowed(knob: str, value, clock: FakeClock, seconds: float = 2**-3, step: float = 2**-4):
+    """A training step that takes ``step`` seconds on ``clock``, and ``seconds`` more whenever the
+    plan has ``knob`` set to ``value``."""
     real = plan_module.training_step
 
-    def step(model, x, y, optimizer, plan, scaler, device):
-        if getattr(plan, knob) == value:
-            time.sleep(seconds)
+    def training_step(model, x, y, optimizer, plan, scaler, device):
         real(model, x, y, optimizer, plan, scaler, device)
+        clock.advance(step + (seconds if getattr(plan, knob) == value else 0.0))
 
-    return step
+    return training_step
 
 
 @pytest.mark.parametrize("slow_value", [True, False])
 def test_calibration_keeps_a_knob_only_when_it_measured_faster(monkeypatch, slow_value):
     """With channels-last made slower on purpose it is left out; with its absence made slower, kept."""
-    monkeypatch.setattr(plan_module, "training_step", slowed("channels_last", slow_value, 0.1))
+    clock = FakeClock()
+    monkeypatch.setattr(plan_module, "time", clock)
+    monkeypatch.setattr(plan_module, "training_step", slowed("channels_last", slow_value, clock))
     plan, measurements = calibrate(WORK, threads=1, budget=0.2, log=lambda m: None)
     assert plan.channels_last is (not slow_value)
     row = next(m for m in measurements if m["knob"] == "channels_last")
     assert row["kept"] is (not slow_value)
     assert (row["gain"] > 1.0) is (not slow_value)
-    # Whatever the plan keeps measured faster than its absence on this machine.
+    # Whatever the plan keeps measured faster than its absence (a knob that costs the same is left out).
     assert all(m["gain"] > 1.0 for m in measurements if m["kept"])
     assert plan.eval_batch_size in (8, 16)
 
@@ -49,12 +72,25 @@ def test_calibration_keeps_a_knob_only_when_it_measured_faster(monkeypatch, slow
 def test_the_plan_is_calibrated_once_per_device_and_then_read(monkeypatch, tmp_path):
     calls = []
     real = plan_module.calibrate
+    changed = threading.Condition()
+    at_lock = []  # one entry per job that reached the plan file's lock
+
+    def flock(handle, operation):
+        with changed:
+            at_lock.append(operation)
+            changed.notify_all()
+        return fcntl.flock(handle, operation)
 
     def counting(*args, **kwargs):
-        calls.append(1)
-        time.sleep(0.3)  # long enough for the other thread to find the lock held
+        with changed:
+            calls.append(1)
+            changed.notify_all()
+            # Calibrate only once the other job waits for the lock this one holds (it found no plan
+            # file): then it must read this one's plan. A second call here is the failure.
+            assert changed.wait_for(lambda: len(at_lock) == 2 or len(calls) == 2, timeout=300)
         return real(*args, **kwargs)
 
+    monkeypatch.setattr(plan_module, "fcntl", SimpleNamespace(**{**vars(fcntl), "flock": flock}))
     monkeypatch.setattr(plan_module, "calibrate", counting)
     work = dataclasses.replace(WORK)
     results = []
@@ -67,6 +103,7 @@ def test_the_plan_is_calibrated_once_per_device_and_then_read(monkeypatch, tmp_p
         t.start()
     for t in threads:
         t.join()
+    assert len(at_lock) == 2, "the jobs did not both wait for the plan file's lock"
     assert len(calls) == 1, "two jobs on one device calibrated twice"
     assert results[0]["plan"] == results[1]["plan"]
     (plan_file,) = tmp_path.glob("*.json")

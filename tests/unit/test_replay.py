@@ -7,8 +7,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
-from conftest import REPO
+from helpers import REPO
 
 from tlselect.core.registry import write_record
 from tlselect.runs import candidate_runs
@@ -18,11 +17,6 @@ sys.path.insert(0, str(REPO / "scripts"))
 import replay as replay_cli  # noqa: E402
 
 SEARCH = {"eta": 3, "min_epochs": 1, "max_epochs": 9, "brackets": 3, "q": 3, "startup": 4, "delta": 0.1}
-
-
-@pytest.fixture
-def config():
-    return yaml.safe_load((REPO / "config.yaml").read_text())
 
 
 def synthetic_records(config, seed=0, epochs=9):

@@ -8,23 +8,17 @@ import sys
 
 import numpy as np
 import pytest
-import yaml
-from conftest import REPO
+from helpers import REPO
 from scipy import optimize, stats
 
 from tlselect.core.registry import RegistryError, read_record, write_record
 from tlselect.runs import candidate_runs, random_runs
-from tlselect.search import brackets, compare, proxies
+from tlselect.search import brackets, compare, jobs, proxies
 from tlselect.training.options import TrainConfig
 from tlselect.training.trainer import train
 
 sys.path.insert(0, str(REPO / "scripts"))
 import search as search_cli  # noqa: E402
-
-
-@pytest.fixture
-def config():
-    return yaml.safe_load((REPO / "config.yaml").read_text())
 
 
 def test_evidence_matches_a_hand_computed_case():
@@ -143,8 +137,8 @@ def test_a_promoted_slot_continues_its_checkpoint(tensor_data, tmp_path):
     assert len(record["curves"]) == 3
     previous = read_record(slot["record"])
     assert record["curves"][0] == previous["curves"][0]  # the first epoch is the rung-0 run's, not redone
-    jobs = search_cli._jobs([f"{out}.json"], [f"{out}.tsv"])
-    assert jobs[0].first_epoch == 1 and compare.job_cost(jobs[0].record, jobs[0].first_epoch)[0] == 2
+    found = jobs.jobs([f"{out}.json"], [f"{out}.tsv"])
+    assert found[0].first_epoch == 1 and compare.job_cost(found[0].record, found[0].first_epoch)[0] == 2
 
 
 def test_compare_counts_only_new_epochs_and_chooses_on_validation(tmp_path):

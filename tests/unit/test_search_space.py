@@ -3,19 +3,12 @@ respect the conditional freeze depth; bad bounds and budgets are config errors."
 
 import numpy as np
 import pytest
-import yaml
-from conftest import REPO
 
 from tlselect.config import ConfigError
 from tlselect.core.backbones import BACKBONES, NO_FREEZE
 from tlselect.runs import candidate_runs, candidate_spec
 from tlselect.search import brackets
 from tlselect.search.space import Space, draw
-
-
-@pytest.fixture
-def config():
-    return yaml.safe_load((REPO / "config.yaml").read_text())
 
 
 def test_the_grid_is_the_pool(config):

@@ -5,8 +5,7 @@ import math
 
 import numpy as np
 import pytest
-import yaml
-from conftest import REPO
+from helpers import default_config
 from sklearn.gaussian_process.kernels import RBF, WhiteKernel
 
 from tlselect.core.backbones import BACKBONES, NO_FREEZE
@@ -17,7 +16,7 @@ from tlselect.search.space import Space
 
 @pytest.fixture
 def config():
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config = default_config(validated=False)
     config["search"]["backbones"] = ["resnet18", "mobilenet_v3_small", "resnet50"]
     config["search"]["freezes"] = ["none", "early", "most"]
     return config

@@ -18,17 +18,12 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import pytest
-import yaml
-from conftest import PINNED_PLAN, REPO, tiny_data
-
-from tlselect.core.files import write_text
+from helpers import snakemake_command, start_snakemake, tiny_study, write_study
 
 KILLS = int(os.environ.get("TLSELECT_KILLS", "5"))
 SEED = int(os.environ.get("TLSELECT_KILL_SEED") or random.randrange(10**6))
@@ -64,40 +59,28 @@ PLACES = [  # in the study's order
 ]
 
 
-def write_study(workdir: Path, archive: Path) -> None:
+def write_kill_study(workdir: Path, archive: Path) -> None:
     workdir.mkdir(parents=True)
-    study = {
-        "data": tiny_data(archive),
-        "pretrained": "source",
-        "device": "cpu",
-        "threads": 1,
-        "source": {"train_per_class": 4, "val_per_class": 1, "train": {"epochs": 2}},
-        "train": {"epochs": 3, "batch_size": 8},
-        "plan": PINNED_PLAN,
-        "policies": [
+    study = tiny_study(
+        archive,
+        source_epochs=2,
+        device="cpu",
+        train={"epochs": 3, "batch_size": 8},
+        policies=[
             {"name": "finetune", "init": "pretrained", "freeze": "none"},
             {"name": "freeze_most", "init": "pretrained", "freeze": "layer3"},
         ],
-        "features": {"layers": ["layer1"], "inits": ["pretrained"], "probe": {"epochs": 2}},
-        "speedups": {"enabled": False},
-        "search": {"enabled": False},
-    }
-    (workdir / "tiny.yaml").write_text(yaml.safe_dump(study))
+        features={"layers": ["layer1"], "inits": ["pretrained"], "probe": {"epochs": 2}},
+        speedups={"enabled": False},
+        search={"enabled": False},
+    )
+    write_study(workdir, study)
 
 
 def start(workdir: Path, *args: str) -> tuple[subprocess.Popen, Path]:
     """Start snakemake on the study in a session of its own; its output goes to a numbered file."""
     out = workdir / f"snakemake-{len(list(workdir.glob('snakemake-*.out')))}.out"
-    command = [
-        sys.executable, "-m", "snakemake", *args, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--cores", "2", "--configfile", str(REPO / "config.yaml"), str(workdir / "tiny.yaml"),
-    ]  # fmt: skip
-    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
-    with open(out, "w") as stream:
-        process = subprocess.Popen(
-            command, cwd=workdir, env=env, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    return process, out
+    return start_snakemake(snakemake_command(workdir, *args), workdir, out, new_session=True), out
 
 
 def finish(process: subprocess.Popen, out: Path) -> str:
@@ -230,15 +213,14 @@ def comparable(workdir: Path) -> dict:
     return {"tables": tables, "records": records}
 
 
-@pytest.mark.workflow
 def test_study_killed_at_random_moments_ends_with_the_uninterrupted_table(tmp_path, tiny_archive, capsys):
     rng = random.Random(SEED)
     picks = rng.sample(range(len(PLACES)), min(KILLS, len(PLACES)))
     picks += rng.choices(range(len(PLACES)), k=KILLS - len(picks))
     targets = [(PLACES[i], rng.uniform(0, PLACES[i].delay)) for i in sorted(picks)]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    write_study(straight, tiny_archive)
-    write_study(killed, tiny_archive)
+    write_kill_study(straight, tiny_archive)
+    write_kill_study(killed, tiny_archive)
     with capsys.disabled():
         print(f"\nkilling the study {KILLS} times, TLSELECT_KILL_SEED={SEED}")
     began = time.monotonic()
@@ -286,13 +268,3 @@ def test_study_killed_at_random_moments_ends_with_the_uninterrupted_table(tmp_pa
     for name, table in expected["tables"].items():
         pd.testing.assert_frame_equal(got["tables"][name], table)
     assert got["records"] == expected["records"]
-
-
-def test_a_write_removes_the_temporaries_killed_writers_of_its_target_left(tmp_path):
-    target, other = tmp_path / "run.resume.pt", tmp_path / "run.pt"
-    for stale in (".run.resume.pt.k1ll3d.tmp.pt", ".run.pt.k1ll3d.tmp.pt"):
-        (tmp_path / stale).write_bytes(b"half a checkpoint")
-    write_text(target, "whole")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.pt.k1ll3d.tmp.pt", "run.resume.pt"]
-    write_text(other, "whole")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt", "run.resume.pt"]

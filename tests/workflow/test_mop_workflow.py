@@ -4,29 +4,24 @@ covers both, each job continues the previous one; then a re-run has nothing to d
 
 import pytest
 import torch
-import yaml
-from conftest import tiny_data
-from test_workflow import job_counts, snakemake
+from helpers import job_counts, snakemake, tiny_study, write_study
 
 from tlselect.core.registry import read_record
 from tlselect.search import mop
-
-pytestmark = pytest.mark.workflow
 
 
 @pytest.fixture(scope="module")
 def mop_study(tmp_path_factory, tiny_archive):
     workdir = tmp_path_factory.mktemp("mop")
-    tiny = {
-        "data": tiny_data(tiny_archive),
-        "threads": 1,
-        "device": "cpu",
-        "train": {"epochs": 2, "batch_size": 4},
-        "policies": [{"name": "scratch", "init": "scratch", "freeze": "none"}],
-        "features": {"layers": [], "inits": []},
-        "mop": {"enabled": True, "policies": ["scratch"], "partitions": 2},
-    }
-    (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    tiny = tiny_study(
+        tiny_archive,
+        device="cpu",
+        train={"epochs": 2, "batch_size": 4},
+        policies=[{"name": "scratch", "init": "scratch", "freeze": "none"}],
+        features={"layers": [], "inits": []},
+        mop={"enabled": True, "policies": ["scratch"], "partitions": 2},
+    )
+    write_study(workdir, tiny)
     snakemake(workdir)
     return workdir
 

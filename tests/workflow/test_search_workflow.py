@@ -8,8 +8,7 @@ import sys
 import pandas as pd
 import pytest
 import yaml
-from conftest import PINNED_PLAN, REPO, strict_json, tiny_data
-from test_workflow import job_counts, snakemake
+from helpers import REPO, default_config, job_counts, snakemake, strict_json, tiny_study, write_study
 
 from tlselect.config import merged
 from tlselect.core.registry import read_record
@@ -19,29 +18,23 @@ from tlselect.search import replay
 sys.path.insert(0, str(REPO / "scripts"))
 import search as search_cli  # noqa: E402
 
-pytestmark = pytest.mark.workflow
-
 
 @pytest.fixture(scope="module")
 def search_study(tmp_path_factory, tiny_archive):
     workdir = tmp_path_factory.mktemp("search")
-    tiny = {
-        "data": tiny_data(tiny_archive),
-        "pretrained": "source",
-        "threads": 1,
-        "source": {"train_per_class": 4, "val_per_class": 1, "train": {"epochs": 1}},
-        "train": {"epochs": 1, "batch_size": 8},
-        "plan": PINNED_PLAN,
-        "policies": [{"name": "finetune", "init": "pretrained", "freeze": "none"}],
-        "features": {"layers": [], "inits": []},
-        "speedups": {"enabled": False},
-        "search": {"enabled": True, "backbones": ["resnet18", "mobilenet_v3_small"],
-                   "inits": ["pretrained", "scratch"], "freezes": ["none"], "lrs": [0.05], "random_samples": 2,
-                   "rounds": 2, "q": 2, "distributions": {"batch_sizes": [8]},
-                   "eta": 2, "min_epochs": 1, "max_epochs": 2, "brackets": 2,
-                   "replay": {"seeds": 3, "q": 2, "startup": 2}},
-    }  # fmt: skip
-    (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    tiny = tiny_study(
+        tiny_archive,
+        source_epochs=1,
+        policies=[{"name": "finetune", "init": "pretrained", "freeze": "none"}],
+        features={"layers": [], "inits": []},
+        speedups={"enabled": False},
+        search={"enabled": True, "backbones": ["resnet18", "mobilenet_v3_small"],
+                "inits": ["pretrained", "scratch"], "freezes": ["none"], "lrs": [0.05], "random_samples": 2,
+                "rounds": 2, "q": 2, "distributions": {"batch_sizes": [8]},
+                "eta": 2, "min_epochs": 1, "max_epochs": 2, "brackets": 2,
+                "replay": {"seeds": 3, "q": 2, "startup": 2}},
+    )  # fmt: skip
+    write_study(workdir, tiny)
     snakemake(workdir)
     return workdir
 
@@ -103,9 +96,7 @@ def test_random_search_and_every_round_train_what_was_drawn_or_suggested(search_
 
 
 def test_the_same_records_give_the_same_suggestion_file(search_study, tmp_path):
-    config = merged(
-        yaml.safe_load((REPO / "config.yaml").read_text()), yaml.safe_load((search_study / "tiny.yaml").read_text())
-    )
+    config = merged(default_config(validated=False), yaml.safe_load((search_study / "tiny.yaml").read_text()))
     for method in ("tpe", "gp_ucb", "cost_gp_ucb"):
         earlier = search_study / f"results/search/{method}/round0"
         out = tmp_path / f"{method}.json"

@@ -1,58 +1,17 @@
 """The workflow itself: snakemake on a tiny generated archive, every policy, source pretraining.
 
-One full run, then: a re-run has nothing to do; changing one policy re-runs only that policy's
-training and the report; a figure regenerates alone when named.
+One full run (the ``study`` fixture of conftest.py), then: a re-run has nothing to do; changing one
+policy re-runs only that policy's training and the report; a figure regenerates alone when named.
 """
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pandas as pd
-import pytest
 import yaml
-from conftest import PINNED_PLAN, REPO, strict_json, tiny_data
+from helpers import default_config, job_counts, snakemake, strict_json, tiny_study, write_study
 
 from tlselect.core.registry import read_record
-
-pytestmark = pytest.mark.workflow
-
-
-def snakemake(workdir, *args, check=True):
-    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
-    command = [
-        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--cores", "2", *args, "--configfile", str(REPO / "config.yaml"), str(workdir / "tiny.yaml"),
-    ]  # fmt: skip
-    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
-    return result
-
-
-def job_counts(dry_run_output: str) -> dict[str, int]:
-    table = dry_run_output.split("Job stats:")[-1]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory, tiny_archive):
-    workdir = tmp_path_factory.mktemp("study")
-    tiny = {
-        "data": tiny_data(tiny_archive),
-        "pretrained": "source",
-        "threads": 1,
-        "source": {"train_per_class": 4, "val_per_class": 1, "train": {"epochs": 1}},
-        "train": {"epochs": 1, "batch_size": 8},
-        "features": {"layers": ["layer2", "layer4"], "inits": ["pretrained", "scratch"], "probe": {"epochs": 2}},
-        "speedups": {"enabled": True, "epochs": 1, "accuracy_epochs": 1},
-        "search": {"enabled": False},  # off by default; tests/test_search_workflow.py runs it
-    }
-    (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
-    snakemake(workdir)
-    return workdir
 
 
 def test_full_run_produces_every_output(study):
@@ -113,7 +72,7 @@ def dry_run_after(study, change) -> str:
 
 
 def test_changing_one_policy_reruns_only_it_and_the_report(study):
-    policies = yaml.safe_load((REPO / "config.yaml").read_text())["policies"]
+    policies = default_config(validated=False)["policies"]
     policies[3]["lr"] = 0.011  # freeze_most
     out = dry_run_after(study, lambda tiny: tiny.update(policies=policies))
     # the study's notebook and the full one (the benchmark is on here) both show the new table
@@ -146,16 +105,13 @@ def test_imagenet_weights_come_through_a_workflow_step(tmp_path, tiny_archive, m
     cached = imagenet_weights_path("resnet18")
     cached.parent.mkdir(parents=True)
     torch.save(torchvision.models.resnet18().state_dict(), cached)
-    tiny = {
-        "data": tiny_data(tiny_archive),
-        "pretrained": "imagenet",
-        "threads": 1,
-        "train": {"epochs": 1, "batch_size": 8},
-        "plan": PINNED_PLAN,
-        "policies": [{"name": "finetune", "init": "pretrained", "freeze": "none"}],
-        "features": {"layers": []},
-    }
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    tiny = tiny_study(
+        tiny_archive,
+        pretrained="imagenet",
+        policies=[{"name": "finetune", "init": "pretrained", "freeze": "none"}],
+        features={"layers": []},
+    )
+    write_study(tmp_path, tiny)
     result = snakemake(tmp_path, "results/tables/runs.csv")
     assert "rule fetch_weights" in result.stdout + result.stderr
     weights = tmp_path / "resources/weights/resnet18-imagenet.pth"

@@ -161,6 +161,13 @@ def remove_temporaries(target: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+def stale_resume_files(results: str | os.PathLike, checkpoints: list[str]) -> list[Path]:
+    """Resume files (``<checkpoint stem>.resume.pt``) under ``results`` that belong to none of
+    ``checkpoints``: left by killed runs that the current config no longer has."""
+    kept = {Path(c).with_suffix(".resume.pt") for c in checkpoints}
+    return sorted(p for p in Path(results).rglob("*.resume.pt") if p not in kept)
+
+
 def finite(data: Any) -> Any:
     """``data`` with every NaN or infinite float, however deeply nested, replaced by None."""
     if isinstance(data, float):

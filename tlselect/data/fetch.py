@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from tlselect.data.folders import IMAGE_SUFFIXES, SPLITS, DataError
+from tlselect.data.folders import IMAGE_SUFFIXES, SPLITS, DataError, scan_image_folder
 
 if TYPE_CHECKING:  # torch and PIL are imported where used: config checks read archives without them
     pass
@@ -70,6 +70,26 @@ def fetch_cifar10(dest: Path, timeout: float = 20.0, connect_timeout: float = 5.
             _move_into_place(staging, dest)
     finally:
         socket.setdefaulttimeout(previous)
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+def fetch_image_folder(dest: Path, archive: Path | None = None, log=_print) -> dict[str, int]:
+    """Create the image folder ``dest``: extract ``archive`` (:func:`extract_archive`), or without one
+    download CIFAR-10 (:func:`fetch_cifar10`); say what it holds. Returns the images per split."""
+    dest = Path(dest)
+    if archive:
+        log(f"extracting {archive} into {dest}")
+        extract_archive(Path(archive), dest)
+    else:
+        log(f"downloading CIFAR-10 with torchvision into {dest}")
+        fetch_cifar10(dest)
+    layout = scan_image_folder(dest)
+    counts = {split: sum(len(f) for f in classes.values()) for split, classes in layout.items()}
+    log(f"image folder ready: {len(layout['train'])} classes, {counts}")
+    return counts
 
 
 def extract_archive(archive: Path, dest: Path) -> None:

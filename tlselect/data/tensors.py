@@ -10,8 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tlselect.core.files import load_torch
-from tlselect.data.folders import SKIP_NOTE, DataError, UnreadableImages
+from tlselect.core.files import load_torch, save_torch, write_json
+from tlselect.data.folders import (
+    SKIP_NOTE,
+    DataError,
+    UnreadableImages,
+    check_non_images,
+    make_subset,
+    source_task_files,
+)
 
 if TYPE_CHECKING:  # torch and PIL are imported where used: config checks read archives without them
     import torch
@@ -91,6 +98,99 @@ def partition_split(decoded: dict, parts: int, seed: int) -> list[dict]:
     random.Random(seed).shuffle(order)
     order.sort(key=labels.__getitem__)  # stable: shuffled within each class
     return [{k: v[order[p::parts]] for k, v in decoded.items()} for p in range(parts)]
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+def save_splits(out: Path, tensors: dict, skipped: list[str], log: Callable[[str], None] = _print) -> None:
+    """Write each decoded split to ``out/{split}.pt``; say how many images each holds and what was skipped."""
+    for split, decoded in tensors.items():
+        log(f"decoded {len(decoded['labels'])} {split} images")
+        save_torch(Path(out) / f"{split}.pt", decoded)
+    if skipped:
+        log(f"skipped {len(skipped)} unreadable or non-image file(s): {', '.join(skipped)}")
+
+
+def write_subset(
+    root: Path,
+    out: Path,
+    classes: list[str] | None,
+    train_per_class: int,
+    val_per_class: int,
+    test_per_class: int,
+    image_size: int,
+    seed: int,
+    skip_unreadable: bool = False,
+    log: Callable[[str], None] = _print,
+) -> dict:
+    """Materialize the seeded subset (:func:`tlselect.data.folders.make_subset`) of the image folder
+    ``root``: ``out/{train,val,test}.pt`` decoded at ``image_size`` and ``out/subset.json``, the
+    choice with what was skipped (non-image files and unreadable images, only with
+    ``skip_unreadable``; otherwise they are an error). Returns the subset.json content."""
+    root, out = Path(root), Path(out)
+    strays = check_non_images(root, skip_unreadable)
+    chosen, tensors, unreadable = decode_splits(
+        root,
+        lambda exclude: make_subset(
+            root, classes, train_per_class, val_per_class, test_per_class, seed, exclude
+        ),
+        image_size,
+        skip_unreadable,
+    )  # fmt: skip
+    skipped = sorted(strays + unreadable)
+    save_splits(out, tensors, skipped, log)
+    chosen["skipped"] = {"skip_unreadable": skip_unreadable, "count": len(skipped), "files": skipped}
+    write_json(out / "subset.json", chosen)
+    return chosen
+
+
+def write_source_task(
+    root: Path,
+    subset: Path,
+    out: Path,
+    classes: list[str] | None,
+    train_per_class: int,
+    val_per_class: int,
+    image_size: int,
+    seed: int,
+    log: Callable[[str], None] = _print,
+) -> dict:
+    """Materialize the source task: training images of ``root`` outside the target ``subset``
+    (its subset.json; :func:`tlselect.data.folders.source_task_files`), of ``classes`` (empty: the
+    target's), as ``out/{train,val}.pt`` and ``out/subset.json``. It skips unreadable images when the
+    target subset did (``data.skip_unreadable``). Returns the subset.json content."""
+    root, out = Path(root), Path(out)
+    target = load_json(Path(subset))
+    classes = classes or target["classes"]
+    known = target.get("skipped", {})
+    skip = known.get("skip_unreadable", False)
+
+    def pick(exclude):
+        files = known.get("files", []) + exclude
+        return {"splits": source_task_files(target, root, classes, train_per_class, val_per_class, seed, files)}
+
+    chosen, tensors, skipped = decode_splits(root, pick, image_size, skip)
+    save_splits(out, tensors, skipped, log)
+    written = {
+        "seed": seed,
+        "classes": classes,
+        "source": target["source"],
+        "splits": chosen["splits"],
+        "skipped": {"skip_unreadable": skip, "count": len(skipped), "files": skipped},
+    }
+    write_json(out / "subset.json", written)
+    return written
+
+
+def write_partitions(split: Path, outs: list[str], seed: int, log: Callable[[str], None] = _print) -> None:
+    """Split one decoded split file into ``len(outs)`` class-balanced partitions (:func:`partition_split`,
+    model hopper parallelism), one file each."""
+    decoded = dict(zip(("images", "labels"), load_split(Path(split)), strict=True))
+    for out, part in zip(outs, partition_split(decoded, len(outs), seed), strict=True):
+        log(f"partition {out}: {len(part['labels'])} images")
+        save_torch(out, part)
 
 
 def load_json(path: Path) -> dict:

@@ -6,10 +6,12 @@ choose.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
 
+from tlselect.core.files import atomic_path, write_text
 from tlselect.core.registry import rank, read_record
 
 COLUMNS = [
@@ -190,3 +192,37 @@ def optimizations_table(benchmark: dict) -> pd.DataFrame:
 def load_records(paths: list[str | Path]) -> list[dict]:
     """Read and validate every record; a bad one is an error naming its file, never skipped."""
     return [read_record(p) for p in paths]
+
+
+def write_csv(frame: pd.DataFrame, path: str | Path) -> None:
+    """Write ``frame`` as CSV without its index, atomically (:func:`tlselect.core.files.atomic_path`)."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def write_study_tables(
+    records: list[str | Path], runs: str | Path, curves: str | Path, summary: str | Path, plans: str | Path,
+    source_record: str | Path | None = None,
+) -> str:  # fmt: skip
+    """The study's tables from its registry records: ``runs`` (:func:`runs_table`), ``curves``
+    (:func:`curves_table`), ``plans`` (:func:`plan_table`, the source pretraining's plan too) and the
+    Markdown ``summary`` (with the source pretraining's seconds, when ``source_record`` is given).
+    Returns the summary."""
+    loaded = load_records(records)
+    source = read_record(source_record) if source_record else None
+    table = runs_table(loaded)
+    write_csv(table, runs)
+    write_csv(curves_table(loaded), curves)
+    plan_rows = plan_table([*loaded, *([source] if source else [])])
+    write_csv(plan_rows, plans)
+    source_seconds = source["timings"]["wall_seconds"] if source else None
+    text = summary_markdown(table, source_seconds, plan_summary(plan_rows))
+    write_text(summary, text)
+    return text
+
+
+def write_optimizations_table(benchmark: str | Path, out: str | Path) -> pd.DataFrame:
+    """The optimizations benchmark's JSON (``scripts/speedups.py``'s output) as a table written to ``out``."""
+    table = optimizations_table(json.loads(Path(benchmark).read_text()))
+    write_csv(table, out)
+    return table

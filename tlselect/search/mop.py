@@ -209,6 +209,17 @@ def chains(models: int, workers: int, epochs: int, schedule: str = "latin_square
     return [[t.partition for t in tasks if t.model == m] for m in range(models)]
 
 
+def run_chains(config: dict, specs: dict) -> dict[str, list[int]]:
+    """``{run_id: partition of each sub-epoch}`` of the workflow's model hopper runs ``specs``
+    (:func:`tlselect.runs.mop_runs`, whose ``epochs`` count sub-epochs): :func:`chains` over
+    ``mop.partitions`` workers for the longest run's epochs, in the order of ``mop.schedule``
+    (seeded with ``seed``). Sub-epoch s of a run trains on partition ``[run_id][s]``."""
+    partitions = config["mop"]["partitions"]
+    epochs = max((spec.settings["epochs"] for spec in specs.values()), default=0) // partitions
+    laid_out = chains(len(specs), partitions, epochs, config["mop"]["schedule"], config["seed"])
+    return dict(zip(specs, laid_out, strict=True))
+
+
 def compare(
     cost_factors,
     workers: int,

@@ -190,3 +190,13 @@ def curves(rows: dict[str, Candidate], settings: dict, seeds: int, shares, metho
                 out.append({"method": method, "axis": axis, "share": share, "regret_points": mean,
                             "ci95_low": low, "ci95_high": high, "seeds": n})  # fmt: skip
     return pd.DataFrame(out)
+
+
+def anytime(records: list[dict], settings: dict, seeds: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every method replayed on the grid's ``records`` for ``seeds`` seeds: its anytime :func:`curves`
+    (41 shares of the grid's compute from 1/100 to 1, plus :data:`SHARES`, for the figure) and
+    ``replay.csv``'s rows (the curves at :data:`SHARES`). ``settings``: eta, min_epochs, max_epochs,
+    brackets, q, startup and delta."""
+    shares = sorted({*np.geomspace(1 / 100, 1, 41), *SHARES})
+    curve = curves(table(records), settings, seeds, shares)
+    return curve, curve[curve["share"].isin(SHARES)]

@@ -11,6 +11,7 @@ adaptive pooling.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,13 @@ import torch
 from torch import nn
 
 from tlselect.core.files import allocate, atomic_path, verify
-from tlselect.training.models import StagedNet
+from tlselect.data.tensors import load_split
+from tlselect.training.loop import resolve_device
+from tlselect.training.models import StagedNet, initialize
+from tlselect.training.options import TrainingError
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
+SPLITS = ("train", "val", "test")
 
 
 def chunk_rows(memory_mb: float, in_shape: tuple, out_shape: tuple) -> int:
@@ -95,3 +100,50 @@ def load_features(path: Path, pool: int = 0) -> torch.Tensor:
     if pool and x.dim() == 4 and x.shape[-1] > pool:
         x = nn.functional.adaptive_avg_pool2d(x, pool)
     return x
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+def cache_layer(
+    inputs: str | Path,
+    out: str | Path,
+    layer: str,
+    from_layer: str = "",
+    backbone: str = "resnet18",
+    init: str = "scratch",
+    weights: str | None = None,
+    resolution: int = 32,
+    seed: int = 0,
+    dtype: str = "float16",
+    memory_mb: float = 1024,
+    device: str = "auto",
+    log=_print,
+) -> None:
+    """Cache ``layer``'s activations of every split into ``out/{train,val,test}.npy``: one step of the
+    staged plan. With ``from_layer`` empty, ``inputs`` is the folder of the decoded ``{split}.pt``;
+    otherwise it is ``from_layer``'s cached folder, which must come before ``layer``, and only the
+    stages between them run. The model is ``backbone`` with ``init`` (``weights``: the init's weights
+    file; ``seed`` seeds a scratch init); at most ``memory_mb`` of activations are held at once."""
+    inputs_dir, out_dir = Path(inputs), Path(out)
+    torch_device = resolve_device(device)
+    torch.manual_seed(seed)
+    model = StagedNet(backbone, 2, resolution)
+    initialize(model, init, weights or None)
+    model.to(torch_device)
+    stop = model.stage_index(layer) + 1
+    start = model.stage_index(from_layer) + 1 if from_layer else 0
+    if start >= stop:
+        raise TrainingError(f"--from-layer {from_layer} does not come before --layer {layer}")
+    for split in SPLITS:
+        t0 = time.perf_counter()
+        if start == 0:
+            x, _ = load_split(inputs_dir / f"{split}.pt")
+        else:
+            x = open_features(inputs_dir / f"{split}.npy")
+        shape = extract_range(model, x, start, stop, out_dir / f"{split}.npy", memory_mb, dtype, torch_device)
+        log(
+            f"{layer} {split}: {len(x)} x {shape} ({dtype}) from "
+            f"{from_layer or 'images'} in {time.perf_counter() - t0:.1f}s"
+        )

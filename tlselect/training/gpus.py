@@ -161,6 +161,12 @@ def claim(
         time.sleep(poll)
 
 
+def job_gpus(gpu: int, gres: str = "") -> int:
+    """The GPUs a workflow job is given (its scripts' ``--gpus``): its ``gpu`` resource, or 1 when that
+    is 0 but its SLURM ``gres`` is a share of a GPU (``shard`` or ``mps``)."""
+    return gpu or int(bool(re.match(r"(shard|mps)\b", str(gres))))
+
+
 def assign(
     gpus: int | None, device: str = "auto", log: Callable[[str], None] = _stderr, per_device: int = 1
 ) -> list[str]:

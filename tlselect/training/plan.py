@@ -3,26 +3,41 @@
 A plan is the precision (float32, bfloat16 autocast, float16 autocast on CUDA), the memory format
 (channels-last or not), the CPU threads, ``torch.compile`` and the evaluation batch size. What is
 fastest depends on the machine: bfloat16 autocast is 1.5x faster than float32 on one CPU and 0.68x
-on another. :func:`calibrate` times a few real training steps of each choice on the device the job
-runs on and keeps a knob only where it measured faster than its absence (greedily, one knob at a
-time, each against the plan so far), so no optimization the plan enables is slower there.
+on another. Four of the knobs also change what a run computes (:data:`RESULT_KNOBS`): precision
+rounds every product to fewer bits, and channels-last, the thread count and compilation change the
+order of the floating-point sums in the convolutions, which a run's training then amplifies into
+other weights and accuracies. The workflow pins those by default and measures them only when a
+config asks (``auto``); the evaluation batch size changes no result on a CPU and is measured.
 
-Plans are kept per device in ``<plans>/<device key>.json``: the first job on a kind of device
-calibrates under a lock while the others wait, and every later job reads the file. A knob the
-config pins is never measured against; it simply wins.
+:func:`calibrate` times real training steps of each choice on the device the job runs on, one knob
+at a time against the plan chosen so far, in interleaved rounds repeated until the per-round
+ratio's spread (its interquartile range) is small or a time cap is reached. A knob is kept only
+where its median gain clears a margin larger than that spread (and at least :data:`MIN_MARGIN`).
+A calibration under load is refused (other processes busy on the job's cores, the baseline far
+from a quick re-measure or from the device's known rate): its knobs fall back to the defaults
+(float32, all threads, no channels-last), never to an extreme choice made on noisy evidence.
+
+Plans live in a per-user cache, one file per device key (:func:`plan_cache_dir`), so a fresh study
+folder on the same machine reuses the plan; each study keeps a copy in its plans folder
+(``results/plans``), and that copy wins once written, so a plan never changes under a running
+study. Measuring again is explicit (``recalibrate``; the workflow's ``plan_recalibrate`` target).
+A knob the config pins is never measured against; it simply wins.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import platform
 import re
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,8 +48,27 @@ from tlselect.core.files import write_json
 from tlselect.training.models import StagedNet
 
 KNOBS = ("precision", "channels_last", "threads", "compile", "eval_batch_size")
+# Knobs whose choice changes what a run computes (bit for bit, and from there its trajectory):
+# chosen automatically only where the config says auto, and then once per machine (the cache).
+RESULT_KNOBS = ("precision", "channels_last", "threads", "compile")
 PRECISIONS = ("float32", "bfloat16", "float16")
 EVAL_BATCH_SIZES = {"cpu": (256, 512, 1024), "cuda": (256, 512, 1024, 2048, 4096)}
+# Knobs measured when no list is given (compile only when asked: it takes minutes on a CPU).
+MEASURABLE = ("precision", "channels_last", "threads", "eval_batch_size")
+
+# Calibration's rules.
+BUDGET_S = 0.4  # seconds of training steps per timing (at least 2 steps)
+MIN_ROUNDS = 5  # interleaved rounds per knob before the spread may stop them
+MAX_ROUNDS = 30
+KNOB_CAP_S = 30.0  # a knob's rounds stop here, spread small or not
+TARGET_SPREAD = 0.02  # rounds stop once the per-round gains' interquartile range is this small
+MAX_SPREAD = 0.10  # wider than this when the rounds stop: the knob is refused (stays at its default)
+MIN_MARGIN = 0.05  # a knob is kept only if its gain exceeds 1 + max(MIN_MARGIN, spread)
+QUIET_CHECK_S = 0.5  # the load is sampled this long before anything is measured
+LOAD_TOLERANCE = 0.25  # cores other processes may keep busy beyond those the job leaves free
+DRIFT_LIMIT = 1.3  # the baseline's images/s at the start against a quick re-measure at the end
+KNOWN_RATE_LIMIT = 0.6  # the baseline below this fraction of the rate this device measured before
+CACHE_ENV = "TLSELECT_PLAN_CACHE"  # the per-user cache's folder (default: $XDG_CACHE_HOME/tlselect/plans)
 
 
 class PlanError(TLSelectError):
@@ -43,7 +77,8 @@ class PlanError(TLSelectError):
 
 @dataclass(frozen=True)
 class ExecutionPlan:
-    """How a job executes; none of it changes what the job computes beyond floating-point rounding."""
+    """How a job executes. Precision, channels-last, threads and compile change floating-point results
+    (:data:`RESULT_KNOBS`); the evaluation batch size does not on a CPU."""
 
     precision: str = "float32"
     channels_last: bool = False
@@ -111,6 +146,17 @@ class Workload:
     def eval_candidates(self) -> tuple[int, ...]:
         return self.eval_batch_sizes or EVAL_BATCH_SIZES.get(self.device.type, EVAL_BATCH_SIZES["cpu"])
 
+    def eval_default(self) -> int:
+        """The evaluation batch of a plan without measurements (and of a refused calibration)."""
+        sizes = self.eval_candidates()
+        default = ExecutionPlan.eval_batch_size
+        return default if default in sizes else min(sizes)
+
+
+def default_plan(work: Workload, threads: int) -> ExecutionPlan:
+    """The plan of a calibration that measured nothing: float32, contiguous, all threads, eager."""
+    return ExecutionPlan(threads=threads, eval_batch_size=work.eval_default())
+
 
 def training_step(model: nn.Module, x, y, optimizer, plan: ExecutionPlan, scaler, device) -> None:
     """One optimizer step as the trainer takes it (forward under the plan's autocast, backward, step)."""
@@ -141,9 +187,9 @@ def _sync(device: torch.device) -> None:
 
 
 class _Trial:
-    """A model, optimizer and batch set up for one plan; ``seconds_per_image()`` times its steps."""
+    """A model, optimizer and batch set up for one plan; :func:`time_training` times its steps."""
 
-    def __init__(self, plan: ExecutionPlan, work: Workload):
+    def __init__(self, plan: ExecutionPlan, work: Workload, budget: float):
         self.plan, self.work = plan, work
         generator = torch.Generator().manual_seed(0)
         self.x = torch.randint(0, 256, (work.batch_size, 3, 32, 32), dtype=torch.uint8, generator=generator)
@@ -155,9 +201,11 @@ class _Trial:
         self.forward = torch.compile(model) if plan.compile else model
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         self.scaler = plan.grad_scaler(work.device)
-        self.warmup_seconds = self._run(2)  # first steps: allocator, cuDNN autotuning, compilation
+        self.warmup_seconds = self.run(2)  # first steps: allocator, cuDNN autotuning, compilation
+        probe = max(self.run(1), 1e-4)
+        self.steps = 1 if probe > budget else max(2, min(200, int(budget / probe)))
 
-    def _run(self, steps: int) -> float:
+    def run(self, steps: int) -> float:
         with _threads(self.plan):
             _sync(self.work.device)
             t0 = time.perf_counter()
@@ -166,39 +214,163 @@ class _Trial:
             _sync(self.work.device)
             return time.perf_counter() - t0
 
-    def seconds_per_image(self, budget: float) -> float:
-        """Seconds per training image over at least ``budget`` seconds (and at least 2 steps)."""
-        probe = self._run(1)
-        steps = max(2, min(200, int(budget / max(probe, 1e-4))))
-        return self._run(steps) / (steps * self.work.batch_size)
+
+def time_training(trial: _Trial) -> float:
+    """One timing: seconds per training image of ``trial``'s plan over its steps."""
+    return trial.run(trial.steps) / (trial.steps * trial.work.batch_size)
 
 
-def compare(plan: ExecutionPlan, trial: ExecutionPlan, work: Workload, budget: float, rounds: int = 2):
-    """(seconds per image of ``plan``, of ``trial``, compile seconds of ``trial``): interleaved, best of rounds."""
-    runs = [_Trial(plan, work), _Trial(trial, work)]
-    best = [float("inf"), float("inf")]
-    for _ in range(rounds):
-        best = [min(b, r.seconds_per_image(budget)) for b, r in zip(best, runs, strict=True)]
-    return best[0], best[1], runs[1].warmup_seconds
+class _EvalTrial:
+    """A model in evaluation mode and a batch of the largest candidate size, for one plan."""
+
+    def __init__(self, plan: ExecutionPlan, work: Workload):
+        self.plan, self.work = plan, work
+        torch.manual_seed(0)
+        model = StagedNet(work.backbone, 10, work.resolution).to(work.device, memory_format=plan.memory_format())
+        self.model = model.eval()
+        sizes = work.eval_candidates()
+        self.x = torch.randint(0, 256, (max(sizes), 3, 32, 32), dtype=torch.uint8).to(work.device)
+        for size in sizes:  # warm-up of every shape
+            self.run(size)
+
+    @torch.no_grad()
+    def run(self, size: int) -> float:
+        with _threads(self.plan), self.plan.autocast(self.work.device):
+            _sync(self.work.device)
+            t0 = time.perf_counter()
+            self.model(self.plan.prepare(self.x[:size]))
+            _sync(self.work.device)
+            return time.perf_counter() - t0
 
 
-@torch.no_grad()
-def eval_seconds_per_image(plan: ExecutionPlan, work: Workload, rounds: int = 2) -> dict[int, float]:
-    """Seconds per image of inference at each candidate evaluation batch size (one batch each, best of rounds)."""
-    model = StagedNet(work.backbone, 10, work.resolution).to(work.device, memory_format=plan.memory_format()).eval()
-    sizes = work.eval_candidates()
-    x = torch.randint(0, 256, (max(sizes), 3, 32, 32), dtype=torch.uint8).to(work.device)
-    best = dict.fromkeys(sizes, float("inf"))
-    with _threads(plan), plan.autocast(work.device):
-        model(plan.prepare(x[: min(sizes)]))  # warm-up
-        for _ in range(rounds):
-            for size in sizes:
-                _sync(work.device)
-                t0 = time.perf_counter()
-                model(plan.prepare(x[:size]))
-                _sync(work.device)
-                best[size] = min(best[size], (time.perf_counter() - t0) / size)
-    return best
+def time_eval(trial: _EvalTrial, size: int) -> float:
+    """One timing: seconds per image of inference at evaluation batch ``size`` (one batch)."""
+    return trial.run(size) / size
+
+
+# The load beside a calibration: busy CPU time of the CPUs this process may run on, less its own.
+
+
+def load_sample() -> tuple[float, float, float] | None:
+    """(wall seconds, busy seconds of this process's CPUs, this process's CPU seconds); None without /proc/stat."""
+    try:
+        cpus = os.sched_getaffinity(0)
+        text = Path("/proc/stat").read_text()
+    except (OSError, AttributeError):
+        return None
+    busy = 0
+    for line in text.splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            ticks = [int(v) for v in values[:8]]
+            busy += ticks[0] + ticks[1] + ticks[2] + sum(ticks[5:8])  # user nice system irq softirq steal
+    return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), time.process_time()
+
+
+def other_cores(start: tuple | None, end: tuple | None) -> float | None:
+    """Cores that other processes (and the hypervisor, as steal) kept busy between two samples."""
+    if start is None or end is None or end[0] - start[0] <= 0:
+        return None
+    return max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0]))
+
+
+def spare_cores(threads: int) -> float:
+    """Cores of this process's CPUs that a job of ``threads`` threads leaves to other work."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(0.0, cpus - (threads or torch.get_num_threads()))
+
+
+@dataclass
+class Rounds:
+    """Per-round timings of a baseline and a trial (seconds per image) and the load beside each round."""
+
+    base: list[float] = field(default_factory=list)
+    trial: list[float] = field(default_factory=list)
+    load: list[float] = field(default_factory=list)
+    gains: list[float] = field(default_factory=list)
+
+    def add(self, base: float, trial: float, load: float | None, gain: float | None = None) -> None:
+        self.base.append(base)
+        self.trial.append(trial)
+        if load is not None:
+            self.load.append(load)
+        self.gains.append(base / trial if gain is None else gain)
+
+    def __len__(self) -> int:
+        return len(self.gains)
+
+    @property
+    def gain(self) -> float:
+        return statistics.median(self.gains)
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range of the per-round gains, relative to their median (inf under 3 rounds)."""
+        return spread(self.gains)
+
+    @property
+    def other_load(self) -> float | None:
+        return statistics.median(self.load) if self.load else None
+
+
+def spread(values: list[float]) -> float:
+    if len(values) < 3:
+        return math.inf
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return (q3 - q1) / statistics.median(values)
+
+
+def _enough(rounds: Rounds, started: float, cap: float, spare: float, last_round: float = 0.0) -> bool:
+    """Whether a knob's rounds may stop: the spread small (after MIN_ROUNDS), load seen (after two), or
+    the cap reached (or about to be overrun by half by one more round)."""
+    n, elapsed = len(rounds), time.perf_counter() - started
+    if n >= MAX_ROUNDS or elapsed >= cap or elapsed + last_round > 1.5 * cap:
+        return True
+    if n >= 2 and _loaded(rounds.other_load, spare):
+        return True
+    return n >= MIN_ROUNDS and rounds.spread <= TARGET_SPREAD
+
+
+def _loaded(load: float | None, spare: float) -> bool:
+    return load is not None and load > spare + LOAD_TOLERANCE
+
+
+def measure_pair(plan: ExecutionPlan, trial: ExecutionPlan, work: Workload, budget: float, cap: float,
+                 spare: float, compile_gain=None) -> tuple[Rounds, _Trial, _Trial]:  # fmt: skip
+    """Interleaved rounds of ``plan`` and ``trial`` (order alternating), until :func:`_enough`; the
+    cap counts from before their set-up (warm-up steps, compilation)."""
+    started, last_round = time.perf_counter(), 0.0
+    runs = (_Trial(plan, work, budget), _Trial(trial, work, budget))
+    rounds = Rounds()
+    while not _enough(rounds, started, cap, spare, last_round):
+        sample, round_started = load_sample(), time.perf_counter()
+        times = [0.0, 0.0]
+        for i in (0, 1) if len(rounds) % 2 == 0 else (1, 0):
+            times[i] = time_training(runs[i])
+        gain = compile_gain(times[0], times[1], runs[1].warmup_seconds) if compile_gain else None
+        rounds.add(times[0], times[1], other_cores(sample, load_sample()), gain)
+        last_round = time.perf_counter() - round_started
+    return rounds, runs[0], runs[1]
+
+
+def measure_eval(plan: ExecutionPlan, work: Workload, baseline: int, cap: float, spare: float) -> dict[int, Rounds]:
+    """Interleaved rounds of inference at each candidate evaluation batch against ``baseline``."""
+    trial = _EvalTrial(plan, work)
+    others = [size for size in work.eval_candidates() if size != baseline]
+    rounds = {size: Rounds() for size in others}
+    started, last_round = time.perf_counter(), 0.0
+    while others and not all(_enough(r, started, cap, spare, last_round) for r in rounds.values()):
+        sample, round_started = load_sample(), time.perf_counter()
+        order = [baseline, *others] if len(rounds[others[0]]) % 2 == 0 else [*others, baseline]
+        times = {size: time_eval(trial, size) for size in order}
+        load = other_cores(sample, load_sample())
+        for size in others:
+            rounds[size].add(times[baseline], times[size], load)
+        last_round = time.perf_counter() - round_started
+    return rounds
 
 
 def candidates(work: Workload, threads: int, measure_compile: bool) -> list[tuple[str, list]]:
@@ -212,111 +384,400 @@ def candidates(work: Workload, threads: int, measure_compile: bool) -> list[tupl
     return options
 
 
-def calibrate(work: Workload, threads: int = 0, measure_compile: bool = False, budget: float = 1.0, log=print):
-    """Measure the device and choose a plan; returns ``(plan, measurements)``.
+@dataclass
+class Calibration:
+    """What :func:`calibrate` found. Unpacks as ``plan, measurements``."""
 
-    Greedy: starting from float32, contiguous, all ``threads``, eager, each knob's options are timed
-    against the plan chosen so far (interleaved, best of two) and one is kept only if it was faster.
-    ``torch.compile`` is judged on a whole job (``work.job_steps`` steps plus its compile time). The
-    evaluation batch size is the fastest of the workload's candidates for inference under the plan.
+    plan: ExecutionPlan
+    measurements: list[dict]
+    knobs: list[str]  # the knobs this calibration decided (measured, or fallen back to the default)
+    refused: str | None = None  # why the whole calibration was refused (its knobs took the defaults)
+    fallback: dict[str, str] = field(default_factory=dict)  # knob: why it took its default
+    load: float | None = None  # median cores other processes kept busy while it measured
+    baseline: dict[str, float] = field(default_factory=dict)  # images/s of the default plan: training, inference
+    seconds: float = 0.0
+
+    def __iter__(self):
+        return iter((self.plan, self.measurements))
+
+
+def _row(knob, value, against, rounds: Rounds | None, kept, note="", margin=None) -> dict:
+    row = {"knob": knob, "value": value, "against": against, "gain": None, "kept": kept, "note": note}
+    if rounds is not None and len(rounds):
+        row |= {
+            "gain": round(rounds.gain, 3),
+            "images_per_second": round(1 / statistics.median(rounds.trial), 1),
+            "baseline_images_per_second": round(1 / statistics.median(rounds.base), 1),
+            "rounds": len(rounds),
+            "spread": round(rounds.spread, 3) if math.isfinite(rounds.spread) else None,
+            "margin": None if margin is None else round(margin, 3),
+            "other_load": None if rounds.other_load is None else round(rounds.other_load, 2),
+        }
+    return row
+
+
+def calibrate(work: Workload, threads: int = 0, measure_compile: bool = False, budget: float = BUDGET_S, log=print,
+              knobs=None, start: ExecutionPlan | None = None, known_rate: dict | None = None,
+              cap: float = KNOB_CAP_S) -> Calibration:  # fmt: skip
+    """Measure the device and choose a plan for ``knobs`` (default :data:`MEASURABLE`, plus compile
+    with ``measure_compile``), starting from ``start`` (default: float32, contiguous, all ``threads``,
+    eager); returns a :class:`Calibration` (``plan, measurements = calibrate(...)``).
+
+    Greedy, one knob at a time against the plan so far, in interleaved rounds (:func:`measure_pair`).
+    A knob is kept only if its median gain exceeds ``1 + max(MIN_MARGIN, spread)``; one whose spread
+    stays above :data:`MAX_SPREAD` is refused and keeps its default. ``torch.compile`` is judged on a
+    whole job (``work.job_steps`` steps plus its compile time). The evaluation batch size is the one
+    that beats the default's inference speed by the same margin. The whole calibration is refused,
+    every knob in ``knobs`` taking its default, when other processes keep more cores busy than the
+    job leaves free, when the baseline's images/s at the start and at a re-measure at the end differ
+    by more than :data:`DRIFT_LIMIT`, or when it falls below :data:`KNOWN_RATE_LIMIT` of ``known_rate``
+    (the images/s this device measured before, ``{"training": ..., "inference": ...}``).
     """
-    plan = ExecutionPlan(threads=threads)
-    measurements = []
-    for knob, options in candidates(work, threads, measure_compile):
+    t0 = time.perf_counter()
+    knobs = set(MEASURABLE) | ({"compile"} if measure_compile else set()) if knobs is None else set(knobs)
+    defaults = default_plan(work, threads)
+    plan = start or defaults
+    spare = spare_cores(threads)
+    result = Calibration(plan, [], sorted(knobs))
+    loads, first = [], None
+
+    def refuse(reason: str) -> None:
+        result.refused = result.refused or reason
+
+    before = load_sample()  # busy before anything is measured: refused at once, at no cost
+    time.sleep(QUIET_CHECK_S)
+    load = other_cores(before, load_sample())
+    if _loaded(load, spare):
+        loads.append(load)
+        refuse(f"other processes kept {load:.2f} cores busy beside this job's {threads or torch.get_num_threads()} "
+               f"threads ({spare:.0f} spare) before it started")  # fmt: skip
+
+    for knob, options in candidates(work, threads, "compile" in knobs):
+        if knob not in knobs or result.refused:
+            continue
         for option in options:
             trial = dataclasses.replace(plan, **{knob: option})
+            compile_gain = None
+            if knob == "compile":
+                images = work.job_steps * work.batch_size
+
+                def compile_gain(base_s, trial_s, warmup_s, images=images):
+                    return (images * base_s) / (images * trial_s + warmup_s)
+
+            if result.refused:
+                break
             try:
-                base_s, trial_s, warmup_s = compare(plan, trial, work, budget)
+                rounds, base_run, trial_run = measure_pair(plan, trial, work, budget, cap, spare, compile_gain)
             except Exception as error:  # torch.compile (or a precision) fails on some backends
                 log(f"plan: {knob}={option} failed, left out: {type(error).__name__}: {str(error)[:200]}")
-                measurements.append({"knob": knob, "value": option, "against": getattr(plan, knob), "gain": None,
-                                     "note": f"failed: {type(error).__name__}"})  # fmt: skip
+                result.measurements.append(_row(knob, option, getattr(plan, knob), None, False,
+                                                f"failed: {type(error).__name__}"))  # fmt: skip
                 continue
+            loads += rounds.load
+            if first is None:
+                first = (base_run, statistics.median(rounds.base))
+                rate = 1 / first[1]
+                result.baseline["training"] = round(rate, 1)
+                if known_rate and known_rate.get("training") and rate < KNOWN_RATE_LIMIT * known_rate["training"]:
+                    refuse(f"the baseline ran {rate:.1f} images/s, under {KNOWN_RATE_LIMIT:.0%} of the "
+                           f"{known_rate['training']:.1f} this device measured before")  # fmt: skip
+            if _loaded(rounds.other_load, spare):
+                refuse(f"other processes kept {rounds.other_load:.2f} cores busy beside this job's "
+                       f"{threads or torch.get_num_threads()} threads ({spare:.0f} spare)")  # fmt: skip
+            margin = max(MIN_MARGIN, rounds.spread)
+            note = f"median of {len(rounds)} rounds, spread {rounds.spread:.3f}"
             if knob == "compile":
-                steps = work.job_steps * work.batch_size
-                gain = (steps * base_s) / (steps * trial_s + warmup_s)
-                note = f"compile {warmup_s:.1f}s over {work.job_steps} steps; steady {base_s / trial_s:.2f}x"
+                note += f"; compile {trial_run.warmup_seconds:.1f}s over {work.job_steps} steps"
+            kept = False
+            if result.refused:
+                note = f"refused: {result.refused}"
+            elif rounds.spread > MAX_SPREAD:
+                result.fallback[knob] = f"spread {rounds.spread:.3f} over {len(rounds)} rounds, above {MAX_SPREAD}"
+                note = f"refused: {result.fallback[knob]}"
             else:
-                gain, note = base_s / trial_s, ""
-            kept = gain > 1.0
-            measurements.append(
-                {"knob": knob, "value": option, "against": getattr(plan, knob), "gain": round(gain, 3),
-                 "images_per_second": round(1 / trial_s, 1), "baseline_images_per_second": round(1 / base_s, 1),
-                 "kept": kept, "note": note}
-            )  # fmt: skip
-            log(f"plan: {knob}={option} vs {getattr(plan, knob)}: {gain:.2f}x -> {'kept' if kept else 'left out'}")
+                kept = rounds.gain > 1 + margin
+            result.measurements.append(_row(knob, option, getattr(plan, knob), rounds, kept, note, margin))
+            log(f"plan: {knob}={option} vs {getattr(plan, knob)}: {rounds.gain:.2f}x over {len(rounds)} rounds "
+                f"(spread {rounds.spread:.3f}, margin {margin:.3f}) -> {'kept' if kept else 'left out'}"
+                + (f" ({note})" if note.startswith("refused") else ""))  # fmt: skip
             if kept:
                 plan = trial
-    speeds = eval_seconds_per_image(plan, work)
-    fastest = min(speeds, key=speeds.get)
-    plan = dataclasses.replace(plan, eval_batch_size=fastest)
-    smallest = min(speeds)
-    measurements.append(
-        {"knob": "eval_batch_size", "value": fastest, "against": smallest,
-         "gain": round(speeds[smallest] / speeds[fastest], 3), "images_per_second": round(1 / speeds[fastest], 1),
-         "baseline_images_per_second": round(1 / speeds[smallest], 1), "kept": fastest != smallest,
-         "note": "inference images/s per batch size: "
-         + ", ".join(f"{b}: {1 / s:.0f}" for b, s in speeds.items())}
-    )  # fmt: skip
-    log(f"plan: evaluation batch {fastest} ({1 / speeds[fastest]:.0f} images/s)")
-    return plan, measurements
+    if first is not None and not result.refused:  # a quick re-measure of the baseline: did the load change?
+        again = statistics.median(time_training(first[0]) for _ in range(3))
+        drift = max(again, first[1]) / min(again, first[1])
+        if drift > DRIFT_LIMIT:
+            refuse(f"the baseline ran {1 / first[1]:.1f} images/s while measuring and {1 / again:.1f} in a "
+                   f"re-measure at the end ({drift:.2f}x apart)")  # fmt: skip
+    if "eval_batch_size" in knobs and not result.refused:
+        plan = _calibrate_eval(plan, work, cap, spare, result, known_rate, loads, log)
+    if result.refused:
+        plan = dataclasses.replace(plan, **{k: getattr(defaults, k) for k in knobs})
+        for knob in knobs:
+            result.fallback[knob] = f"calibration refused: {result.refused}"
+        for row in result.measurements:
+            row["kept"] = False
+        log(f"plan: WARNING: calibration refused ({result.refused}); {', '.join(sorted(knobs))} take the "
+            "defaults (float32, no channels-last, all threads, no compile); measure again on a quiet machine "
+            "with `snakemake plan_recalibrate`")  # fmt: skip
+    result.plan, result.load = plan, round(statistics.median(loads), 2) if loads else None
+    result.seconds = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def _calibrate_eval(plan, work, cap, spare, result: Calibration, known_rate, loads, log) -> ExecutionPlan:
+    """The evaluation batch: the default, unless another candidate is faster by the margin."""
+    baseline = work.eval_default()
+    measured = measure_eval(plan, work, baseline, cap, spare)
+    if not measured:
+        return dataclasses.replace(plan, eval_batch_size=baseline)
+    for rounds in measured.values():
+        loads += rounds.load
+    some = next(iter(measured.values()))
+    rate = 1 / statistics.median(some.base)
+    result.baseline["inference"] = round(rate, 1)
+    if known_rate and known_rate.get("inference") and rate < KNOWN_RATE_LIMIT * known_rate["inference"]:
+        result.refused = f"inference ran {rate:.0f} images/s, under {KNOWN_RATE_LIMIT:.0%} of the " + (
+            f"{known_rate['inference']:.0f} this device measured before"
+        )
+    if _loaded(some.other_load, spare):
+        result.refused = result.refused or f"other processes kept {some.other_load:.2f} cores busy ({spare:.0f} spare)"
+    best, best_gain = baseline, 1.0
+    for size, rounds in measured.items():
+        margin = max(MIN_MARGIN, rounds.spread)
+        clears = not result.refused and rounds.spread <= MAX_SPREAD and rounds.gain > 1 + margin
+        if clears and rounds.gain > best_gain:
+            best, best_gain = size, rounds.gain
+    for size, rounds in measured.items():
+        note = f"inference, median of {len(rounds)} rounds, spread {rounds.spread:.3f}"
+        result.measurements.append(
+            _row("eval_batch_size", size, baseline, rounds, size == best, note, max(MIN_MARGIN, rounds.spread))
+        )
+    if best == baseline and not result.refused and all(r.spread > MAX_SPREAD for r in measured.values()):
+        result.fallback["eval_batch_size"] = f"spread above {MAX_SPREAD} at every size"
+    log(f"plan: evaluation batch {best} ({best_gain:.2f}x over {baseline})")
+    return dataclasses.replace(plan, eval_batch_size=best)
 
 
 # ---------------------------------------------------------------------------------------------
-# Stored plans
+# Stored plans: the per-user cache and the study's copy
+
+
+def plan_cache_dir() -> Path:
+    """The per-user plan cache: ``$TLSELECT_PLAN_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/tlselect/plans``."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tlselect" / "plans"
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, however the job ends
-        yield
-
-
-def stored_plan(plans: str | Path, work: Workload, threads: int, measure_compile: bool, log=print) -> dict:
-    """The plan file of this device under ``plans``, calibrating it first if there is none."""
-    key = device_key(work.device, threads)
-    path = Path(plans) / f"{key}.json"
-    if not path.is_file():
-        log(f"plan: no plan for this device yet ({key}); calibrating (other jobs wait) ...")
-        with _locked(path.with_suffix(".lock")):
-            if not path.is_file():  # another job may have written it while this one waited
-                t0 = time.perf_counter()
-                plan, measurements = calibrate(work, threads, measure_compile, log=log)
-                write_json(
-                    path,
-                    {"device_key": key, "device": str(work.device), "plan": dataclasses.asdict(plan),
-                     "measurements": measurements, "compile_measured": measure_compile,
-                     "calibrated_on": {"backbone": work.backbone, "resolution": work.resolution,
-                                       "batch_size": work.batch_size},
-                     "seconds": round(time.perf_counter() - t0, 1)},
-                )  # fmt: skip
+def _locked(path: Path, required: bool = True):
+    """An exclusive lock on ``path`` (released when the file closes, however the job ends); a cache's
+    lock that cannot be taken (a read-only or lock-less file system) is skipped unless ``required``."""
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "w")  # noqa: SIM115 (closed below)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    except OSError:
+        if required:
+            raise
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        handle.close()
+
+
+def _measured(stored: dict | None) -> set[str]:
+    """The knobs a plan file decided (files of earlier versions measured all but compile, unless asked)."""
+    if stored is None:
+        return set()
+    if "measured" in stored:
+        return set(stored["measured"])
+    return set(MEASURABLE) | ({"compile"} if stored.get("compile_measured") else set())
+
+
+def _read(path: Path, cache: bool = False, log=print) -> dict | None:
+    """A plan file, or None when there is none; an unreadable study copy is an error, an unreadable
+    cache entry is ignored (the calibration that follows replaces it)."""
+    try:
+        if not path.is_file():
+            return None
         stored = json.loads(path.read_text())
         ExecutionPlan(**stored["plan"])
-    except (ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        if cache:
+            log(f"plan: ignoring the cached plan {path} ({error})")
+            return None
         raise PlanError(f"{path} is not a readable plan ({error}); delete it and the next job re-calibrates") from None
-    stored["file"] = str(path)
+    stored["measured"] = sorted(_measured(stored))
     return stored
 
 
-def resolve(pinned: ExecutionPlan, auto: set[str], plans: str, work: Workload, log=print) -> tuple[ExecutionPlan, dict]:
+def _write_cache(path: Path, entry: dict, log) -> bool:
+    try:
+        write_json(path, entry)
+        return True
+    except OSError as error:
+        log(f"plan: could not write the plan cache {path} ({error}); this study keeps its own copy only")
+        return False
+
+
+def _new_entry(key: str, work: Workload, threads: int) -> dict:
+    return {"device_key": key, "device": str(work.device), "torch": torch.__version__,
+            "plan": dataclasses.asdict(default_plan(work, threads)), "measured": [], "fallback": {},
+            "refused": None, "measurements": [], "calibrations": [], "seconds": 0.0}  # fmt: skip
+
+
+def _with(entry: dict | None, key: str, work: Workload, threads: int, calibration: Calibration, knobs: set) -> dict:
+    """``entry`` (or a new one) with ``knobs`` set from ``calibration`` and its measurements added."""
+    entry = copy.deepcopy(entry) if entry else _new_entry(key, work, threads)
+    entry["plan"].update({knob: getattr(calibration.plan, knob) for knob in knobs})
+    entry["measured"] = sorted(set(entry.get("measured", [])) | knobs)
+    entry["fallback"] = {**entry.get("fallback", {}), **{k: v for k, v in calibration.fallback.items() if k in knobs}}
+    entry["refused"] = calibration.refused or entry.get("refused")
+    entry["measurements"] = entry.get("measurements", []) + [m for m in calibration.measurements if m["knob"] in knobs]
+    entry["compile_measured"] = "compile" in entry["measured"]
+    entry.setdefault("calibrated_on", {"backbone": work.backbone, "resolution": work.resolution,
+                                       "batch_size": work.batch_size})  # fmt: skip
+    entry.setdefault("calibrations", []).append(
+        {"knobs": sorted(knobs), "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": calibration.seconds,
+         "refused": calibration.refused, "other_load": calibration.load, "baseline_images_per_second":
+         calibration.baseline, "workload": {"backbone": work.backbone, "resolution": work.resolution,
+                                            "batch_size": work.batch_size}}
+    )  # fmt: skip
+    entry["seconds"] = round(entry.get("seconds", 0.0) + calibration.seconds, 1)
+    return entry
+
+
+def _known_rate(entry: dict | None, work: Workload) -> dict | None:
+    """The images/s an earlier, unrefused calibration of this device measured on the same workload."""
+    workload = {"backbone": work.backbone, "resolution": work.resolution, "batch_size": work.batch_size}
+    for past in reversed((entry or {}).get("calibrations", [])):
+        if past.get("workload") == workload and not past.get("refused") and past.get("baseline_images_per_second"):
+            return past["baseline_images_per_second"]
+    return None
+
+
+def _from_cache(entry: dict, cached: dict, knobs: set) -> dict:
+    """``entry`` with ``knobs`` taken from the cached plan ``cached``."""
+    entry = copy.deepcopy(entry)
+    entry["plan"].update({knob: cached["plan"][knob] for knob in knobs})
+    entry["measured"] = sorted(set(entry["measured"]) | knobs)
+    entry["fallback"] = {**entry.get("fallback", {}), **{k: v for k, v in cached.get("fallback", {}).items()
+                                                         if k in knobs}}  # fmt: skip
+    entry["measurements"] = entry.get("measurements", []) + [m for m in cached.get("measurements", [])
+                                                             if m.get("knob") in knobs]  # fmt: skip
+    entry["refused"] = entry.get("refused") or cached.get("refused")
+    return entry
+
+
+def stored_plan(plans: str | Path, work: Workload, threads: int, measure_compile: bool = False, log=print,
+                knobs=None, recalibrate: bool = False) -> dict:  # fmt: skip
+    """The plan of this device for ``knobs`` (default :data:`MEASURABLE`, plus compile with
+    ``measure_compile``): the study's copy under ``plans`` when it has them, else the per-user
+    cache's (copied into the study), else measured now (into both). ``recalibrate``: measure again,
+    replacing the cache's plan (unless the new calibration is refused); the study's copy, when there
+    is one, stays as it is. The returned dict has ``file`` (the study's copy) and ``source``
+    (study, cache, calibrated or recalibrated).
+    """
+    knobs = set(MEASURABLE) | ({"compile"} if measure_compile else set()) if knobs is None else set(knobs)
+    key = device_key(work.device, threads)
+    path = Path(plans) / f"{key}.json"
+    stored = _read(path)
+    if stored is not None and knobs <= set(stored["measured"]) and not recalibrate:
+        return stored | {"file": str(path), "source": "study"}
+    cache = plan_cache_dir() / f"{key}.json"
+    with _locked(path.with_suffix(".lock")), _locked(cache.with_suffix(".lock"), required=False):
+        stored = _read(path)  # another job may have written it while this one waited
+        if stored is not None and knobs <= set(stored["measured"]) and not recalibrate:
+            return stored | {"file": str(path), "source": "study"}
+        cached = _read(cache, cache=True, log=log)
+        recalibration = {}
+        if recalibrate:
+            entry, recalibration = _recalibrate(stored, cached, cache, key, work, threads, knobs, log)
+            source = "recalibrated"
+        else:
+            entry, source = _complete(stored, cached, cache, key, work, threads, knobs, log)
+        if stored is None or not recalibrate:
+            entry = {k: v for k, v in entry.items() if k not in ("file", "source", "cache_file")}
+            write_json(path, entry | {"cache_file": str(cache)})
+            stored = entry | {"cache_file": str(cache)}
+        else:
+            log(f"plan: this study keeps its plan {path} (its runs used it); delete it to take the new one here")
+    return stored | {"file": str(path), "source": source} | recalibration
+
+
+def _complete(stored, cached, cache: Path, key, work, threads, knobs: set, log) -> tuple[dict, str]:
+    """The study's plan with ``knobs`` filled in: from the cache, else measured (and added to the cache)."""
+    entry = stored or (copy.deepcopy(cached) if cached else None)
+    missing = knobs - _measured(entry)
+    source = "cache" if stored is None and cached is not None else "study"
+    if cached is not None and entry is not cached and missing & _measured(cached):
+        entry = _from_cache(entry or _new_entry(key, work, threads), cached, missing & _measured(cached))
+        missing -= _measured(cached)
+        source = "cache"
+    if not missing:
+        entry = entry or _new_entry(key, work, threads)
+        if source == "cache":
+            log(f"plan: using this machine's plan from {cache}")
+        return entry, source
+    log(f"plan: measuring {', '.join(sorted(missing))} on this device ({key}); other jobs wait ...")
+    start = ExecutionPlan(**entry["plan"]) if entry else None
+    calibration = calibrate(work, threads, "compile" in missing, log=log, knobs=missing, start=start,
+                            known_rate=_known_rate(cached, work))  # fmt: skip
+    entry = _with(entry, key, work, threads, calibration, missing)
+    cache_missing = missing - _measured(cached)
+    if cache_missing:
+        _write_cache(cache, _with(cached, key, work, threads, calibration, cache_missing), log)
+    return entry, "calibrated"
+
+
+def _recalibrate(stored, cached, cache: Path, key, work, threads, knobs: set, log) -> tuple[dict, dict]:
+    """Measure ``knobs`` and every knob the cache held again, from the defaults; replace the cache's
+    plan unless the new calibration was refused where the cached one was not. Returns the study's
+    plan (the new one where the study has none) and ``{"recalibration": what happened}``."""
+    knobs = knobs | _measured(cached)
+    log(f"plan: recalibrating {', '.join(sorted(knobs)) or 'nothing (no knob is auto)'} on this device ({key}) ...")
+    calibration = calibrate(
+        work, threads, "compile" in knobs, log=log, knobs=knobs, known_rate=_known_rate(cached, work)
+    )
+    entry = _with(None, key, work, threads, calibration, knobs)
+    outcome = {"plan": entry["plan"], "refused": calibration.refused, "cache_file": str(cache),
+               "cache_written": False, "seconds": calibration.seconds}  # fmt: skip
+    if calibration.refused and cached is not None and not cached.get("refused"):
+        log(f"plan: the recalibration was refused; the cached plan {cache} stays")
+        entry = cached
+    else:
+        outcome["cache_written"] = _write_cache(cache, entry, log)
+    return (entry if stored is None else stored), {"recalibration": outcome}
+
+
+def resolve(pinned: ExecutionPlan, auto: set[str], plans: str, work: Workload, log=print,
+            recalibrate: bool = False) -> tuple[ExecutionPlan, dict]:  # fmt: skip
     """The plan a job runs with: ``pinned``'s knobs, except those in ``auto``, which the device's plan sets.
 
-    Returns the plan and a note for the record (the plan file and the knobs it set).
+    Returns the plan and a note for the record: the plan file, where it came from, the knobs taken
+    from it (``auto``) and those the config pinned, and whether its calibration was refused.
     """
     unknown = auto - set(KNOBS)
     if unknown:
         raise PlanError(f"unknown plan knob(s) {', '.join(sorted(unknown))}; the knobs are {', '.join(KNOBS)}")
-    if not auto:
-        return pinned, {"file": None, "auto": []}
+    if not auto and not recalibrate:
+        return pinned, {"file": None, "auto": [], "pinned": list(KNOBS)}
     if not plans:
         raise PlanError("knobs set to auto need a plans folder (--plans DIR), where measured plans are kept")
-    stored = stored_plan(plans, work, pinned.threads, "compile" in auto, log)
+    stored = stored_plan(plans, work, pinned.threads, "compile" in auto, log, knobs=auto, recalibrate=recalibrate)
     measured = stored["plan"]
-    if "compile" in auto and not stored["compile_measured"]:
-        log(f"plan: {stored['file']} was calibrated without torch.compile; delete it to measure compile too")
     chosen = dataclasses.replace(pinned, **{k: measured[k] for k in auto})
-    note = {"file": stored["file"], "device_key": stored["device_key"], "auto": sorted(auto)}
+    fallback = {k: v for k, v in stored.get("fallback", {}).items() if k in auto}
+    if fallback:
+        log(f"plan: WARNING: {', '.join(sorted(fallback))} at the defaults, not measured values: "
+            + "; ".join(sorted(set(fallback.values()))))  # fmt: skip
+    note = {"file": stored["file"], "device_key": stored["device_key"], "source": stored["source"],
+            "auto": sorted(auto), "pinned": [k for k in KNOBS if k not in auto], "fallback": fallback,
+            "refused": stored.get("refused")}  # fmt: skip
+    if "recalibration" in stored:
+        note["recalibration"] = stored["recalibration"]
     return chosen, note | {"measurements": stored["measurements"]}

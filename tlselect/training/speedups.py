@@ -30,7 +30,7 @@ from tlselect.training.loop import autocast, execution, resolve_device
 from tlselect.training.models import StagedNet
 from tlselect.training.options import TrainConfig
 from tlselect.training.plan import KNOBS, training_step
-from tlselect.training.trainer import resolve_batch_size, resolve_plan, train
+from tlselect.training.trainer import hardware, resolve_batch_size, resolve_plan, train, versions
 
 
 class PeakMemory:
@@ -395,3 +395,33 @@ def jobs_suite(base: TrainConfig, repeat: int = 3, log=print) -> list[dict]:
     cold, hot = min(outside["cold"]), min(outside["forked"])
     note = f"seconds outside training and evaluation per job: {cold:.2f} in a fresh process, {hot:.2f} forked"
     return [row("jobs", "the fork server (a job's fixed cost)", "a fresh process per job", hot, cold, note=note)]
+
+
+def measure(base: TrainConfig, suites: list[str], accuracy_epochs: int, layers: list[str], epochs: int) -> dict:
+    """Run the chosen ``suites`` (``training``, ``features``, ``jobs``, in that order) from the settings
+    ``base``: ``{"rows", "device", "hardware", "versions", "seconds"}``, what ``optimizations.json`` holds.
+    ``accuracy_epochs``: the training suite's fast-vs-naive check (0: skip); ``layers`` and
+    ``epochs``: the feature suite's probed stages and plan epochs."""
+    start = time.perf_counter()
+    rows = []
+    if "training" in suites:
+        rows += training_suite(base, accuracy_epochs)
+    if "features" in suites:
+        rows += features_suite(base, layers, epochs)
+    if "jobs" in suites:
+        rows += jobs_suite(base)
+    device = resolve_device(base.device)
+    return {"rows": rows, "device": str(device), "hardware": hardware(), "versions": versions(),
+            "seconds": time.perf_counter() - start}  # fmt: skip
+
+
+def summary(result: dict) -> str:
+    """The speedups of a :func:`measure` result as printed lines, each with its baseline and goal."""
+    hw = result["hardware"]
+    lines = [f"\nOptimizations on {hw.get('cuda_device', hw['processor'] or 'CPU')} ({result['device']}):"]
+    for r in result["rows"]:
+        goal = "" if r["goal"] is None else f"  goal >= {r['goal']} {'met' if r['meets_goal'] else 'NOT met'}"
+        lines.append(f"  {r['speedup']:6.2f}x  {r['optimization']}  (vs {r['baseline']}){goal}")
+        if r["note"]:
+            lines.append(f"           {r['note']}")
+    return "\n".join(lines)

@@ -403,8 +403,11 @@ def resolve_batch_size(config: TrainConfig, images: int) -> TrainConfig:
     return dataclasses.replace(config, batch_size=batch, lr=config.lr * batch / 256)
 
 
-def resolve_plan(config: TrainConfig, device: torch.device, images: int, log) -> tuple[TrainConfig, dict]:
-    """The config with its ``auto`` knobs set from this device's measured plan (calibrated first if needed)."""
+def resolve_plan(
+    config: TrainConfig, device: torch.device, images: int, log, recalibrate: bool = False
+) -> tuple[TrainConfig, dict]:
+    """The config with its ``auto`` knobs set from this device's plan: the study's copy, else the
+    per-user cache's, else measured now (``recalibrate``: measured again; tlselect.training.plan)."""
     t0 = time.perf_counter()
     auto = {knob.strip() for knob in config.auto.split(",") if knob.strip()}
     if config.kind == "probe":
@@ -412,13 +415,28 @@ def resolve_plan(config: TrainConfig, device: torch.device, images: int, log) ->
     pinned = execution(config)
     steps = config.epochs * max(1, images // config.batch_size)
     work = Workload(config.backbone, config.resolution, config.batch_size, device, job_steps=steps)
-    plan, note = resolve(pinned, auto, config.plans, work, log=lambda message: log(f"[{config.run_id}] {message}"))
+
+    def prefixed(message: str) -> None:
+        log(f"[{config.run_id}] {message}")
+
+    plan, note = resolve(pinned, auto, config.plans, work, log=prefixed, recalibrate=recalibrate)
     if config.kind != "probe":
         check_precision(plan.precision, device)
     if auto:
         log(f"[{config.run_id}] plan: " + ", ".join(f"{k}={getattr(plan, k)}" for k in KNOBS))
     note["seconds"] = time.perf_counter() - t0
     return dataclasses.replace(config, **dataclasses.asdict(plan)), note
+
+
+def recalibrate_plan(config: TrainConfig, log=print) -> dict:
+    """Measure this device's plan again for ``config``'s workload (its backbone, resolution and batch
+    size on its data); returns the plan note, whose ``recalibration`` says what was measured and
+    whether the per-user cache took it."""
+    device = resolve_device(config.device)
+    splits = load_splits(config, device)
+    config = resolve_batch_size(config, training_images(config, splits))
+    _, note = resolve_plan(config, device, len(splits.tensors["train"][1]), log, recalibrate=True)
+    return note
 
 
 def describe(config: TrainConfig, splits: Splits, model: nn.Module) -> str:

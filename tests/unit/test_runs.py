@@ -1,29 +1,19 @@
-"""Run specs (tlselect.runs): stable ids, one spec per kind of run, flags the trainer accepts."""
+"""Run specs (tlselect.runs): stable ids, one spec per kind of run, flags the trainer accepts.
+
+The dry run of the default study (the Snakefile parsed without torch, the jobs' priorities) is in
+tests/workflow/test_runs_workflow.py."""
 
 import copy
-import os
-import re
-import subprocess
 import sys
 
 import numpy as np
 import pytest
-import yaml
-from conftest import REPO
-from snakemake.utils import validate
+from helpers import REPO, default_config
 
 from tlselect import runs
 from tlselect.core import settings
 from tlselect.search.space import Space
 from tlselect.training.options import PROBE_UNUSED, TrainConfig, config_from_args
-
-SCHEMA = str(REPO / "schemas" / "config.schema.yaml")
-
-
-def load_default():
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
-    validate(config, SCHEMA)
-    return config
 
 
 def every_spec(config):
@@ -39,7 +29,7 @@ def every_spec(config):
 
 def test_run_ids_of_existing_configs_stay_the_same():
     """Ids name the files of a user's results/: they must not change with the code that computes them."""
-    config = load_default()
+    config = default_config()
     assert "finetune-resnet18-imagenet-45429538" in runs.policy_runs(config)
     assert "mobilenet_v3_small-imagenet-most-lr0.02-r32-964728cd" in runs.candidate_runs(config)
     config["pretrained"] = "source"  # the source model's settings are part of the id
@@ -49,7 +39,7 @@ def test_run_ids_of_existing_configs_stay_the_same():
 
 
 def test_run_ids_are_readable_stable_and_local():
-    config = load_default()
+    config = default_config()
     before = runs.policy_runs(config)
     assert runs.policy_runs(copy.deepcopy(config)) == before
     config["policies"][3]["lr"] = 0.01
@@ -59,7 +49,7 @@ def test_run_ids_are_readable_stable_and_local():
 
 
 def test_source_settings_reach_the_ids_of_runs_that_start_from_it():
-    config = load_default()
+    config = default_config()
     config["pretrained"] = "source"
     before = {**runs.policy_runs(config), **runs.probe_runs(config), **runs.candidate_runs(config)}
     config["source"]["train"]["epochs"] += 1
@@ -70,7 +60,7 @@ def test_source_settings_reach_the_ids_of_runs_that_start_from_it():
 
 
 def test_every_kind_has_its_flags_round_trip_through_the_cli():
-    for spec in every_spec(load_default()):
+    for spec in every_spec(default_config()):
         parsed = config_from_args(spec.flags().split())
         for key, value in spec.settings.items():
             assert getattr(parsed, key) == value, (spec.kind, key)
@@ -78,7 +68,7 @@ def test_every_kind_has_its_flags_round_trip_through_the_cli():
 
 
 def test_probe_specs_hold_only_what_a_probe_uses():
-    config = load_default()
+    config = default_config()
     probes = runs.probe_runs(config)
     assert len(probes) == len(config["features"]["layers"]) * len(config["features"]["inits"])
     for spec in probes.values():
@@ -92,7 +82,7 @@ def test_probe_specs_hold_only_what_a_probe_uses():
 
 
 def test_needs_name_the_weights_of_the_runs_init_and_backbone():
-    config = load_default()
+    config = default_config()
     for pretrained in ("source", "imagenet"):
         config["pretrained"] = pretrained
         for spec in [*runs.candidate_runs(config).values(), *runs.policy_runs(config).values()]:
@@ -106,14 +96,14 @@ def test_needs_name_the_weights_of_the_runs_init_and_backbone():
 
 
 def test_candidates_are_named_by_their_id_and_overrides_win_in_flags():
-    spec = next(iter(runs.candidate_runs(load_default()).values()))
+    spec = next(iter(runs.candidate_runs(default_config()).values()))
     assert spec.name == spec.id and spec.kind == "candidate"
     parsed = config_from_args(spec.flags(epochs=3, keep_state=True).split())
     assert parsed.epochs == 3 and parsed.keep_state and isinstance(parsed, TrainConfig)
 
 
 def test_the_candidate_config_is_enough_for_a_candidates_spec_and_the_space():
-    config = load_default()
+    config = default_config()
     config["search"].update(inits=["source", "scratch"], freezes=["none", "early", "most"])
     context, space = runs.candidate_config(config), Space.from_config(config)
     assert Space.from_config(context) == space
@@ -122,49 +112,11 @@ def test_the_candidate_config_is_enough_for_a_candidates_spec_and_the_space():
         assert runs.candidate_spec(context, params) == runs.candidate_spec(config, params)
 
 
-@pytest.fixture(scope="module")
-def full_dry_run(tmp_path_factory):
-    """A dry run of the default study with the search and the benchmark turned on from the command
-    line, with torch and torchvision made unimportable."""
-    tmp_path = tmp_path_factory.mktemp("dry-run")
-    for name in ("torch", "torchvision"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('{name} imported while parsing')\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    return subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--directory", str(tmp_path / "work"), "--snakefile", "Snakefile",
-         "--configfile", str(REPO / "config.yaml"), "--config", "search={enabled: true}", "speedups={enabled: true}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-
-
-def test_parsing_the_snakefile_imports_neither_torch_nor_torchvision(full_dry_run):
-    result = full_dry_run
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "imported while parsing" not in result.stdout + result.stderr
-    assert all(rule in result.stdout for rule in ("train", "probe", "search_grid", "speedups"))
-
-
-def test_the_study_goes_before_the_search_and_the_benchmark(full_dry_run):
-    """Whenever jobs of both are ready, Snakemake starts the higher priority first."""
-    priorities: dict[str, set[int]] = {}
-    for block in re.split(r"^(?=(?:local)?rule \w+:)", full_dry_run.stdout, flags=re.M):
-        name = re.match(r"(?:local)?rule (\w+):", block)
-        if name:
-            found = re.search(r"^\s+priority: (\d+)", block, re.M)
-            priorities.setdefault(name.group(1), set()).add(int(found.group(1)) if found else 0)
-    study = {"train", "probe", "extract_features", "tables", "figure", "notebook"}
-    later = {"search_grid", "search_first_rung", "search_next_rung", "speedups"}
-    assert study | later <= set(priorities)
-    assert min(min(priorities[r]) for r in study) > max(max(priorities[r]) for r in later)
-    assert "results/report/study.html" in full_dry_run.stdout and "results/report/solution.html" in full_dry_run.stdout
-
-
 @pytest.mark.parametrize("size", [100, 1000])
 def test_dag_scale_pools_have_the_size_they_name(size):
     sys.path.insert(0, str(REPO / "benchmarks"))
     import dag_scale
 
-    config = load_default()
+    config = default_config()
     config["search"].update(dag_scale.overlay(size)["search"])
     assert len(runs.candidate_runs(config)) == size

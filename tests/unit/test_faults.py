@@ -2,9 +2,11 @@
 
 A write that meets a full disk (injected by ``full_disk.py``, and for real on a small tmpfs where
 mounting is allowed) keeps the previous file, leaves no temporary and names the file and its
-filesystem; the same command finishes once there is space. A checkpoint, resume file, decoded
-split or feature file whose bytes changed (a flipped byte, a truncation) is refused when read,
-named and moved aside, and the next run of the workflow computes it again with the same result.
+filesystem. A checkpoint, resume file, decoded split or feature file whose bytes changed (a flipped
+byte, a truncation) is refused when read, named and moved aside, and is computed anew. A write
+removes the temporaries that killed writers of its target left. The same through snakemake (the
+command finishes once there is space, the workflow recomputes a corrupted file with the same
+result): tests/workflow/test_faults_workflow.py.
 """
 
 from __future__ import annotations
@@ -17,21 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from full_disk import patches, sitecustomize
-from test_reliability import (
-    crash_in_epoch_two,
-    make_study,
-    quiet,
-    small_tensors,
-    snakemake,
-    snakemake_command,
-    snakemake_env,
-    without_timings,
-)
+from full_disk import patches
+from helpers import crash_in_epoch_two, flip_byte, quiet, small_tensors, truncate, without_timings
 
 from tlselect.core.files import CorruptFile, DiskFull, corrupt_path, load_torch, save_torch, write_json, write_text
-from tlselect.core.registry import read_record
 from tlselect.data import tensors
 from tlselect.training.features import extract_range, load_features, open_features
 from tlselect.training.models import StagedNet, load_state_dict_file
@@ -105,43 +96,8 @@ def test_a_real_full_filesystem_keeps_the_previous_file_and_names_it(small_disk,
     check_full_disk_keeps_the_old_file(small_disk, kind)
 
 
-@pytest.mark.workflow
-def test_a_training_job_whose_checkpoint_finds_the_disk_full_finishes_once_there_is_space(tmp_path, tiny_archive):
-    workdir = tmp_path / "study"
-    (run_id,) = make_study(workdir, tiny_archive, [{"name": "steady", "init": "scratch", "freeze": "none"}], epochs=3)
-    target, log = f"results/registry/{run_id}.json", workdir / f"results/logs/train/{run_id}.log"
-    hook = sitecustomize(tmp_path / "hook", part=f"/.{run_id}.pt.", free=0)  # the checkpoint's temporary file
-    env = dict(snakemake_env(), PYTHONPATH=str(hook))
-    full = subprocess.run(snakemake_command(workdir, target), cwd=workdir, env=env, capture_output=True, text=True)
-    assert full.returncode != 0
-    assert f"error: no space left on device writing results/models/{run_id}.pt (filesystem of " in log.read_text()
-    models = workdir / "results/models"
-    assert sorted(p.name for p in models.iterdir()) == [f"{run_id}.resume.pt", f"{run_id}.resume.pt.crc32"]
-    done = len(load_torch(models / f"{run_id}.resume.pt")["curves"])
-
-    snakemake(workdir, target)  # space freed: the same command
-    record = read_record(workdir / target)
-    assert record["status"] == "completed" and record["resumed_from_epoch"] == done
-    settings = {**record["config"], "data": str(workdir / "results/data"), "out": str(tmp_path / "straight.pt")}
-    straight = train(TrainConfig(**{**settings, "record": ""}), log=quiet)
-    assert without_timings(record["curves"]) == without_timings(straight["curves"])
-    assert record["metrics"] == straight["metrics"]
-    assert sorted(p.name for p in models.iterdir()) == [f"{run_id}.pt", f"{run_id}.pt.crc32"]
-    load_torch(models / f"{run_id}.pt")  # and it matches its checksum
-
-
 # ---------------------------------------------------------------------------------------------
 # Corruption on disk: every kind of file a later job reads, a flipped byte and a truncation
-
-
-def flip_byte(path: Path) -> None:
-    content = bytearray(path.read_bytes())
-    content[len(content) // 2] ^= 0x01
-    path.write_bytes(bytes(content))
-
-
-def truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 def checkpoint(path: Path):
@@ -223,33 +179,15 @@ def test_a_corrupt_resume_file_is_ignored_and_the_run_starts_again(tmp_path, dam
     assert record["metrics"] == straight["metrics"]
 
 
-def results(workdir: Path) -> dict:
-    """Every record's metrics and curves (timings left out), by run id."""
-    records = (read_record(p) for p in sorted((workdir / "results/registry").glob("*.json")))
-    return {r["run_id"]: (r["metrics"], without_timings(r["curves"])) for r in records}
+# ---------------------------------------------------------------------------------------------
+# Killed writers: the temporaries they left are removed by the next write of their target
 
 
-@pytest.mark.workflow
-def test_the_workflow_recomputes_a_corrupted_file_and_gets_the_same_results(tmp_path, tiny_archive):
-    workdir = tmp_path / "study"
-    make_study(workdir, tiny_archive, [{"name": "steady", "init": "scratch", "freeze": "none"}], epochs=2)
-    study = yaml.safe_load((workdir / "tiny.yaml").read_text())
-    study["features"] = {"layers": ["layer1"], "inits": ["scratch"], "probe": {"epochs": 2}}
-    (workdir / "tiny.yaml").write_text(yaml.safe_dump(study))
-    snakemake(workdir)  # the default target, as the README runs it
-    uninterrupted = results(workdir)
-    assert len(uninterrupted) == 2  # the policy and the probe
-
-    for name, damage in [
-        ("results/features/resnet18/scratch/layer1/train.npy", flip_byte),  # read by the probe
-        ("results/data/train.pt", truncate),  # read by every job after the subset
-    ]:
-        path = workdir / name
-        written = path.read_bytes()
-        damage(path)
-        refused = snakemake(workdir, check=False)  # the job that reads it stops, naming it
-        assert refused.returncode != 0 and f"error: {name} is corrupt" in refused.stdout + refused.stderr
-        assert corrupt_path(path).is_file() and not path.exists()
-        snakemake(workdir)  # the same command computes it anew, and what reads it
-        assert path.read_bytes() == written and not corrupt_path(path).exists()
-        assert results(workdir) == uninterrupted
+def test_a_write_removes_the_temporaries_killed_writers_of_its_target_left(tmp_path):
+    target, other = tmp_path / "run.resume.pt", tmp_path / "run.pt"
+    for stale in (".run.resume.pt.k1ll3d.tmp.pt", ".run.pt.k1ll3d.tmp.pt"):
+        (tmp_path / stale).write_bytes(b"half a checkpoint")
+    write_text(target, "whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.pt.k1ll3d.tmp.pt", "run.resume.pt"]
+    write_text(other, "whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt", "run.resume.pt"]

@@ -2,11 +2,10 @@
 
 Concurrent jobs get distinct GPUs (or, with N jobs per GPU, at most N share one), a job beyond the
 pool waits, a killed job's GPU is reclaimed at once; the training scripts claim their GPU at
-start-up; the rules ask for one unless device is cpu.
+start-up. That the rules ask for one unless device is cpu: tests/workflow/test_gpu_slots_workflow.py.
 """
 
 import os
-import re
 import selectors
 import shlex
 import signal
@@ -15,14 +14,13 @@ import sys
 import time
 
 import pytest
-import yaml
-from conftest import REPO, tiny_data
+from helpers import REPO
 
 from tlselect.training import gpus
 
 # A stand-in job: claims the GPUs it was given, prints what it sees, then runs until killed.
 JOB = (
-    "import os, sys, time; from tlselect.gpus import assign; "
+    "import os, sys, time; from tlselect.training.gpus import assign; "
     "assign(int(sys.argv[1]), 'auto', per_device=int(sys.argv[2])); "
     "print(os.environ['CUDA_VISIBLE_DEVICES'], flush=True); time.sleep(600)"
 )
@@ -188,70 +186,6 @@ def test_extraction_script_refuses_cuda_without_a_gpu(tmp_path):
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "given no GPU" in result.stderr
-
-
-@pytest.fixture(scope="module")
-def dry_run(tmp_path_factory, tiny_archive):
-    """``snakemake --dry-run`` of a tiny study: the --gpus each training job is given, per rule."""
-    workdir = tmp_path_factory.mktemp("gpu-dry-run")
-    tiny = {
-        "data": tiny_data(tiny_archive),
-        "pretrained": "source",
-        "source": {"train_per_class": 4, "val_per_class": 1},
-        "features": {"layers": ["stem"], "inits": ["scratch"]},
-        "search": {"enabled": True},
-        "speedups": {"enabled": True},
-        "mop": {"enabled": True, "partitions": 2},
-    }
-    (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
-
-    def run(*args):
-        command = [
-            sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-            "--dry-run", "--printshellcmds", "--forceall", *args,
-            "--configfile", str(REPO / "config.yaml"), str(workdir / "tiny.yaml"),
-        ]  # fmt: skip
-        result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        given = re.findall(r"scripts/(\w+)\.py .*--gpus (\d+)", result.stdout)
-        assert {"train", "extract_features"} <= {script for script, _ in given}
-        return {int(n) for _, n in given}, result.stdout
-
-    return run
-
-
-def gpus_by_rule(dry_run_output: str) -> dict[str, set[int]]:
-    """``{rule: --gpus values}`` of a dry run's jobs (each job's block starts with ``rule <name>:``)."""
-    rules: dict[str, set[int]] = {}
-    for block in re.split(r"^(?=(?:local)?rule \w+:)", dry_run_output, flags=re.M):
-        name = re.match(r"(?:local)?rule (\w+):", block)
-        if name:
-            rules.setdefault(name.group(1), set()).update(int(n) for n in re.findall(r"--gpus (\d+)", block))
-    return rules
-
-
-def test_rules_ask_for_a_gpu_unless_device_is_cpu(dry_run):
-    assert dry_run("--config", "device=auto")[0] == {1}
-    assert dry_run("--config", "device=auto", "--resources", "gpu=0")[0] == {0}  # the CPU, without editing rules
-    assert dry_run("--config", "device=cpu")[0] == {0}
-
-
-def test_rules_pass_jobs_per_gpu_and_a_slurm_share_is_one_gpu(dry_run):
-    given, output = dry_run("--config", "device=auto", "gpu_jobs_per_device=4")
-    assert given == {1} and "--gpu-jobs-per-device 4" in output and "--gpu-jobs-per-device 1" not in output
-    shard = ("--set-resources", "train:gpu=0", "train:gres=shard:1", "probe:gres=mps:50")
-    rules = gpus_by_rule(dry_run("--config", "device=auto", *shard)[1])
-    assert rules["train"] == {1} and rules["probe"] == {1}  # SLURM's share of a GPU is the job's GPU
-
-
-def test_slurm_profile_sets_the_gpus_of_every_rule_that_asks_for_one(dry_run):
-    """A GPU rule missing from set-resources would ask SLURM for a GPU on any cluster (device auto)."""
-    _, output = dry_run("--config", "device=auto")
-    gpu_rules = {rule for rule, given in gpus_by_rule(output).items() if given == {1}}
-    profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
-    assert {"train", "pretrain_source", "extract_features", "probe", "search_grid", "search_next_rung"} <= gpu_rules
-    assert gpu_rules == {rule for rule, resources in profile["set-resources"].items() if "gpu" in resources}
-    assert "resources" not in yaml.safe_load((REPO / "profiles/default/config.yaml").read_text())  # read on SLURM too
 
 
 def test_gpu_study_script_prints_one_study_per_jobs_per_gpu_setting(tmp_path):

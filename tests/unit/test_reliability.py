@@ -1,117 +1,55 @@
 """Failure and recovery (issue 5): every fault is provoked for real and must end in a clear state.
 
-Killed jobs resume, outputs are atomic, bad data, weights and configs are refused with messages
-naming the culprit and the fix, divergence is a recorded result, runs are deterministic, a missing
-network fails fast, and parallel jobs do not interfere. The workflow tests run snakemake on the
-tiny generated archive of ``conftest.py``.
+A stopped training resumes, outputs are atomic, bad data, weights and configs are refused with
+messages naming the culprit and the fix, divergence is a recorded result, subsets are
+deterministic, and a missing network fails fast. The same through snakemake (a job killed and
+resumed, parallel jobs, a bad config stopping the run): tests/workflow/test_reliability_workflow.py.
 """
 
 from __future__ import annotations
 
 import ast
-import contextlib
 import dataclasses
 import json
+import math
 import os
 import pickle
 import shutil
-import signal
 import socket
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 import torchvision
-import yaml
-from conftest import PINNED_PLAN, REPO, strict_json
+from helpers import (
+    REPO,
+    SCHEMA,
+    crash_in_epoch_two,
+    default_config,
+    quiet,
+    small_tensors,
+    strict_json,
+    tiny_data,
+    truncate,
+    without_timings,
+)
 from snakemake.utils import validate
 
-from tlselect.config import ConfigError, check, merged
+from tlselect.config import ConfigError, check
 from tlselect.core.files import atomic_path, load_torch, write_json
 from tlselect.core.registry import read_record
 from tlselect.data import fetch, folders
 from tlselect.report.plots import draw
-from tlselect.runs import policy_runs
 from tlselect.training.options import TrainConfig
 from tlselect.training.trainer import train
 
 sys.path.insert(0, str(REPO / "scripts"))
-import evaluate as evaluate_cli  # noqa: E402
 import prepare_data  # noqa: E402
+import tables as tables_cli  # noqa: E402
 import train as train_cli  # noqa: E402
 
-SCHEMA = str(REPO / "schemas" / "config.schema.yaml")
 STUDY_FIGURES = ("accuracy_vs_time", "accuracy_by_policy", "validation_curves", "accuracy_by_layer")
-TIMING_KEYS = {"train_seconds", "eval_seconds"}
-
-
-def quiet(_):
-    pass
-
-
-def small_tensors(folder: Path, classes: int = 3, sizes=(("train", 24), ("val", 12), ("test", 12))) -> Path:
-    """Decoded splits of a learnable toy task, small enough for a few quick epochs."""
-    generator = torch.Generator().manual_seed(5)
-    folder.mkdir(parents=True)
-    for split, n in sizes:
-        labels = torch.arange(n) % classes
-        images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
-        images[:, 0] = (labels[:, None, None] * 80).to(torch.uint8)
-        torch.save({"images": images, "labels": labels}, folder / f"{split}.pt")
-    return folder
-
-
-def without_timings(curves: list[dict]) -> list[dict]:
-    return [{k: v for k, v in c.items() if k not in TIMING_KEYS} for c in curves]
-
-
-# ---------------------------------------------------------------------------------------------
-# Workflow helpers: a study of our own (the repository's config.yaml under a small overlay)
-
-
-def make_study(workdir: Path, archive: Path, policies: list[dict], **train_settings) -> dict:
-    """Write ``workdir/tiny.yaml`` (policies without probes or a source model); return the run ids' settings."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    overlay = {
-        "data": {
-            "archive": str(archive),
-            "name": "tiny",
-            "train_per_class": 8,
-            "val_per_class": 2,
-            "test_per_class": 4,
-        },
-        "threads": 1,
-        "device": "cpu",
-        "train": {"batch_size": 8, **train_settings},
-        "plan": PINNED_PLAN,
-        "features": {"layers": []},
-        "policies": policies,
-    }
-    base = yaml.safe_load((REPO / "config.yaml").read_text())
-    if "speedups" in base:  # the optimizations benchmark needs ImageNet weights: not a reliability matter
-        overlay["speedups"] = {"enabled": False}
-    if "search" in base:  # the model search (tests/test_search_workflow.py) is no reliability matter either
-        overlay["search"] = {"enabled": False}
-    (workdir / "tiny.yaml").write_text(yaml.safe_dump(overlay))
-    config = merged(base, overlay)
-    validate(config, SCHEMA)
-    return policy_runs(config)
-
-
-def snakemake_command(workdir: Path, *args: str) -> list[str]:
-    return [
-        sys.executable, "-m", "snakemake", *args, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--cores", "2", "--configfile", str(REPO / "config.yaml"), str(workdir / "tiny.yaml"),
-    ]  # fmt: skip
-
-
-def snakemake_env() -> dict:
-    return dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
 
 
 def table_args(folder: Path) -> list[str]:
@@ -123,94 +61,8 @@ def table_args(folder: Path) -> list[str]:
     ]
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        snakemake_command(workdir, *args), cwd=workdir, env=snakemake_env(), capture_output=True, text=True, timeout=600
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
-    return result
-
-
-def train_processes(workdir: Path) -> list[int]:
-    """Pids of the ``scripts/train.py`` interpreters running in ``workdir`` (read from /proc).
-
-    A child an interpreter forks shows the same command line until it execs (torch runs
-    ``ldconfig -p`` at import, ``platform.processor()`` runs ``uname -p``): more pids than jobs.
-    """
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            if len(argv) > 1 and argv[1].endswith(b"scripts/train.py") and os.readlink(entry / "cwd") == str(workdir):
-                pids.append(int(entry.name))
-        except OSError:  # gone meanwhile
-            continue
-    return pids
-
-
 # ---------------------------------------------------------------------------------------------
-# Resume: SIGKILL a real training job under snakemake, re-run, get the uninterrupted result
-
-
-def test_sigkilled_training_job_resumes_through_snakemake(tmp_path, tiny_archive):
-    workdir = tmp_path / "study"
-    (run_id,) = make_study(workdir, tiny_archive, [{"name": "steady", "init": "scratch", "freeze": "none"}], epochs=6)
-    target = f"results/registry/{run_id}.json"
-    resume_file = workdir / f"results/models/{run_id}.resume.pt"
-
-    job = subprocess.Popen(
-        snakemake_command(workdir, target),
-        cwd=workdir,
-        env=snakemake_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: snakemake, the job's shell, python, tee
-    )
-    deadline = time.monotonic() + 300
-    while not resume_file.is_file():  # the first epoch checkpoint: the job is mid-run
-        assert job.poll() is None, "snakemake ended before the first epoch checkpoint"
-        assert time.monotonic() < deadline, "no epoch checkpoint after 300 s"
-        time.sleep(0.02)
-    os.killpg(job.pid, signal.SIGKILL)  # like a node crash: the job and snakemake die at once
-    job.wait()
-    for pid in train_processes(workdir):  # belt and braces: nothing of the killed job survives
-        with contextlib.suppress(ProcessLookupError):  # it may be exiting already
-            os.kill(pid, signal.SIGKILL)
-
-    done = len(load_torch(resume_file)["curves"])
-    assert 1 <= done < 6
-    assert not (workdir / target).exists()
-
-    locked = snakemake(workdir, target, check=False)  # a killed snakemake leaves its lock behind
-    assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr
-    snakemake(workdir, "--unlock")
-    snakemake(workdir, target, "--rerun-incomplete")
-
-    record = read_record(workdir / target)
-    assert record["status"] == "completed" and record["resumed_from_epoch"] == done
-    assert f"resuming after epoch {done}" in (workdir / f"results/logs/train/{run_id}.log").read_text()
-    assert not resume_file.exists()  # cleaned after success
-    assert record["seed"] == 0
-
-    settings = {**record["config"], "data": str(workdir / "results/data"), "out": str(tmp_path / "straight.pt")}
-    straight = train(TrainConfig(**{**settings, "record": ""}), log=quiet)
-    assert straight["resumed_from_epoch"] is None
-    assert without_timings(record["curves"]) == without_timings(straight["curves"])  # losses and LR schedule
-    assert record["metrics"] == straight["metrics"]
-
-
-def crash_in_epoch_two(cfg: TrainConfig) -> None:
-    """Train ``cfg`` (two epochs) and stop it as a kill would, once the first epoch's resume file is written."""
-
-    def crash(message):
-        if "epoch 2/2" in message:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, log=crash)
+# Resume: a training stopped mid-run resumes with the uninterrupted run's RNG and schedule
 
 
 def test_resume_restores_the_global_rng_and_the_lr_schedule(tmp_path):
@@ -232,140 +84,7 @@ def test_resume_restores_the_global_rng_and_the_lr_schedule(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Two training jobs in parallel; one of them diverges; tables, figures and notebook follow
-
-
-def job_interval(workdir: Path, run_id: str) -> tuple[float, float]:
-    """When the training job of ``run_id`` ran, from its Snakemake benchmark file.
-
-    The file holds the job's wall time in seconds (``s``), and Snakemake touches it as the job ends.
-    """
-    path = workdir / f"results/benchmarks/train/{run_id}.tsv"
-    end = path.stat().st_mtime
-    return end - float(pd.read_csv(path, sep="\t")["s"].iloc[0]), end
-
-
-@pytest.fixture(scope="module")
-def parallel_study(tmp_path_factory, tiny_archive):
-    """The whole workflow with two policies, run with --cores 2 while its outputs are watched."""
-    workdir = tmp_path_factory.mktemp("parallel")
-    ids = make_study(
-        workdir,
-        tiny_archive,
-        [
-            {"name": "steady", "init": "scratch", "freeze": "none"},
-            {"name": "wild", "init": "scratch", "freeze": "none", "lr": 1.0e6},  # diverges
-        ],
-        epochs=3,
-    )
-    seen = {"notebook_job": 0, "notebooks": 0, "partial": []}
-    job = subprocess.Popen(
-        snakemake_command(workdir, "results/report/solution.html", "results/tables/summary.md"),
-        cwd=workdir,
-        env=snakemake_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    output = []
-    reader = threading.Thread(target=lambda: output.extend(job.stdout), daemon=True)
-    reader.start()
-    notebook = workdir / "results/report/solution.ipynb"
-
-    def look():
-        if notebook.parent.is_dir() and not notebook.with_suffix(".html").exists():
-            seen["notebook_job"] += 1  # the notebook job runs: Snakemake made its output folder, the HTML is not there
-        records = [p for p in workdir.glob("results/registry/*.json") if not p.name.startswith(".")]  # no temporaries
-        for path in [notebook, *records, workdir / "results/data/subset.json"]:
-            try:
-                text = path.read_text()
-            except FileNotFoundError:
-                continue
-            try:
-                content = json.loads(text)
-            except json.JSONDecodeError:
-                seen["partial"].append(str(path))
-                continue
-            if path == notebook:
-                seen["notebooks"] += 1
-                code = [c for c in content["cells"] if c["cell_type"] == "code"]
-                if any(c.get("execution_count") is None for c in code):
-                    seen["partial"].append(f"{path} (cells not yet executed)")
-
-    while job.poll() is None:
-        look()
-        time.sleep(0.05)
-    look()  # and once after the end, when every output is in place
-    reader.join(timeout=10)
-    assert job.returncode == 0, "".join(output)[-6000:]
-    by_policy = {spec.name: run_id for run_id, spec in ids.items()}
-    return workdir, by_policy, seen
-
-
-def test_two_training_jobs_run_in_parallel_without_interfering(parallel_study):
-    workdir, by_policy, _ = parallel_study
-    (start_a, end_a), (start_b, end_b) = (job_interval(workdir, run_id) for run_id in by_policy.values())
-    assert start_a < end_b and start_b < end_a, f"the two training jobs never ran at the same time: {by_policy}"
-    for policy, run_id in by_policy.items():
-        record = read_record(workdir / f"results/registry/{run_id}.json")
-        assert record["run_id"] == run_id and record["name"] == policy and record["kind"] == "policy"
-        checkpoint = load_torch(workdir / f"results/models/{run_id}.pt")
-        assert checkpoint["run_id"] == run_id and checkpoint["status"] == record["status"]
-    leftovers = [p.name for folder in ("models", "registry") for p in (workdir / "results" / folder).iterdir()]
-    expected = (".pt", ".pt.crc32", ".json")  # checkpoint, its checksum, record
-    assert sorted(leftovers) == sorted(f"{r}{s}" for r in by_policy.values() for s in expected)
-    # and the parallel run gives exactly what a run on its own gives
-    record = read_record(workdir / f"results/registry/{by_policy['steady']}.json")
-    alone = dict(record["config"], data=str(workdir / "results/data"), out=str(workdir / "alone.pt"), record="")
-    reference = train(TrainConfig(**alone), log=quiet)
-    assert record["metrics"] == reference["metrics"]
-    assert without_timings(record["curves"]) == without_timings(reference["curves"])
-
-
-def test_diverged_run_is_recorded_and_shown_in_tables_figures_and_notebook(parallel_study):
-    workdir, by_policy, _ = parallel_study
-    record = read_record(workdir / f"results/registry/{by_policy['wild']}.json")
-    assert record["status"] == "diverged" and record["metrics"]["test_accuracy"] is None
-    assert (
-        "the run diverged; lower the learning rate"
-        in (workdir / f"results/logs/train/{by_policy['wild']}.log").read_text()
-    )
-    table = pd.read_csv(workdir / "results/tables/runs.csv").set_index("name")
-    assert table.loc["wild", "status"] == "diverged" and not table.loc["wild", "selected"]
-    assert table.loc["steady", "status"] == "completed" and table.loc["steady", "selected"]
-    assert "Diverged (non-finite loss): wild" in (workdir / "results/tables/summary.md").read_text()
-    for figure in STUDY_FIGURES:
-        assert (workdir / f"results/figures/{figure}.png").read_bytes()[:4] == b"\x89PNG"
-    notebook = json.loads((workdir / "results/report/solution.ipynb").read_text())
-    outputs = "".join(json.dumps(cell.get("outputs", [])) for cell in notebook["cells"])
-    assert "**Diverged**: wild" in outputs and "Traceback" not in outputs
-
-
-def test_no_reader_sees_a_half_written_notebook_record_or_subset(parallel_study):
-    workdir, _, seen = parallel_study
-    assert seen["notebook_job"] > 0, "the outputs were never watched while the notebook job ran"
-    assert seen["notebooks"] > 0 and seen["partial"] == []
-    assert not list((workdir / "results").rglob(".*.tmp*")) and not list((workdir / "results").rglob(".notebook.*"))
-    assert (workdir / "results/report/solution.html").stat().st_size > 10_000
-
-
-def test_every_json_output_is_strict_and_a_diverged_loss_is_null(parallel_study):
-    workdir, by_policy, _ = parallel_study
-    outputs = sorted((workdir / "results").rglob("*.json"))
-    assert len(outputs) == 3  # subset.json and the two records
-    for path in outputs:
-        strict_json(path)  # NaN or Infinity would raise
-    wild = strict_json(workdir / f"results/registry/{by_policy['wild']}.json")
-    assert wild["status"] == "diverged"
-    assert None in [curve[loss] for curve in wild["curves"] for loss in ("train_loss", "val_loss")]
-
-
-def test_every_record_carries_the_seed(parallel_study):
-    workdir, by_policy, _ = parallel_study
-    subset = json.loads((workdir / "results/data/subset.json").read_text())
-    for run_id in by_policy.values():
-        record = read_record(workdir / f"results/registry/{run_id}.json")
-        assert record["seed"] == record["config"]["seed"] == subset["seed"] == 0
+# Diverged runs: recorded, with strict JSON, and still tables and figures
 
 
 def test_all_runs_diverged_still_gives_tables_and_every_figure(tmp_path):
@@ -374,7 +93,7 @@ def test_all_runs_diverged_still_gives_tables_and_every_figure(tmp_path):
     record = train(dataclasses.replace(cfg, run_id="wild", name="wild", device="cpu"), log=quiet)
     assert record["status"] == "diverged"
     write_json(tmp_path / "wild.json", record)
-    assert evaluate_cli.main([str(tmp_path / "wild.json"), *table_args(tmp_path / "tables")]) == 0
+    assert tables_cli.main([str(tmp_path / "wild.json"), *table_args(tmp_path / "tables")]) == 0
     assert "No run completed" in (tmp_path / "tables/summary.md").read_text()
     for figure in STUDY_FIGURES:
         draw(figure, tmp_path / "tables/runs.csv", tmp_path / "tables/curves.csv", tmp_path / f"{figure}.png")
@@ -438,7 +157,7 @@ def _unguarded_writes(path: Path) -> list[str]:
 
 
 def test_every_output_file_is_written_through_a_temporary_path():
-    files = sorted((REPO / "tlselect").glob("*.py")) + sorted((REPO / "scripts").glob("*.py"))
+    files = sorted((REPO / "tlselect").rglob("*.py")) + sorted((REPO / "scripts").glob("*.py"))  # every subpackage
     unguarded = [hit for path in files for hit in _unguarded_writes(path)]
     assert unguarded == [], "write through tlselect.core.files (atomic_path, write_json, save_torch):\n" + "\n".join(
         unguarded
@@ -482,7 +201,7 @@ def test_aggregation_refuses_a_bad_record_naming_the_file(good_record, damage, m
         damage(record)
         bad.write_text(json.dumps(record))
     out = good_record.parent / "tables"
-    assert evaluate_cli.main([str(good_record), str(bad), *table_args(out)]) == 2
+    assert tables_cli.main([str(good_record), str(bad), *table_args(out)]) == 2
     error = capsys.readouterr().err
     assert str(bad) in error and message in error
     assert not out.exists()  # nothing aggregated from a partial set
@@ -497,10 +216,6 @@ def subset_cli(root: Path, out: Path, *extra: str, train_per_class: int = 12, te
         ["subset", "--root", str(root), "--out", str(out), "--train-per-class", str(train_per_class),
          "--val-per-class", "2", "--test-per-class", str(test_per_class), "--seed", "0", *extra]
     )  # fmt: skip
-
-
-def truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
 
 
 @pytest.mark.parametrize(
@@ -610,8 +325,8 @@ def test_unsafe_or_unfitting_weights_stop_the_training_cli(tmp_path, monkeypatch
 
 
 def archive_config(archive: Path, **data_settings) -> dict:
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
-    config["data"].update({"archive": str(archive), "train_per_class": 8, "val_per_class": 2, "test_per_class": 4})
+    config = default_config(validated=False)
+    config["data"].update(tiny_data(archive))
     config["data"].update(data_settings)
     config["source"].update(train_per_class=4, val_per_class=1)
     config["pretrained"] = "source"
@@ -635,17 +350,6 @@ def test_subset_larger_than_the_archive_is_rejected_naming_the_key(tiny_archive,
         check(archive_config(tiny_archive, **change))
 
 
-def test_bad_config_stops_snakemake_before_any_job(tmp_path, tiny_archive):
-    make_study(tmp_path, tiny_archive, [{"name": "steady", "init": "scratch", "freeze": "none"}])
-    tiny = yaml.safe_load((tmp_path / "tiny.yaml").read_text())
-    tiny["data"]["train_per_class"] = 50
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny))
-    result = snakemake(tmp_path, check=False)
-    assert result.returncode != 0
-    assert "invalid configuration: data.train_per_class" in result.stdout + result.stderr
-    assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
-
-
 def test_archive_listing_is_cheap_and_matches_the_extracted_folder(tiny_archive, tmp_path):
     counts = fetch.archive_image_counts(tiny_archive)
     fetch.extract_archive(tiny_archive, tmp_path / "tiny")
@@ -658,8 +362,10 @@ def test_archive_listing_is_cheap_and_matches_the_extracted_folder(tiny_archive,
 
 
 def test_download_without_network_fails_fast_naming_offline_options(tmp_path, monkeypatch, capsys):
-    def blackholed(address, timeout=None, *args, **kwargs):  # packets dropped: wait out the timeout
-        time.sleep(min(timeout, 30) if isinstance(timeout, int | float) else 30)
+    waited = []  # what each connection attempt would wait, in seconds, for answers that never come
+
+    def blackholed(address, timeout=None, *args, **kwargs):  # packets dropped: the whole timeout passes
+        waited.append(timeout if isinstance(timeout, int | float) else math.inf)  # no timeout: for ever
         raise TimeoutError("timed out")
 
     def no_dns(*args, **kwargs):
@@ -677,11 +383,9 @@ def test_download_without_network_fails_fast_naming_offline_options(tmp_path, mo
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", NoDownload)
     before = socket.getdefaulttimeout()
-    start = time.monotonic()
     assert prepare_data.main(["fetch", "--dest", str(tmp_path / "resources/cifar10")]) == 2
-    elapsed = time.monotonic() - start
     error = capsys.readouterr().err
-    assert elapsed < 10, f"took {elapsed:.1f} s"
+    assert waited and sum(waited) < 10, f"waits {waited} s for the network"
     assert "cannot reach www.cs.toronto.edu" in error
     assert "data.archive" in error and "resources/<data.name>/" in error  # both offline options
     assert socket.getdefaulttimeout() == before

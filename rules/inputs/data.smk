@@ -1,0 +1,19 @@
+# The input and params functions and paths of rules/data.smk, included by it before its rules.
+def checkpoints():
+    """Every checkpoint the current config's training jobs write (their resume files sit beside).
+    It reads the search's and the model hopper's path functions (rules/search.smk, rules/mop.smk),
+    included later: it runs when the DAG is built, after every rule file is read."""
+    specs = [*RUNS.values(), *PROBES.values(), *POOL.values()]
+    paths = [f"results/models/{run_id}.pt" for run_id in [*RUNS, *PROBES]]
+    paths += [source_model(b) for b in runs.source_backbones(specs)]
+    paths += [record.replace(".json", ".pt") for record, _ in grid_jobs()]
+    if SEARCH:
+        jobs = [*grid_jobs("random"), *(j for m in BRACKETS for j in search_jobs(m))]
+        jobs += [j for m in brackets.MODEL_BASED for j in round_jobs(m)]
+        paths += [record.replace(".json", ".pt") for record, _ in jobs]
+    paths += [
+        MOP_STEP.format(run_id=r, step=k) + ".pt"
+        for r, spec in MOP_RUNS.items()
+        for k in range(spec.settings["epochs"])
+    ]
+    return paths

@@ -1,0 +1,48 @@
+# The input and params functions and paths of rules/report.smk, included by it before its rules.
+from tlselect.config import uses_source
+
+STUDY_FIGURES = [
+    "accuracy_vs_time",
+    "accuracy_by_policy",
+    "validation_curves",
+    "accuracy_by_layer",
+]
+FIGURES = STUDY_FIGURES + (["speedups"] if SPEEDUPS else [])
+REPORTS = ["solution"] + (["study"] if SEARCH or SPEEDUPS else [])
+OPTIMIZATIONS = "results/tables/optimizations.csv"
+
+
+def study_records():
+    """Registry records of every policy and probe, and the source model's when one is used."""
+    records = {
+        "records": [
+            f"results/registry/{run_id}.json" for run_id in sorted([*RUNS, *PROBES])
+        ]
+    }
+    if uses_source(config):
+        records["source"] = source_model(config["backbone"]).replace(".pt", ".json")
+    return records
+
+
+def figure_inputs(wildcards):
+    inputs = {"runs": "results/tables/runs.csv", "curves": "results/tables/curves.csv"}
+    return inputs | (
+        {"optimizations": OPTIMIZATIONS} if wildcards.figure == "speedups" else {}
+    )
+
+
+def notebook_inputs(wildcards):
+    """The study's tables and figures; the solution notebook adds the benchmark's and the search's."""
+    full = wildcards.report == "solution"
+    inputs = {
+        "notebook": f"{workflow.basedir}/notebooks/solution.ipynb",
+        "runs": "results/tables/runs.csv",
+        "curves": "results/tables/curves.csv",
+        "plans": "results/tables/plans.csv",
+        "figures": [
+            f"results/figures/{f}.png" for f in (FIGURES if full else STUDY_FIGURES)
+        ],
+    }
+    if full and SPEEDUPS:
+        inputs["optimizations"] = OPTIMIZATIONS
+    return inputs | (SEARCH_OUTPUTS if full else {})

@@ -1,0 +1,148 @@
+# The input and params functions and paths of rules/search.smk, included by it before its rules.
+import functools
+import json
+
+RUNG = "results/search/{method}/b{bracket}/rung{rung}"
+ROUND = "results/search/{method}/round{round}"
+
+
+def rung_slots(method, bracket, rung, suffix=".json"):
+    """Record (or checkpoint, benchmark) paths of every slot of one rung."""
+    keep = BRACKETS[method][int(bracket)].keep[int(rung)]
+    path = RUNG.format(method=method, bracket=bracket, rung=rung)
+    return [f"{path}/slot{slot}{suffix}" for slot in range(keep)]
+
+
+def search_jobs(method, last_only=False):
+    """``(record, benchmark file)`` of every job of a method (or only its brackets' last rungs)."""
+    return [
+        (
+            record,
+            "results/benchmarks/"
+            + record.removeprefix("results/").replace(".json", ".tsv"),
+        )
+        for b, bracket in enumerate(BRACKETS[method])
+        for r in range(bracket.rungs)
+        if not last_only or r == bracket.rungs - 1
+        for record in rung_slots(method, b, r)
+    ]
+
+
+def grid_jobs(method="grid"):
+    """``(record, benchmark file)`` of the grid's runs, or random search's (``method="random"``)."""
+    candidates = sorted(POOL) if method == "grid" else list(RANDOM)
+    return [
+        (
+            f"results/search/{method}/{c}.json",
+            f"results/benchmarks/search/{method}/{c}.tsv",
+        )
+        for c in candidates
+    ]
+
+
+def round_jobs(method, rounds=None):
+    """``(record, benchmark file)`` of every trial of a model-based method's first ``rounds`` rounds."""
+    return [
+        (
+            f"{ROUND.format(method=method, round=r)}/trial{slot}.json",
+            f"results/benchmarks/search/{method}/round{r}/trial{slot}.tsv",
+        )
+        for r in range(config["search"]["rounds"] if rounds is None else rounds)
+        for slot in range(config["search"]["q"])
+    ]
+
+
+def suggest_inputs(wildcards):
+    """The earlier rounds' suggestion files and trial records (a few per round, not the pool)."""
+    earlier = int(wildcards.round)
+    return {
+        "suggested": [
+            f"{ROUND.format(method=wildcards.method, round=r)}/suggested.json"
+            for r in range(earlier)
+        ],
+        "records": [record for record, _ in round_jobs(wildcards.method, earlier)],
+    }
+
+
+@functools.cache
+def space_weights():
+    """``(init, backbone, weights file)`` of every pretrained init and backbone of the search space."""
+    inits = {settings.resolve_init(config, i) for i in config["search"]["inits"]}
+    pairs = {
+        settings.weights_of(i, b) for b in config["search"]["backbones"] for i in inits
+    }
+    return sorted((*pair, weights_file(*pair)) for pair in pairs if pair)
+
+
+@fixed_signature
+def trial_inputs(wildcards):
+    """The round's suggestion file, the data and every weights file a suggestion may start from."""
+    return {
+        "suggested": f"{ROUND.format(**wildcards)}/suggested.json",
+        **subset_files(),
+        "weights": [path for *_, path in space_weights()],
+    }
+
+
+def first_rung_candidate(wildcards):
+    return POOL[
+        BRACKETS[wildcards.method][int(wildcards.bracket)].candidates[
+            int(wildcards.slot)
+        ]
+    ]
+
+
+@functools.cache
+def bracket_weights(method, bracket):
+    """The weights files any candidate of a bracket may start from (computed once per bracket)."""
+    weights = {POOL[c].weights for c in BRACKETS[method][int(bracket)].candidates}
+    return sorted(weights_file(*w) for w in weights if w)
+
+
+def previous_ranking(wildcards):
+    """The ranking file of the rung before this one."""
+    rung = int(wildcards.rung) - 1
+    return f"{RUNG.format(method=wildcards.method, bracket=wildcards.bracket, rung=rung)}/ranking.json"
+
+
+@fixed_signature
+def next_rung_inputs(wildcards):
+    """The promotion file, the data and the weights files the candidates may start from. Which
+    checkpoint a slot continues is decided at run time: the promote job declares the previous
+    rung's records and checkpoints and names one in the promotion file, so each slot job has a
+    few inputs, not the whole previous rung (which would make the DAG quadratic in the pool).
+    """
+    return {
+        "promoted": f"{RUNG.format(**wildcards)}/promoted.json",
+        **subset_files(),
+        "weights": bracket_weights(wildcards.method, wildcards.bracket),
+    }
+
+
+def compare_inputs(wildcards):
+    """Every search job's record and Snakemake benchmark file (its wall time), per method."""
+    jobs = {
+        "grid": grid_jobs(),
+        "random": grid_jobs("random"),
+        "sh": search_jobs("sh"),
+        "hb": search_jobs("hb"),
+        **{method: round_jobs(method) for method in brackets.MODEL_BASED},
+    }
+    inputs = {name: [record for record, _ in pairs] for name, pairs in jobs.items()}
+    for name, pairs in jobs.items():
+        inputs[f"{name}_benchmarks"] = [bench for _, bench in pairs]
+    for name in ("sh", "hb"):
+        inputs[f"{name}_final"] = [r for r, _ in search_jobs(name, last_only=True)]
+    return inputs
+
+
+def proxy_inputs(wildcards):
+    return {
+        "features": [
+            path
+            for backbone, init, layer in runs.proxy_layers(config)
+            for path in feature_files(backbone, init, layer, ["train", "val"])
+        ],
+        "grid": [record for record, _ in grid_jobs()],
+        **subset_files(),
+    }

@@ -1,0 +1,277 @@
+"""What the model search's script steps do (``scripts/search.py <step>``, one per search rule).
+
+- :func:`rank_rung`: a rung's records ranked on validation accuracy (``ranking.json``);
+- :func:`promote`: the next rung's promotion file, the top ``keep`` of that ranking;
+- :func:`continue_slot`: a promoted slot's candidate trained on from its checkpoint;
+- :func:`suggest`: a round of a model-based method (TPE, GP-UCB, cost-aware GP-UCB);
+- :func:`trial`: one suggested candidate trained (:func:`trial_flags` are its settings);
+- :func:`proxy_tables`: LogME, kNN and linear-probe scores per cached feature folder;
+- :func:`compare_methods`: every method's compute and chosen model (``search.csv``).
+
+Every file comes as an argument (the rules own the paths). Importing this module does not import
+torch: the steps that train or read tensors import the trainer when they run, so the bookkeeping
+steps (rank, promote, suggest, compare) stay light.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pandas as pd
+
+from tlselect.core.files import write_json
+from tlselect.core.registry import RegistryError, rank, read_record, write_record
+from tlselect.core.settings import init_label
+from tlselect.report.tables import write_csv
+from tlselect.runs import RunSpec, candidate_spec
+from tlselect.search import brackets, compare, proxies, replay, strategies
+from tlselect.search.space import Space
+from tlselect.training.gpus import assign
+
+PROXIES = ("logme", "knn_accuracy", "linear_probe_accuracy")
+
+
+def rank_rung(records: list[str], out: str | Path) -> list[dict]:
+    """Rank a rung's records (checkpoints: the same paths with ``.pt``) on validation accuracy; write
+    ``{"ranking": [...]}`` to ``out`` (:func:`tlselect.search.brackets.promote` of every record)."""
+    loaded = {path: read_record(path) for path in records}
+    ranking = brackets.promote(loaded, len(loaded))
+    write_json(out, {"ranking": ranking})
+    return ranking
+
+
+def promote(ranking: str | Path, keep: int, out: str | Path) -> str:
+    """Write the next rung's promotion file, the top ``keep`` of ``ranking``; return what it kept."""
+    return brackets.write_promotion(ranking, keep, out)
+
+
+def continue_slot(
+    promoted: str | Path,
+    slot: int,
+    epochs: int,
+    out: str,
+    record: str,
+    run_id: str,
+    device: str = "auto",
+    threads: int = 0,
+    gpus: int | None = None,
+    gpu_jobs_per_device: int = 1,
+) -> dict:
+    """Train the candidate that ``slot`` of a promotion file holds on to ``epochs`` epochs in all,
+    continuing its previous rung's checkpoint with that run's settings; write the checkpoint
+    ``out`` and the record ``record``, and return the record."""
+    from tlselect.training.options import TrainConfig  # torch: only for the training steps
+    from tlselect.training.trainer import train
+
+    chosen = json.loads(Path(promoted).read_text())["slots"][slot]
+    previous = read_record(chosen["record"])["config"]
+    config = TrainConfig(
+        **{
+            **previous,
+            "epochs": epochs,
+            "out": out,
+            "record": record,
+            "run_id": run_id,
+            "continue_from": chosen["checkpoint"],
+            "keep_state": True,
+            "device": device,
+            "threads": threads,
+        }
+    )
+    assign(gpus, config.device, per_device=gpu_jobs_per_device)
+    result = train(config)
+    write_record(config.record, result)
+    return result
+
+
+def history(suggested: list[str], records: list[str]) -> list[tuple[dict, float | None, float]]:
+    """``(params, validation accuracy, seconds)`` of every trial of the earlier rounds, from their
+    suggestion files and trial records (each suggested candidate needs its record)."""
+    by_name = {r["name"]: r for r in map(read_record, records)}
+    out = []
+    for path in suggested:
+        for trial in json.loads(Path(path).read_text())["trials"]:
+            if trial["candidate"] not in by_name:
+                raise RegistryError(f"{path} names {trial['candidate']}, but no record given is that run's")
+            record = by_name[trial["candidate"]]
+            seconds = sum(replay.table([record])[record["name"]].seconds)
+            out.append((trial["params"], record["metrics"]["val_accuracy"], seconds))
+    return out
+
+
+def suggest(
+    method: str,
+    round: int,
+    q: int,
+    epochs: int,
+    context: dict,
+    suggested: list[str],
+    records: list[str],
+    out: str | Path,
+    delta: float = 0.1,
+) -> list[dict]:
+    """Write round ``round`` of ``method`` to ``out``: ``q`` trials that
+    :func:`tlselect.search.strategies.suggest` picks from the earlier rounds' :func:`history`, each
+    with its candidate id, settings (trained for ``epochs``) and weights. ``context`` is
+    :func:`tlselect.runs.candidate_config` (the space and its runs). Returns the trials."""
+    space = Space.from_config(context)
+    asked = strategies.suggest(method, space, history(suggested, records), round, q, context["seed"], delta)
+    trials = []
+    for slot, params in enumerate(asked):
+        spec = candidate_spec(context, params)
+        settings = {**spec.settings, "epochs": epochs}
+        trials.append({"slot": slot, "candidate": spec.id, "params": params, "settings": settings,
+                       "weights": spec.weights})  # fmt: skip
+    write_json(out, {"method": method, "round": round, "trials": trials})
+    return trials
+
+
+def trial_flags(suggested: str | Path, slot: int, init_weights: list[tuple[str, str, str]]) -> list[str]:
+    """``scripts/train.py``'s flags for ``slot`` of a suggestion file: its settings and, for a
+    pretrained init, the weights file ``init_weights`` (``(init, backbone, file)`` each) names."""
+    trials = json.loads(Path(suggested).read_text())["trials"]
+    if slot >= len(trials):
+        raise RegistryError(f"{suggested} holds {len(trials)} trials; there is no slot {slot}")
+    chosen = trials[slot]
+    flags = shlex.split(RunSpec(chosen["candidate"], chosen["settings"]).flags())
+    if chosen["weights"]:
+        files = {(init, backbone): path for init, backbone, path in init_weights}
+        flags += ["--weights", files[tuple(chosen["weights"])]]
+    return flags
+
+
+def trial(
+    suggested: str | Path,
+    slot: int,
+    init_weights: list[tuple[str, str, str]],
+    train_args: list[str],
+    gpus: int | None = None,
+    gpu_jobs_per_device: int = 1,
+) -> dict:
+    """Train a suggested slot's candidate: :func:`trial_flags`, then ``train_args`` (the rule's
+    other ``scripts/train.py`` flags: data, output, record, device). Writes and returns the record."""
+    from tlselect.training.options import config_from_args  # torch: only for the training steps
+    from tlselect.training.trainer import train
+
+    config = config_from_args(trial_flags(suggested, slot, init_weights) + train_args)
+    assign(gpus, config.device, per_device=gpu_jobs_per_device)
+    result = train(config)
+    write_record(config.record, result)
+    return result
+
+
+def proxy_tables(
+    features: list[str], data: str | Path, grid: list[str], pool: int = 1, neighbors: int = 5
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The proxies table and its weighted Kendall tau per proxy.
+
+    One row per feature folder (``<root>/<backbone>/<init>/<layer>``): LogME, kNN and linear-probe
+    accuracy on the cached train and val features (average-pooled to ``pool`` x ``pool``), beside the
+    best fine-tuned validation accuracy among the ``grid`` records of that backbone and init. The
+    second table has, per proxy, the weighted Kendall tau against fine-tuning and the top folder by each.
+    """
+    from tlselect.data.tensors import load_split  # torch: only for this step
+    from tlselect.training.features import load_features
+
+    records = [read_record(path) for path in grid]
+    labels = {split: load_split(Path(data) / f"{split}.pt")[1].numpy() for split in ("train", "val")}
+    rows = []
+    for folder in map(Path, features):
+        layer, init, backbone = folder.parts[-1], folder.parts[-2], folder.parts[-3]
+        x = {split: load_features(folder / f"{split}.npy", pool).flatten(1).numpy() for split in labels}
+        runs = [r for r in records if r["config"]["backbone"] == backbone and init_label(r["config"]["init"]) == init]
+        best = rank(runs)[0] if runs else None
+        rows.append(
+            {
+                "backbone": backbone,
+                "init": init,
+                "layer": layer,
+                "logme": proxies.logme(x["train"], labels["train"]),
+                "knn_accuracy": proxies.knn_accuracy(x["train"], labels["train"], x["val"], labels["val"], neighbors),
+                "linear_probe_accuracy": proxies.linear_probe_accuracy(
+                    x["train"], labels["train"], x["val"], labels["val"]
+                ),
+                "finetune_val_accuracy": best["metrics"]["val_accuracy"] if best else None,
+                "finetune_candidate": best["name"] if best else "",
+            }
+        )
+    table = pd.DataFrame(rows)
+    taus = pd.DataFrame(
+        [
+            {
+                "proxy": proxy,
+                "weighted_kendall_tau": proxies.weighted_tau(table[proxy], table["finetune_val_accuracy"]),
+                "top_by_proxy": top_folder(table, proxy),
+                "top_by_finetune": top_folder(table, "finetune_val_accuracy"),
+            }
+            for proxy in PROXIES
+        ]
+    )
+    return table, taus
+
+
+def top_folder(table: pd.DataFrame, column: str) -> str:
+    """``backbone/init/layer`` of the proxies table's row with the highest ``column`` ("" if none has one)."""
+    valid = table.dropna(subset=[column])
+    if valid.empty:
+        return ""
+    row = valid.loc[valid[column].astype(float).idxmax()]
+    return f"{row['backbone']}/{row['init']}/{row['layer']}"
+
+
+def write_proxies(
+    features: list[str],
+    data: str | Path,
+    grid: list[str],
+    out: str | Path,
+    tau_out: str | Path,
+    pool: int = 1,
+    neighbors: int = 5,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`proxy_tables` written to ``out`` (proxies.csv) and ``tau_out`` (proxy_tau.csv); returns both."""
+    table, taus = proxy_tables(features, data, grid, pool, neighbors)
+    write_csv(table, out)
+    write_csv(taus, tau_out)
+    return table, taus
+
+
+def jobs(records: list[str], benchmarks: list[str]) -> list[compare.Job]:
+    """Each record with the epochs it continued from (those came before) and its benchmark file,
+    given in the same order (one per record)."""
+    if len(records) != len(benchmarks):
+        raise RegistryError(f"{len(records)} records but {len(benchmarks)} benchmark files: give one per record")
+    out = []
+    for path, benchmark in zip(records, benchmarks, strict=True):
+        record = read_record(path)
+        first = 0
+        if record.get("continued_from"):
+            first = read_record(Path(record["continued_from"]).with_suffix(".json"))["config"]["epochs"]
+        out.append(compare.Job(record, first, benchmark))
+    return out
+
+
+def compare_methods(
+    records: dict[str, list[str]],
+    benchmarks: dict[str, list[str]],
+    finals: dict[str, list[str]],
+    out: str | Path,
+) -> pd.DataFrame:
+    """Write ``search.csv`` to ``out`` (:func:`tlselect.search.compare.compare`) and return it.
+
+    Per method of :data:`tlselect.search.brackets.METHODS`: ``records[method]`` are every job's
+    record, ``benchmarks[method]`` their Snakemake benchmark files in the same order, and
+    ``finals[method]`` the records it chooses from (SH and HB: the last rung of every bracket;
+    missing or empty: every job's). A method without records is left out.
+    """
+    method_jobs, chosen_from = {}, {}
+    for method in brackets.METHODS:
+        found = jobs(records.get(method, []), benchmarks.get(method, []))
+        if found:
+            method_jobs[method] = found
+            final = finals.get(method)
+            chosen_from[method] = [read_record(p) for p in final] if final else [j.record for j in found]
+    table = pd.DataFrame(compare.compare(method_jobs, chosen_from))
+    write_csv(table, out)
+    return table
