@@ -5,9 +5,13 @@
 configfile: "config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
+include: "rules/plan.smk"
 include: "rules/source.smk"
 include: "rules/features.smk"
 include: "rules/speedups.smk"

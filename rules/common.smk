@@ -174,3 +174,11 @@ TRAINING_RESOURCES = {
 }
 # Resources of the small bookkeeping jobs (tables, figures, promotions).
 SMALL_RESOURCES = {"mem_mb": memory_mb(1000), "runtime": 10}
+
+# The questions `snakemake --report` groups its results by (its categories, in this order).
+PICK = "1. Which run to pick"
+TRAINING = "2. How the runs trained"
+LAYERS = "3. Which layer transfers"
+SPEED = "4. How fast it ran"
+SEARCHING = "5. Which search method finds it"
+NOTEBOOK = "6. The executed notebook"

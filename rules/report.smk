@@ -8,9 +8,13 @@ rule tables:
     input:
         unpack(lambda wildcards: study_records()),
     output:
-        runs=report("results/tables/runs.csv", category="Tables"),
+        runs=report(
+            "results/tables/runs.csv", caption="../report/runs.rst", category=PICK
+        ),
         curves="results/tables/curves.csv",
-        summary=report("results/tables/summary.md", category="Tables"),
+        summary=report(
+            "results/tables/summary.md", caption="../report/summary.rst", category=PICK
+        ),
         plans="results/tables/plans.csv",
     log:
         "results/logs/tables.log",
@@ -34,7 +38,7 @@ rule optimizations_table:
     input:
         "results/speedups/optimizations.json",
     output:
-        report(OPTIMIZATIONS, category="Tables"),
+        report(OPTIMIZATIONS, caption="../report/optimizations.rst", category=SPEED),
     log:
         "results/logs/optimizations_table.log",
     conda:
@@ -52,7 +56,11 @@ rule figure:
     input:
         unpack(figure_inputs),
     output:
-        report("results/figures/{figure}.png", category="Figures"),
+        report(
+            "results/figures/{figure}.png",
+            caption="../report/figure.rst",
+            category=lambda wildcards: FIGURE_QUESTIONS[wildcards.figure],
+        ),
     log:
         "results/logs/figures/{figure}.log",
     wildcard_constraints:
@@ -80,7 +88,11 @@ rule notebook:
         unpack(notebook_inputs),
     output:
         notebook="results/report/{report}.ipynb",
-        html=report("results/report/{report}.html", category="Notebook"),
+        html=report(
+            "results/report/{report}.html",
+            caption="../report/notebook.rst",
+            category=NOTEBOOK,
+        ),
     log:
         "results/logs/notebook/{report}.log",
     wildcard_constraints:
@@ -93,6 +105,7 @@ rule notebook:
         mem_mb=memory_mb(2000),
         runtime=30,
     params:
+        repo=workflow.basedir,
         figures_dir=lambda wildcards, input: os.path.dirname(input.figures[0]),
         tables=lambda wildcards, input: " ".join(
             f"-p {name}_csv '{input[name] if name in input.keys() else ''}'"
@@ -105,6 +118,7 @@ rule notebook:
                 "replay",
             )
         ),
+    # The HTML shows no code (--no-input): the .ipynb keeps it, executed.
     # papermill saves its output after every cell: execute and convert in a temporary folder, then
     # rename both into place, so no reader ever sees a half-executed notebook. The folders a killed
     # job left behind go first.
@@ -113,8 +127,8 @@ rule notebook:
         "&& tmp=$(mktemp -d $(dirname {output.notebook})/.{wildcards.report}.notebook.XXXXXX) "
         "&& trap 'rm -rf $tmp' EXIT "
         "&& papermill {input.notebook} $tmp/{wildcards.report}.ipynb --cwd . "
-        "-p runs_csv {input.runs} -p curves_csv {input.curves} -p figures_dir {params.figures_dir} "
+        "-p repo {params.repo} -p runs_csv {input.runs} -p curves_csv {input.curves} -p figures_dir {params.figures_dir} "
         "{params.tables} "
-        "&& jupyter nbconvert --to html $tmp/{wildcards.report}.ipynb --output-dir $tmp "
+        "&& jupyter nbconvert --to html --no-input --no-prompt $tmp/{wildcards.report}.ipynb --output-dir $tmp "
         "&& mv $tmp/{wildcards.report}.html {output.html} "
         "&& mv $tmp/{wildcards.report}.ipynb {output.notebook}) > {log} 2>&1"

@@ -226,8 +226,8 @@ rule search_proxies:
     input:
         unpack(proxy_inputs),
     output:
-        proxies=report(SEARCH_FILES["proxies"], category="Model search"),
-        tau=report(SEARCH_FILES["proxy_tau"], category="Model search"),
+        proxies=report(SEARCH_FILES["proxies"], category=SEARCHING),
+        tau=report(SEARCH_FILES["proxy_tau"], category=SEARCHING),
     log:
         "results/logs/search/proxies.log",
     conda:
@@ -253,7 +253,7 @@ rule search_compare:
     input:
         unpack(compare_inputs),
     output:
-        report(SEARCH_FILES["search"], category="Model search"),
+        report(SEARCH_FILES["search"], category=SEARCHING),
     log:
         "results/logs/search/compare.log",
     conda:
@@ -282,7 +282,11 @@ rule search_figure:
             else []
         ),
     output:
-        report("results/figures/{figure}.png", category="Model search"),
+        report(
+            "results/figures/{figure}.png",
+            caption="../report/figure.rst",
+            category=SEARCHING,
+        ),
     log:
         "results/logs/figures/{figure}.log",
     wildcard_constraints:
@@ -304,8 +308,8 @@ rule search_replay:
     input:
         lambda wildcards: [record for record, _ in grid_jobs()],
     output:
-        table=report(SEARCH_FILES["replay"], category="Model search"),
-        figure=report(SEARCH_FILES["replay_anytime"], category="Model search"),
+        table=report(SEARCH_FILES["replay"], category=SEARCHING),
+        figure=report(SEARCH_FILES["replay_anytime"], category=SEARCHING),
     log:
         "results/logs/search/replay.log",
     conda:

@@ -3,9 +3,12 @@ run end to end) and the tiers' marks. Shared functions and constants live in ``h
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,12 @@ from helpers import (  # noqa: F401 (tests import these from helpers or here)
 )
 
 sys.path.insert(0, str(REPO))
+
+# The per-user plan cache (tlselect.training.plan.plan_cache_dir): never the user's own. A folder for
+# the whole session (module-scoped fixtures, the snakemake runs they start), and a fresh one per test
+# (_plan_cache below), so that no test finds a plan another one measured.
+os.environ["TLSELECT_PLAN_CACHE"] = tempfile.mkdtemp(prefix="tlselect-plan-cache-")
+atexit.register(shutil.rmtree, os.environ["TLSELECT_PLAN_CACHE"], True)
 
 # ---------------------------------------------------------------------------------------------
 # Tiers: each test's marks come from its folder (and, under cluster/, its file), so that
@@ -125,3 +134,11 @@ def study(tmp_path_factory, tiny_archive) -> Path:
 @pytest.fixture(autouse=True)
 def _few_threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _plan_cache(tmp_path_factory, monkeypatch) -> Path:
+    """A fresh, empty per-user plan cache for each test (``$TLSELECT_PLAN_CACHE``)."""
+    folder = tmp_path_factory.mktemp("plan-cache")
+    monkeypatch.setenv("TLSELECT_PLAN_CACHE", str(folder))
+    return folder

@@ -10,6 +10,13 @@ STUDY_FIGURES = [
 FIGURES = STUDY_FIGURES + (["speedups"] if SPEEDUPS else [])
 REPORTS = ["solution"] + (["study"] if SEARCH or SPEEDUPS else [])
 OPTIMIZATIONS = "results/tables/optimizations.csv"
+FIGURE_QUESTIONS = {
+    "accuracy_vs_time": PICK,
+    "accuracy_by_policy": PICK,
+    "validation_curves": TRAINING,
+    "accuracy_by_layer": LAYERS,
+    "speedups": SPEED,
+}
 
 
 def study_records():

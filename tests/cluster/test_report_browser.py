@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 from helpers import snakemake
 from PIL import Image
@@ -48,23 +49,51 @@ window.addEventListener("load", () => setTimeout(async () => {
     }
     return null;
   };
-  // Snakemake's report (a React app): open its Figures category, then view every figure listed there
+  // Snakemake's report (a React app): open each question's category, view every figure listed there
   const isReport = typeof results === "object";
-  const menu = isReport && await appears(
-    () => [...document.querySelectorAll("nav a")].find((a) => a.textContent.trim() === "Figures"));
-  if (menu) {
+  if (isReport) {
     seen.carried = Object.keys(results);
-    menu.click();
-    await appears(() => document.querySelector("tbody tr"));
-    for (let i = 0; i < document.querySelectorAll("tbody tr").length; i++) {
-      const row = document.querySelectorAll("tbody tr")[i];
-      const path = row.querySelector("td").textContent.trim();
-      row.querySelector("a").click();
-      await pause(500);
-      const shown = [...document.images].find((img) => results[path] && img.src === results[path].data_uri);
-      seen.figures.push({path, ok: shown ? await loaded(shown) : false});
+    await appears(() => document.querySelector("nav a"));
+    seen.front = document.body.innerText;
+    const links = [...document.querySelectorAll("nav a")].map((a) => a.textContent.trim());
+    const questions = links.filter((text) => /^\\d\\. /.test(text));
+    seen.categories = questions;
+    for (const question of questions) {
+      const menu = await appears(
+        () => [...document.querySelectorAll("nav a")].find((a) => a.textContent.trim() === question));
+      if (!menu) continue;
+      menu.click();
+      await appears(() => document.querySelector("tbody tr"));
+      for (let i = 0; i < document.querySelectorAll("tbody tr").length; i++) {
+        const row = document.querySelectorAll("tbody tr")[i];
+        const path = row.querySelector("td").textContent.trim();
+        if (!path.endsWith(".png")) continue;
+        row.querySelector("a").click();
+        await pause(500);
+        const shown = [...document.images].find((img) => results[path] && img.src === results[path].data_uri);
+        seen.figures.push({path, question, ok: shown ? await loaded(shown) : false});
+      }
+      // back to the list of questions: the nav's "Results" link
+      const overview = [...document.querySelectorAll("nav a")].find((a) => a.textContent.trim() === "Results");
+      if (overview) overview.click();
+      await appears(() => [...document.querySelectorAll("nav a")].some((a) => /^\\d\\. /.test(a.textContent.trim())));
     }
   }
+  // a notebook page: code shown, the first heading's section, each figure's neighbours
+  seen.codeInputs = document.querySelectorAll(".jp-CodeCell .jp-InputArea, div.input_area").length;
+  const cells = [...document.querySelectorAll(".jp-Cell")];
+  const start = cells.findIndex((cell) => cell.querySelector("h1"));
+  const section = [];
+  for (let i = start; i >= 0 && i < cells.length; i++) {
+    if (i > start && cells[i].querySelector("h1, h2")) break;
+    section.push(cells[i].innerText);
+  }
+  seen.firstSection = section.join("\\n");
+  const around = (el) => (el ? el.innerText.trim() : "");
+  seen.figureTexts = [...document.querySelectorAll(".jp-OutputArea-output img")].map((img) => {
+    const child = img.closest(".jp-OutputArea-child");
+    return {before: around(child && child.previousElementSibling), after: around(child && child.nextElementSibling)};
+  });
   seen.text = document.body.innerText;
   const out = document.createElement("pre");
   out.id = "browser-check";
@@ -109,6 +138,11 @@ def shown_errors(seen: dict) -> list[str]:
     return [text for text in seen["outputs"] if "Traceback" in text or "Error" in text]
 
 
+def selected_run(study: Path) -> str:
+    runs = pd.read_csv(study / "results/tables/runs.csv")
+    return runs.loc[runs["selected"], "name"].iloc[0]
+
+
 def test_notebook_html_shows_every_figure_and_no_error(chromium, study, tmp_path):
     notebook = json.loads((study / "results/report/solution.ipynb").read_text())
     outputs = [output for cell in notebook["cells"] for output in cell.get("outputs", [])]
@@ -116,7 +150,23 @@ def test_notebook_html_shows_every_figure_and_no_error(chromium, study, tmp_path
     seen = render(chromium, study / "results/report/solution.html", tmp_path)
     assert figures >= 5 and seen["images"] == [True] * figures, seen["images"]
     assert shown_errors(seen) == [] and "Traceback" not in seen["text"]
-    assert "Selected" in seen["text"] and "Measured on" in seen["text"]  # the conclusions rendered
+    assert "Selected" in seen["text"] and "The largest speedup is" in seen["text"]  # the conclusions rendered
+
+
+def test_notebook_html_reads_as_a_report(chromium, study, tmp_path):
+    """No code and no parameter cell; the first heading's section names the selected run; every
+    figure has its sentence before it and its caption (with the source table) after it."""
+    seen = render(chromium, study / "results/report/solution.html", tmp_path)
+    assert seen["codeInputs"] == 0
+    assert "runs_csv =" not in seen["text"] and "import pandas" not in seen["text"]
+    assert "Selected" in seen["firstSection"] and f"{selected_run(study)} (init" in seen["firstSection"]
+    assert len(seen["figureTexts"]) >= 5
+    for figure in seen["figureTexts"]:
+        assert re.search(r"\d", figure["before"]) and not figure["before"].startswith("Figure"), figure
+        assert re.match(r"Figure \d+: .+ Source: results/\S+\.csv\.$", figure["after"]), figure
+    # the executed notebook keeps its code
+    notebook = json.loads((study / "results/report/solution.ipynb").read_text())
+    assert any("answer.answer(runs)" in "".join(cell["source"]) for cell in notebook["cells"])
 
 
 def test_snakemake_report_shows_every_figure_and_the_notebook(chromium, study, tmp_path):
@@ -124,8 +174,15 @@ def test_snakemake_report_shows_every_figure_and_the_notebook(chromium, study, t
     snakemake(study, "--report", str(report))
     seen = render(chromium, report, tmp_path)
     assert seen["errors"] == []
+    assert f"Selected: {selected_run(study)}" in seen["front"]  # it opens on the study's answer
+    assert seen["categories"][:4] == [
+        "1. Which run to pick", "2. How the runs trained", "3. Which layer transfers", "4. How fast it ran"
+    ]  # fmt: skip
     figures = sorted(str(path.relative_to(study)) for path in (study / "results/figures").glob("*.png"))
-    assert len(figures) == 5 and seen["figures"] == [{"path": path, "ok": True} for path in figures]
+    assert len(figures) == 5 and sorted(f["path"] for f in seen["figures"]) == figures
+    assert all(figure["ok"] for figure in seen["figures"]), seen["figures"]
+    questions = {f["path"].split("/")[-1]: f["question"] for f in seen["figures"]}
+    assert questions["accuracy_by_layer.png"] == "3. Which layer transfers"
     assert {"results/report/solution.html", "results/tables/runs.csv"} <= set(seen["carried"])
 
 
@@ -148,4 +205,6 @@ def test_the_probe_sees_a_broken_figure_and_an_error_cell(chromium, tmp_path):
     subprocess.run(jupyter, check=True, capture_output=True, timeout=120)
     seen = render(chromium, tmp_path / "broken.html", tmp_path)
     assert seen["images"] == [True, False]
+    assert seen["codeInputs"] == 1  # converted with its code: the code check sees it
+    assert seen["figureTexts"][0]["before"] == ""  # a figure without its sentence is seen as such
     assert shown_errors(seen) == ["Traceback\nValueError"] and "Traceback" in seen["text"]

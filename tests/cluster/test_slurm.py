@@ -3,7 +3,9 @@
 A tiny study runs once locally and once through ``snakemake --profile profiles/slurm``; every
 non-local job must go through sbatch and the two tables must agree. A throwaway workflow then
 checks the profile's failure handling: a job that needs more memory than its first attempt gets
-is retried with twice the memory and succeeds; a job SLURM cancels leaves no output behind.
+is retried with twice the memory and succeeds; a job SLURM cancels leaves no output behind. A
+Snakemake killed on SLURM is recovered from both ways: its jobs cancelled, or left to finish, when
+the same command waits for them and keeps what they wrote instead of submitting them again.
 
 Skipped when no SLURM answers, unless TLSELECT_REQUIRE_SLURM=1 (CI), which turns that into a failure.
 """

@@ -208,7 +208,7 @@ def test_diverged_run_is_recorded_and_shown_in_tables_figures_and_notebook(paral
     table = pd.read_csv(workdir / "results/tables/runs.csv").set_index("name")
     assert table.loc["wild", "status"] == "diverged" and not table.loc["wild", "selected"]
     assert table.loc["steady", "status"] == "completed" and table.loc["steady", "selected"]
-    assert "Diverged (non-finite loss): wild" in (workdir / "results/tables/summary.md").read_text()
+    assert "**Diverged**: wild" in (workdir / "results/tables/summary.md").read_text()
     for figure in STUDY_FIGURES:
         assert (workdir / f"results/figures/{figure}.png").read_bytes()[:4] == b"\x89PNG"
     notebook = json.loads((workdir / "results/report/solution.ipynb").read_text())

@@ -42,10 +42,10 @@ def test_full_run_produces_every_output(study):
         assert (study / f"results/figures/{figure}.png").read_bytes()[:4] == b"\x89PNG"
     notebook = json.loads((study / "results/report/solution.ipynb").read_text())
     outputs = "".join(json.dumps(cell.get("outputs", [])) for cell in notebook["cells"])
-    assert "Selected" in outputs and "Measured on" in outputs and "Error" not in outputs
+    assert "**Selected**" in outputs and "The largest speedup is" in outputs and "Error" not in outputs
     assert (study / "results/report/solution.html").stat().st_size > 10_000
     assert (study / "results/source/resnet18.pt").is_file()
-    assert "Selected on validation accuracy" in (study / "results/tables/summary.md").read_text()
+    assert "**Selected**: `" in (study / "results/tables/summary.md").read_text()
 
 
 def test_every_json_output_is_strict(study):

@@ -135,10 +135,15 @@ def parse_squeue(text: str) -> list[SlurmJob]:
 
 
 def squeue(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["squeue", "-h", "-o", SQUEUE_FORMAT, *args], capture_output=True, text=True, timeout=60)
+    """``squeue -h -o SQUEUE_FORMAT *args``; one that does not answer in 60 s counts as failed."""
+    command = ["squeue", "-h", "-o", SQUEUE_FORMAT, *args]
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(command, 1, "", "squeue did not answer in 60 s")
 
 
-def active_slurm_jobs(workdir: str | os.PathLike, rules: Iterable[str], query=squeue) -> list[SlurmJob]:
+def active_slurm_jobs(workdir: str | os.PathLike, rules: Iterable[str], query=squeue) -> list[SlurmJob] | None:
     """This user's SLURM jobs, not yet ended, that a Snakemake run of ``workdir`` submitted for one of
     ``rules`` (the job this code runs in, if any, left out). None when squeue fails."""
     result = query("-u", str(os.getuid()), "-t", ",".join(ACTIVE_STATES))
@@ -178,11 +183,13 @@ def wait_for_slurm_jobs(
         return []
     if not jobs:
         return []
-    runs = " ".join(sorted({job.run for job in jobs}))
+    runs = sorted({job.run for job in jobs})
     log(
-        f"{len(jobs)} SLURM job(s) that an earlier Snakemake run of this folder submitted (SLURM run ID {runs}) "
-        "are still pending or running: waiting for them instead of submitting them again, then using what they "
-        f"wrote. Ctrl-C stops waiting (the jobs go on); `scancel --name {runs}` stops the jobs."
+        f"{len(jobs)} SLURM job(s) that an earlier Snakemake run of this folder submitted (SLURM run ID "
+        f"{', '.join(runs)}) are still pending or running: waiting for them instead of submitting them again, "
+        "then using what they wrote. Ctrl-C stops waiting (the jobs go on); "
+        + " and ".join(f"`scancel --name {run}`" for run in runs)
+        + " stops the jobs."
     )
     for job in jobs:
         log(f"  {job}: {job.state}")

@@ -14,9 +14,18 @@ import math
 
 import pandas as pd
 
-from tlselect.report.tables import pareto_front
-
 Z95 = 1.959964
+
+
+def pareto_front(table: pd.DataFrame, cost: str = "train_seconds", value: str = "val_accuracy") -> pd.DataFrame:
+    """Completed runs that no other run beats on both lower ``cost`` and higher ``value``."""
+    done = table[table["status"] == "completed"].sort_values([cost, value], ascending=[True, False])
+    front, best = [], float("-inf")
+    for index, row in done.iterrows():
+        if row[value] > best:
+            front.append(index)
+            best = row[value]
+    return done.loc[front]
 
 
 def wilson(accuracy: float, n: float, z: float = Z95) -> tuple[float, float]:
@@ -70,7 +79,7 @@ def answer(runs: pd.DataFrame) -> str:
         return "**No run completed**: every run diverged. Lower the learning rates in `config.yaml`."
     best = selected.iloc[0]
     lines = [
-        f"- **Selected: {label(best)}**, validation {accuracy(best)}, test {accuracy(best, 'test')}, "
+        f"- **Selected**: {label(best)}, validation {accuracy(best)}, test {accuracy(best, 'test')}, "
         f"{seconds(best.train_seconds)} of training."
     ]
     others = done.drop(index=best.name).sort_values("val_accuracy", ascending=False)
@@ -153,7 +162,10 @@ def policy_sentence(runs: pd.DataFrame) -> str:
     by_val = policies.loc[policies["val_accuracy"].idxmax()]
     by_test = policies.loc[policies["test_accuracy"].idxmax()]
     if by_val.name == by_test.name:
-        return f"Validation and test agree on the best policy, `{by_val['name']}`."
+        return (
+            f"Validation and test agree on the best of {len(policies)} policies, `{by_val['name']}` "
+            f"(validation {accuracy(by_val)}, test {accuracy(by_val, 'test')})."
+        )
     return (
         f"Validation picks `{by_val['name']}` ({accuracy(by_val)}) but test favours `{by_test['name']}` "
         f"({accuracy(by_test, 'test')}): on these subsets the two splits rank the policies differently."

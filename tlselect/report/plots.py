@@ -12,7 +12,7 @@ import pandas as pd  # noqa: E402
 
 from tlselect.core.backbones import backbone_spec  # noqa: E402
 from tlselect.core.files import atomic_path  # noqa: E402
-from tlselect.report.tables import pareto_front  # noqa: E402
+from tlselect.report.answer import pareto_front  # noqa: E402
 
 
 def accuracy_vs_time(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:

@@ -13,6 +13,7 @@ import pandas as pd
 
 from tlselect.core.files import atomic_path, write_text
 from tlselect.core.registry import rank, read_record
+from tlselect.report.answer import answer, pareto_front
 
 COLUMNS = [
     "run_id",
@@ -39,6 +40,8 @@ COLUMNS = [
     "wall_seconds",
     "images_per_second",
     "resumed_from_epoch",
+    "val_images",
+    "test_images",
     "selected",
 ]
 
@@ -77,6 +80,8 @@ def runs_table(records: list[dict]) -> pd.DataFrame:
                 "wall_seconds": r["timings"]["wall_seconds"],
                 "images_per_second": r["throughput_images_per_second"],
                 "resumed_from_epoch": r.get("resumed_from_epoch"),
+                "val_images": r.get("data", {}).get("val"),
+                "test_images": r.get("data", {}).get("test"),
             }
         )
     table = pd.DataFrame(rows, columns=COLUMNS[:-1])
@@ -93,17 +98,6 @@ def curves_table(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def pareto_front(table: pd.DataFrame, cost: str = "train_seconds", value: str = "val_accuracy") -> pd.DataFrame:
-    """Completed runs that no other run beats on both lower ``cost`` and higher ``value``."""
-    done = table[table["status"] == "completed"].sort_values([cost, value], ascending=[True, False])
-    front, best = [], float("-inf")
-    for index, row in done.iterrows():
-        if row[value] > best:
-            front.append(index)
-            best = row[value]
-    return done.loc[front]
-
-
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4f}" if value <= 1 else f"{value:.1f}"
@@ -116,8 +110,12 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+ANSWER_START, ANSWER_END = "<!-- answer -->", "<!-- /answer -->"
+
+
 def summary_markdown(table: pd.DataFrame, source_seconds: float | None = None, plans: str = "") -> str:
-    """Markdown report: the selected run, the comparison table, diverged runs."""
+    """Markdown report: the answer (:func:`tlselect.report.answer.answer`), the Pareto front, the
+    plan, the comparison table."""
     shown = table[
         [
             "name",
@@ -132,18 +130,8 @@ def summary_markdown(table: pd.DataFrame, source_seconds: float | None = None, p
             "trainable_params",
         ]  # fmt: skip
     ]
-    parts = ["# Transfer-learning study: summary", ""]
-    chosen = table[table["selected"]]
-    if len(chosen):
-        best = chosen.iloc[0]
-        parts.append(
-            f"Selected on validation accuracy: **{best['name']}** ({best['kind']}, init {best['init']}"
-            f"{', freeze ' + best['freeze'] if best['freeze'] else ', layer ' + best['layer']}): "
-            f"validation {best['val_accuracy']:.4f}, test {best['test_accuracy']:.4f}, "
-            f"{best['train_seconds']:.1f} s of training."
-        )
-    else:
-        parts.append("No run completed: every run diverged.")
+    # the markers let the front page of `snakemake --report` include the answer (report/workflow.rst)
+    parts = ["# Transfer-learning study: summary", "", ANSWER_START, answer(table), ANSWER_END, ""]
     front = pareto_front(table)
     front_names = ", ".join(f"{r.name} ({r.init})" for r in front.itertuples())
     parts += ["", f"Pareto front (validation accuracy vs training time): {front_names}."]
@@ -151,9 +139,6 @@ def summary_markdown(table: pd.DataFrame, source_seconds: float | None = None, p
         parts.append(f"The source model took {source_seconds:.1f} s to pretrain, once, for every run with init source.")
     if plans:
         parts += ["", plans]
-    diverged = table[table["status"] == "diverged"]
-    if len(diverged):
-        parts.append("Diverged (non-finite loss): " + ", ".join(diverged["name"]) + ".")
     parts += ["", markdown_table(shown), ""]
     return "\n".join(parts)
 

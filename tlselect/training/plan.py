@@ -66,6 +66,7 @@ MAX_SPREAD = 0.10  # wider than this when the rounds stop: the knob is refused (
 MIN_MARGIN = 0.05  # a knob is kept only if its gain exceeds 1 + max(MIN_MARGIN, spread)
 QUIET_CHECK_S = 0.5  # the load is sampled this long before anything is measured
 LOAD_TOLERANCE = 0.25  # cores other processes may keep busy beyond those the job leaves free
+SCREEN_RATIO = 2.0  # a choice this many times slower than the baseline in its first warm step: left out at once
 DRIFT_LIMIT = 1.3  # the baseline's images/s at the start against a quick re-measure at the end
 KNOWN_RATE_LIMIT = 0.6  # the baseline below this fraction of the rate this device measured before
 CACHE_ENV = "TLSELECT_PLAN_CACHE"  # the per-user cache's folder (default: $XDG_CACHE_HOME/tlselect/plans)
@@ -201,9 +202,9 @@ class _Trial:
         self.forward = torch.compile(model) if plan.compile else model
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         self.scaler = plan.grad_scaler(work.device)
-        self.warmup_seconds = self.run(2)  # first steps: allocator, cuDNN autotuning, compilation
-        probe = max(self.run(1), 1e-4)
-        self.steps = 1 if probe > budget else max(2, min(200, int(budget / probe)))
+        self.warmup_seconds = self.run(1)  # the first step: allocator, cuDNN autotuning, compilation
+        self.probe = max(self.run(1), 1e-4)  # a warm step
+        self.steps = 1 if self.probe > budget else max(2, min(200, int(budget / self.probe)))
 
     def run(self, steps: int) -> float:
         with _threads(self.plan):
@@ -291,6 +292,7 @@ class Rounds:
     trial: list[float] = field(default_factory=list)
     load: list[float] = field(default_factory=list)
     gains: list[float] = field(default_factory=list)
+    screened: bool = False  # left out on its first warm step, without rounds (SCREEN_RATIO)
 
     def add(self, base: float, trial: float, load: float | None, gain: float | None = None) -> None:
         self.base.append(base)
@@ -345,6 +347,10 @@ def measure_pair(plan: ExecutionPlan, trial: ExecutionPlan, work: Workload, budg
     started, last_round = time.perf_counter(), 0.0
     runs = (_Trial(plan, work, budget), _Trial(trial, work, budget))
     rounds = Rounds()
+    if compile_gain is None and runs[1].probe > SCREEN_RATIO * runs[0].probe:  # far slower: no rounds needed
+        rounds.add(runs[0].probe / work.batch_size, runs[1].probe / work.batch_size, None)
+        rounds.screened = True
+        return rounds, runs[0], runs[1]
     while not _enough(rounds, started, cap, spare, last_round):
         sample, round_started = load_sample(), time.perf_counter()
         times = [0.0, 0.0]
@@ -474,7 +480,7 @@ def calibrate(work: Workload, threads: int = 0, measure_compile: bool = False, b
                                                 f"failed: {type(error).__name__}"))  # fmt: skip
                 continue
             loads += rounds.load
-            if first is None:
+            if first is None and not rounds.screened:
                 first = (base_run, statistics.median(rounds.base))
                 rate = 1 / first[1]
                 result.baseline["training"] = round(rate, 1)
@@ -491,6 +497,8 @@ def calibrate(work: Workload, threads: int = 0, measure_compile: bool = False, b
             kept = False
             if result.refused:
                 note = f"refused: {result.refused}"
+            elif rounds.screened:
+                note = f"{1 / rounds.gain:.1f}x slower in its first warm step: left out without rounds"
             elif rounds.spread > MAX_SPREAD:
                 result.fallback[knob] = f"spread {rounds.spread:.3f} over {len(rounds)} rounds, above {MAX_SPREAD}"
                 note = f"refused: {result.fallback[knob]}"
@@ -571,22 +579,28 @@ def plan_cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-def _locked(path: Path, required: bool = True):
-    """An exclusive lock on ``path`` (released when the file closes, however the job ends); a cache's
-    lock that cannot be taken (a read-only or lock-less file system) is skipped unless ``required``."""
+def _locked(path: Path):
+    """An exclusive lock on ``path`` (released when the file closes, however the job ends)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+@contextlib.contextmanager
+def _cache_locked(path: Path):
+    """The cache's lock: a POSIX record lock (what NFS home folders implement) between the processes
+    of any study on this machine; skipped where it cannot be taken (a read-only or lock-less file system)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path, "w")  # noqa: SIM115 (closed below)
-        fcntl.flock(handle, fcntl.LOCK_EX)
     except OSError:
-        if required:
-            raise
-        yield False
+        yield
         return
-    try:
-        yield True
-    finally:
-        handle.close()
+    with handle:
+        with contextlib.suppress(OSError):
+            fcntl.lockf(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _measured(stored: dict | None) -> set[str]:
@@ -689,7 +703,7 @@ def stored_plan(plans: str | Path, work: Workload, threads: int, measure_compile
     if stored is not None and knobs <= set(stored["measured"]) and not recalibrate:
         return stored | {"file": str(path), "source": "study"}
     cache = plan_cache_dir() / f"{key}.json"
-    with _locked(path.with_suffix(".lock")), _locked(cache.with_suffix(".lock"), required=False):
+    with _locked(path.with_suffix(".lock")), _cache_locked(cache.with_suffix(".lock")):
         stored = _read(path)  # another job may have written it while this one waited
         if stored is not None and knobs <= set(stored["measured"]) and not recalibrate:
             return stored | {"file": str(path), "source": "study"}
