@@ -106,6 +106,11 @@ rule notebook:
         runtime=30,
     params:
         repo=workflow.basedir,
+        # cells left out of the HTML: papermill's parameters and the notebook's setup
+        hidden=" ".join(
+            f"--TagRemovePreprocessor.remove_cell_tags {tag}"
+            for tag in ("parameters", "injected-parameters", "setup")
+        ),
         figures_dir=lambda wildcards, input: os.path.dirname(input.figures[0]),
         tables=lambda wildcards, input: " ".join(
             f"-p {name}_csv '{input[name] if name in input.keys() else ''}'"
@@ -118,7 +123,7 @@ rule notebook:
                 "replay",
             )
         ),
-    # The HTML shows no code (--no-input): the .ipynb keeps it, executed.
+    # The HTML shows no code (--no-input) and no parameter or setup cell: the .ipynb keeps them.
     # papermill saves its output after every cell: execute and convert in a temporary folder, then
     # rename both into place, so no reader ever sees a half-executed notebook. The folders a killed
     # job left behind go first.
@@ -129,6 +134,7 @@ rule notebook:
         "&& papermill {input.notebook} $tmp/{wildcards.report}.ipynb --cwd . "
         "-p repo {params.repo} -p runs_csv {input.runs} -p curves_csv {input.curves} -p figures_dir {params.figures_dir} "
         "{params.tables} "
-        "&& jupyter nbconvert --to html --no-input --no-prompt $tmp/{wildcards.report}.ipynb --output-dir $tmp "
+        "&& jupyter nbconvert --to html --no-input --no-prompt {params.hidden} "
+        "$tmp/{wildcards.report}.ipynb --output-dir $tmp "
         "&& mv $tmp/{wildcards.report}.html {output.html} "
         "&& mv $tmp/{wildcards.report}.ipynb {output.notebook}) > {log} 2>&1"
