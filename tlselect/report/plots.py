@@ -1,4 +1,5 @@
-"""Report figures (matplotlib, PNG), drawn from the aggregated tables only."""
+"""Report figures (matplotlib, PNG), drawn from the aggregated tables only; accuracies carry their 95%
+Wilson intervals as error bars where the table knows the image counts."""
 
 from __future__ import annotations
 
@@ -12,12 +13,20 @@ import pandas as pd  # noqa: E402
 
 from tlselect.core.backbones import backbone_spec  # noqa: E402
 from tlselect.core.files import atomic_path  # noqa: E402
-from tlselect.report.answer import pareto_front  # noqa: E402
+from tlselect.report.answer import pareto_front, with_intervals  # noqa: E402
+
+
+def error_bars(frame: pd.DataFrame, split: str = "val"):
+    """``yerr`` of :meth:`ax.errorbar` for the rows' ``split`` accuracy (nan where unknown: no bar)."""
+    value = frame[f"{split}_accuracy"].astype(float)
+    return [value - frame[f"{split}_low"], frame[f"{split}_high"] - value]
 
 
 def accuracy_vs_time(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
     """Validation accuracy against training time, one point per run, with the Pareto front."""
-    done = runs[runs["status"] == "completed"]
+    done = with_intervals(runs)
+    ax.errorbar(done["train_seconds"], done["val_accuracy"], yerr=error_bars(done), fmt="none", ecolor="grey",
+                elinewidth=0.8, alpha=0.6, zorder=1)  # fmt: skip
     probes = done[done["kind"] == "probe"]
     ax.scatter(probes["train_seconds"], probes["val_accuracy"], s=18, color="grey", label="layer probes", zorder=3)
     for row in done[done["kind"] == "policy"].itertuples():
@@ -52,8 +61,9 @@ def accuracy_by_policy(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
     positions = range(len(ordered))
     val = ordered["val_accuracy"].fillna(0).astype(float)
     test = ordered["test_accuracy"].fillna(0).astype(float)
-    ax.bar([p - 0.2 for p in positions], val, width=0.4, label="validation")
-    ax.bar([p + 0.2 for p in positions], test, width=0.4, label="test")
+    bounds = with_intervals(ordered).reindex(ordered.index)  # diverged runs: no bar, no interval
+    ax.bar([p - 0.2 for p in positions], val, width=0.4, label="validation", yerr=error_bars(bounds), capsize=3)
+    ax.bar([p + 0.2 for p in positions], test, width=0.4, label="test", yerr=error_bars(bounds, "test"), capsize=3)
     labels = [f"{r.name}\n({r.status})" if r.status != "completed" else r.name for r in ordered.itertuples()]
     ax.set_xticks(list(positions), labels, rotation=20, ha="right")
     ax.set_ylabel("accuracy")
@@ -77,11 +87,12 @@ def validation_curves(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
 
 def accuracy_by_layer(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
     """Linear-probe validation accuracy per cached layer, one line per init (Yosinski et al.'s curve)."""
-    probes = runs[(runs["kind"] == "probe") & (runs["status"] == "completed")]
+    probes = with_intervals(runs[runs["kind"] == "probe"])
     for (backbone, init), group in probes.groupby(["backbone", "init"], sort=True):
         stages = backbone_spec(backbone).stage_names
         group = group.sort_values("layer", key=lambda column: column.map(stages.index))
-        ax.plot(group["layer"], group["val_accuracy"], marker="o", label=f"init {init}")
+        ax.errorbar(group["layer"], group["val_accuracy"], yerr=error_bars(group), marker="o", capsize=3,
+                    label=f"init {init}")  # fmt: skip
     ax.set_xlabel("layer (cached features, average-pooled)")
     ax.set_ylabel("linear-probe validation accuracy")
     ax.set_title("Which layer transfers: accuracy by layer")
