@@ -1,6 +1,7 @@
 """The report's answer and sentences are computed from the tables: the selected run, its margin,
 the cheapest run within noise, the gain over scratch, each with Wilson intervals."""
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -35,7 +36,7 @@ def test_the_answer_names_the_selected_run_its_margin_and_the_cheapest_run_withi
     text = answer.answer(runs)
     assert "**Selected**: `finetune` (init source, freeze none), validation 0.800 [" in text
     assert "2.0 points of validation accuracy ahead of the next best, `freeze_most`" in text
-    assert "1 other run(s) are within noise" in text  # 0.78 on 400 images overlaps 0.80; 0.55 does not
+    assert "within noise of it (validation intervals overlapping): `freeze_most`." in text  # 0.55 is not
     assert "**Cheapest within noise**: `freeze_most`" in text and "20 s against the selected run's 60 s" in text
     assert "+25.0 points (the intervals do not overlap)" in text
 
@@ -77,3 +78,29 @@ def test_figure_sentences_are_computed_from_the_tables():
                            "val_accuracy": [0.5, 0.8, 0.7, 0.6]})  # fmt: skip
     assert answer.curves_sentence(curves).startswith("1 of 2 policies peak at their last epoch (`a`)")
     assert answer.markdown_to_rst("**Selected**: `a`") == "**Selected**: a"
+
+
+def test_probability_of_being_best_splits_ties_and_follows_the_evidence():
+    rng = np.random.default_rng(1)
+    a = rng.random(400) < 0.7
+    shuffled = a.copy()
+    rng.shuffle(shuffled)  # the same accuracy, other errors: equal on purpose
+    as_text = lambda hits: "".join("1" if h else "0" for h in hits)  # noqa: E731
+    same = answer.probability_best({"a": as_text(a), "twin": as_text(a)})
+    assert same == {"a": 0.5, "twin": 0.5}
+    equal = answer.probability_best({"a": as_text(a), "b": as_text(shuffled)})
+    assert abs(equal["a"] - 0.5) < 0.1 and sum(equal.values()) == pytest.approx(1)
+    worse = a & (rng.random(400) < 0.8)  # right on a subset of a's images only
+    clear = answer.probability_best({"a": as_text(a), "worse": as_text(worse)})
+    assert clear["a"] > 0.99
+    assert all(pd.isna(v) for v in answer.probability_best({"a": "01", "b": "011"}).values())
+
+
+def test_the_answer_gives_the_picks_probability_of_being_best():
+    runs = runs_table([
+        {"name": "a", "init": "source", "freeze": "none", "val_accuracy": 0.8, "test_accuracy": 0.8,
+         "train_seconds": 5.0, "p_best": 0.73},
+        {"name": "b", "init": "scratch", "freeze": "none", "val_accuracy": 0.79, "test_accuracy": 0.7,
+         "train_seconds": 1.0, "p_best": 0.27},
+    ])  # fmt: skip
+    assert "probability of being the best 0.73" in answer.answer(runs)

@@ -39,6 +39,8 @@ def test_record_matches_schema_and_learns(tensor_data, tmp_path):
     assert read_record(tmp_path / "r.json")["run_id"] == record["run_id"]
     assert record["status"] == "completed" and len(record["curves"]) == 3
     assert record["metrics"]["test_accuracy"] is not None
+    hits = record["metrics"]["val_correct"]  # the final model's per-image validation hits
+    assert len(hits) == 32 and hits.count("1") / len(hits) == pytest.approx(record["metrics"]["val_accuracy"])
     assert record["timings"]["train_seconds"] > 0 and record["throughput_images_per_second"] > 0
     assert (tmp_path / "model.pt").is_file() and not (tmp_path / "model.resume.pt").exists()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 
 Z95 = 1.959964
@@ -35,6 +36,28 @@ def wilson(accuracy: float, n: float, z: float = Z95) -> tuple[float, float]:
     centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n))
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def probability_best(correct: dict[str, str], draws: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Each run's probability of the best validation accuracy, by a paired bootstrap over validation
+    images: ``correct`` maps a run to its per-image hits (``"0110..."``, the record's ``val_correct``,
+    the same images in the same order for every run); each draw resamples the images, and the runs
+    tied for the best accuracy share that draw."""
+    if not correct:
+        return {}
+    names = list(correct)
+    lengths = {len(hits) for hits in correct.values()}
+    if len(lengths) != 1 or not lengths.pop():
+        return {name: math.nan for name in names}
+    hits = np.array([[c == "1" for c in correct[name]] for name in names], dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    wins = np.zeros(len(names))
+    for chunk in np.array_split(np.arange(draws), max(1, draws // 250)):
+        picks = rng.integers(0, hits.shape[1], size=(len(chunk), hits.shape[1]))
+        accuracy = hits[:, picks].mean(axis=2)  # runs x draws
+        best = accuracy == accuracy.max(axis=0)
+        wins += (best / best.sum(axis=0)).sum(axis=1)
+    return {name: float(w / draws) for name, w in zip(names, wins, strict=True)}
 
 
 def with_intervals(runs: pd.DataFrame) -> pd.DataFrame:
@@ -78,9 +101,10 @@ def answer(runs: pd.DataFrame) -> str:
     if selected.empty:
         return "**No run completed**: every run diverged. Lower the learning rates in `config.yaml`."
     best = selected.iloc[0]
+    sure = "" if pd.isna(best.get("p_best", math.nan)) else f", probability of being the best {best['p_best']:.2f}"
     lines = [
         f"- **Selected**: {label(best)}, validation {accuracy(best)}, test {accuracy(best, 'test')}, "
-        f"{seconds(best.train_seconds)} of training."
+        f"{seconds(best.train_seconds)} of training{sure}."
     ]
     others = done.drop(index=best.name).sort_values("val_accuracy", ascending=False)
     if len(others):
@@ -90,7 +114,9 @@ def answer(runs: pd.DataFrame) -> str:
         elif noise.empty:
             verdict = "its validation interval is clear of every other run's"
         else:
-            verdict = f"{len(noise)} other run(s) are within noise of it (their validation intervals overlap)"
+            named = ", ".join(f"`{name}`" for name in noise.sort_values("val_accuracy", ascending=False)["name"][:4])
+            more = f" and {len(noise) - 4} more" if len(noise) > 4 else ""
+            verdict = f"within noise of it (validation intervals overlapping): {named}{more}"
         lines.append(
             f"- **Margin**: {(best.val_accuracy - runner.val_accuracy) * 100:.1f} points of validation accuracy "
             f"ahead of the next best, {label(runner)} at {accuracy(runner)}; {verdict}."

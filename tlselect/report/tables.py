@@ -13,7 +13,7 @@ import pandas as pd
 
 from tlselect.core.files import atomic_path, write_text
 from tlselect.core.registry import rank, read_record
-from tlselect.report.answer import answer, pareto_front
+from tlselect.report.answer import answer, pareto_front, probability_best
 
 COLUMNS = [
     "run_id",
@@ -42,6 +42,7 @@ COLUMNS = [
     "resumed_from_epoch",
     "val_images",
     "test_images",
+    "p_best",
     "selected",
 ]
 
@@ -84,7 +85,9 @@ def runs_table(records: list[dict]) -> pd.DataFrame:
                 "test_images": r.get("data", {}).get("test"),
             }
         )
-    table = pd.DataFrame(rows, columns=COLUMNS[:-1])
+    table = pd.DataFrame(rows, columns=COLUMNS[:-2])
+    hits = {r["run_id"]: r["metrics"]["val_correct"] for r in records if r["metrics"].get("val_correct")}
+    table["p_best"] = table["run_id"].map(probability_best(hits))
     best = rank(records)[0] if records else None
     chosen = best["run_id"] if best and best["status"] == "completed" else None
     table["selected"] = table["run_id"] == chosen

@@ -374,13 +374,19 @@ def train(config: TrainConfig, log=print) -> dict:
     first_epoch, resumed_from = resume_or_continue(state, log)
     log(f"[{config.run_id}] {describe(config, splits, model)} on {device}")
     status = fit(state, forward, batches, first_epoch, scaler, device, log)
-    test = (None, None, None)
+    test, val_correct = (None, None, None), None
     if "test" in splits.tensors and status == "completed":
         test = evaluate(model, forward, batches("test"), config, device)
+    if status == "completed":  # per-image correctness on validation: how sure the choice is (report.answer)
+        val_predictions = evaluate(model, forward, batches("val"), config, device)[2]
+        hits = (val_predictions == splits.tensors["val"][1].cpu()).tolist()
+        val_correct = "".join("1" if hit else "0" for hit in hits)
     timings = {"data_seconds": splits.seconds, "cache_seconds": cache_seconds, "plan_seconds": plan_note["seconds"]}
     timings["wall_seconds"] = time.perf_counter() - wall_start
     record = make_record(state, status, splits, init_note, test[:2], timings, device, resumed_from)
     record["plan"] = {k: v for k, v in plan_note.items() if k != "seconds"}
+    if val_correct is not None:
+        record["metrics"]["val_correct"] = val_correct
     save_checkpoint(state, status, test[2])
     log(f"[{config.run_id}] {status}: val_acc {record['metrics']['val_accuracy']} test_acc {test[0]} "
         f"in {timings['wall_seconds']:.1f}s")  # fmt: skip
