@@ -65,7 +65,7 @@ SEARCH_FILES = {
     "replay_anytime": "results/figures/replay_anytime.png",
 }
 SEARCH_OUTPUTS = SEARCH_FILES if SEARCH else {}
-# Execution plans measured per kind of device (tlselect.training.plan): the first job on one writes it.
+# Execution plans (tlselect.training.plan, rules/plan.smk): the study's copy of the per-user cache's plan.
 PLANS = "results/plans"
 PLAN_FLAGS = f"{plan_flags(config)} --plans {PLANS}"
 # GPUs each training/extraction job asks for: none on device cpu, else one. A local run's

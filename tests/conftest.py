@@ -13,17 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (  # noqa: F401 (tests import these from helpers or here)
-    PINNED_PLAN,
-    REPO,
-    default_config,
-    snakemake,
-    strict_json,
-    tiny_data,
-    tiny_study,
-    write_image_folder,
-    write_study,
-)
+from helpers import REPO, default_config, snakemake, tiny_study, write_image_folder, write_study
 
 sys.path.insert(0, str(REPO))
 

@@ -146,7 +146,8 @@ def summary_markdown(table: pd.DataFrame, source_seconds: float | None = None, p
     return "\n".join(parts)
 
 
-PLAN_COLUMNS = ["device_key", "knob", "value", "against", "gain", "kept", "images_per_second", "note"]
+PLAN_COLUMNS = ["device_key", "knob", "value", "against", "gain", "kept", "images_per_second", "rounds", "spread",
+                "margin", "note"]  # fmt: skip
 
 
 def plan_table(records: list[dict]) -> pd.DataFrame:

@@ -57,7 +57,7 @@ EVAL_BATCH_SIZES = {"cpu": (256, 512, 1024), "cuda": (256, 512, 1024, 2048, 4096
 MEASURABLE = ("precision", "channels_last", "threads", "eval_batch_size")
 
 # Calibration's rules.
-BUDGET_S = 0.4  # seconds of training steps per timing (at least 2 steps)
+BUDGET_S = 0.4  # seconds of training steps per timing (at least 2 steps; 1 when a step takes longer)
 MIN_ROUNDS = 5  # interleaved rounds per knob before the spread may stop them
 MAX_ROUNDS = 30
 KNOB_CAP_S = 30.0  # a knob's rounds stop here, spread small or not
@@ -270,7 +270,7 @@ def load_sample() -> tuple[float, float, float] | None:
 
 def other_cores(start: tuple | None, end: tuple | None) -> float | None:
     """Cores that other processes (and the hypervisor, as steal) kept busy between two samples."""
-    if start is None or end is None or end[0] - start[0] <= 0:
+    if start is None or end is None or end[0] - start[0] < 0.05:  # a window too short for the CPU's ticks
         return None
     return max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0]))
 
@@ -343,10 +343,13 @@ def _loaded(load: float | None, spare: float) -> bool:
 def measure_pair(plan: ExecutionPlan, trial: ExecutionPlan, work: Workload, budget: float, cap: float,
                  spare: float, compile_gain=None) -> tuple[Rounds, _Trial, _Trial]:  # fmt: skip
     """Interleaved rounds of ``plan`` and ``trial`` (order alternating), until :func:`_enough`; the
-    cap counts from before their set-up (warm-up steps, compilation)."""
-    started, last_round = time.perf_counter(), 0.0
+    cap counts from before their set-up (warm-up steps, compilation), whose load counts as a round's."""
+    started, last_round, sample = time.perf_counter(), 0.0, load_sample()
     runs = (_Trial(plan, work, budget), _Trial(trial, work, budget))
     rounds = Rounds()
+    setup_load = other_cores(sample, load_sample())
+    if setup_load is not None:
+        rounds.load.append(setup_load)
     if compile_gain is None and runs[1].probe > SCREEN_RATIO * runs[0].probe:  # far slower: no rounds needed
         rounds.add(runs[0].probe / work.batch_size, runs[1].probe / work.batch_size, None)
         rounds.screened = True
@@ -364,10 +367,11 @@ def measure_pair(plan: ExecutionPlan, trial: ExecutionPlan, work: Workload, budg
 
 def measure_eval(plan: ExecutionPlan, work: Workload, baseline: int, cap: float, spare: float) -> dict[int, Rounds]:
     """Interleaved rounds of inference at each candidate evaluation batch against ``baseline``."""
+    started, last_round, sample = time.perf_counter(), 0.0, load_sample()
     trial = _EvalTrial(plan, work)
+    setup_load = other_cores(sample, load_sample())
     others = [size for size in work.eval_candidates() if size != baseline]
-    rounds = {size: Rounds() for size in others}
-    started, last_round = time.perf_counter(), 0.0
+    rounds = {size: Rounds(load=[] if setup_load is None else [setup_load]) for size in others}
     while others and not all(_enough(r, started, cap, spare, last_round) for r in rounds.values()):
         sample, round_started = load_sample(), time.perf_counter()
         order = [baseline, *others] if len(rounds[others[0]]) % 2 == 0 else [*others, baseline]
@@ -480,6 +484,15 @@ def calibrate(work: Workload, threads: int = 0, measure_compile: bool = False, b
                                                 f"failed: {type(error).__name__}"))  # fmt: skip
                 continue
             loads += rounds.load
+            if _loaded(rounds.other_load, spare):
+                refuse(f"other processes kept {rounds.other_load:.2f} cores busy beside this job's "
+                       f"{threads or torch.get_num_threads()} threads ({spare:.0f} spare)")  # fmt: skip
+            if not len(rounds):  # its set-up alone took the cap
+                reason = result.refused or f"no round within the {cap:.0f}s cap"
+                result.fallback.setdefault(knob, reason)
+                result.measurements.append(_row(knob, option, getattr(plan, knob), None, False, f"refused: {reason}"))
+                log(f"plan: {knob}={option}: left out ({reason})")
+                continue
             if first is None and not rounds.screened:
                 first = (base_run, statistics.median(rounds.base))
                 rate = 1 / first[1]
@@ -487,9 +500,6 @@ def calibrate(work: Workload, threads: int = 0, measure_compile: bool = False, b
                 if known_rate and known_rate.get("training") and rate < KNOWN_RATE_LIMIT * known_rate["training"]:
                     refuse(f"the baseline ran {rate:.1f} images/s, under {KNOWN_RATE_LIMIT:.0%} of the "
                            f"{known_rate['training']:.1f} this device measured before")  # fmt: skip
-            if _loaded(rounds.other_load, spare):
-                refuse(f"other processes kept {rounds.other_load:.2f} cores busy beside this job's "
-                       f"{threads or torch.get_num_threads()} threads ({spare:.0f} spare)")  # fmt: skip
             margin = max(MIN_MARGIN, rounds.spread)
             note = f"median of {len(rounds)} rounds, spread {rounds.spread:.3f}"
             if knob == "compile":
@@ -538,9 +548,13 @@ def _calibrate_eval(plan, work, cap, spare, result: Calibration, known_rate, loa
     measured = measure_eval(plan, work, baseline, cap, spare)
     if not measured:
         return dataclasses.replace(plan, eval_batch_size=baseline)
-    for rounds in measured.values():
-        loads += rounds.load
     some = next(iter(measured.values()))
+    loads += some.load
+    if not len(some):
+        if _loaded(some.other_load, spare):
+            result.refused = result.refused or f"other processes kept {some.other_load:.2f} cores busy"
+        result.fallback["eval_batch_size"] = result.refused or f"no round within the {cap:.0f}s cap"
+        return dataclasses.replace(plan, eval_batch_size=baseline)
     rate = 1 / statistics.median(some.base)
     result.baseline["inference"] = round(rate, 1)
     if known_rate and known_rate.get("inference") and rate < KNOWN_RATE_LIMIT * known_rate["inference"]:
