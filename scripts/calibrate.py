@@ -10,24 +10,17 @@ study that already has its copy under --plans keeps it (a plan never changes und
 fresh folder gets the new one. Exit code 1 when the calibration was refused.
 """
 
-import argparse
 import sys
 
 from _cli import cli
 
-from tlselect.training.gpus import assign
-from tlselect.training.options import config_from_args
+from tlselect.training.options import job_config
 from tlselect.training.trainer import recalibrate_plan
 
 
 @cli
 def main(argv=None) -> int:
-    gpus = argparse.ArgumentParser(add_help=False)
-    gpus.add_argument("--gpus", type=int, default=None)
-    gpus.add_argument("--gpu-jobs-per-device", type=int, default=1, help="jobs sharing one GPU at most")
-    known, rest = gpus.parse_known_args(argv)
-    config = config_from_args(rest, __doc__)
-    assign(known.gpus, config.device, per_device=known.gpu_jobs_per_device)
+    config = job_config(argv, __doc__)
     note = recalibrate_plan(config)
     outcome = note["recalibration"]
     plan = ", ".join(f"{k}={v}" for k, v in outcome["plan"].items())

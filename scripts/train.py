@@ -7,25 +7,18 @@ starts, N=0 hides every GPU (tlselect.training.gpus). Without it the run sees th
 --gpu-jobs-per-device M: at most M jobs share one GPU (default 1).
 """
 
-import argparse
 import sys
 
 from _cli import cli
 
 from tlselect.core.registry import write_record
-from tlselect.training.gpus import assign
-from tlselect.training.options import config_from_args
+from tlselect.training.options import job_config
 from tlselect.training.trainer import train
 
 
 @cli
 def main(argv=None) -> int:
-    gpus = argparse.ArgumentParser(add_help=False)
-    gpus.add_argument("--gpus", type=int, default=None)
-    gpus.add_argument("--gpu-jobs-per-device", type=int, default=1, help="jobs sharing one GPU at most")
-    known, rest = gpus.parse_known_args(argv)
-    config = config_from_args(rest, __doc__)
-    assign(known.gpus, config.device, per_device=known.gpu_jobs_per_device)
+    config = job_config(argv, __doc__)
     record = train(config)
     if config.record:
         write_record(config.record, record)

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from tlselect.core.errors import TLSelectError
+from tlselect.training.gpus import assign
 from tlselect.training.models import NO_FREEZE
 
 
@@ -177,3 +178,17 @@ def config_from_args(argv=None, description: str = "") -> TrainConfig:
         else:
             parser.add_argument(flag, type=type(default), default=default, help=f.metadata["help"])
     return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+def job_config(argv=None, description: str = "") -> TrainConfig:
+    """A training job's config from its flags, the GPUs it was given claimed before CUDA starts:
+    ``--gpus N`` (the scheduler's gpu resource; 0 hides every GPU) and ``--gpu-jobs-per-device M``
+    (at most M jobs share one GPU; :func:`tlselect.training.gpus.assign`), then every
+    :class:`TrainConfig` flag."""
+    gpus = argparse.ArgumentParser(add_help=False)
+    gpus.add_argument("--gpus", type=int, default=None)
+    gpus.add_argument("--gpu-jobs-per-device", type=int, default=1, help="jobs sharing one GPU at most")
+    known, rest = gpus.parse_known_args(argv)
+    config = config_from_args(rest, description)
+    assign(known.gpus, config.device, per_device=known.gpu_jobs_per_device)
+    return config
