@@ -104,3 +104,13 @@ def test_the_answer_gives_the_picks_probability_of_being_best():
          "train_seconds": 1.0, "p_best": 0.27},
     ])  # fmt: skip
     assert "probability of being the best 0.73" in answer.answer(runs)
+
+
+def test_sentences_hold_when_the_tables_have_gaps():
+    taus = pd.DataFrame({"proxy": ["logme", "knn"], "weighted_kendall_tau": [float("nan")] * 2,
+                         "top_by_proxy": ["a", "b"], "top_by_finetune": ["c", "c"]})  # fmt: skip
+    assert "undefined" in answer.proxies_sentence(taus) and "`c` first" in answer.proxies_sentence(taus)
+    taus.loc[1, "weighted_kendall_tau"] = 0.4
+    assert answer.proxies_sentence(taus).startswith("**knn** agrees best")
+    replay = pd.DataFrame({"method": ["sh"], "axis": ["epochs"], "share": [1 / 5], "regret_points": [float("nan")]})
+    assert answer.replay_sentence(replay).startswith("No method had chosen")

@@ -237,6 +237,8 @@ def plans_sentence(plans: pd.DataFrame) -> str:
 
 
 def speedups_sentence(optimizations: pd.DataFrame) -> str:
+    if optimizations["speedup"].isna().all():
+        return "The speedups benchmark measured no speedup."
     top = optimizations.loc[optimizations["speedup"].idxmax()]
     goals = optimizations.dropna(subset=["goal"])
     return (
@@ -265,7 +267,16 @@ def replay_sentence(replay: pd.DataFrame) -> str:
 
 
 def proxies_sentence(taus: pd.DataFrame) -> str:
-    top = taus.loc[taus["weighted_kendall_tau"].idxmax()]
+    known = taus.dropna(subset=["weighted_kendall_tau"])
+    if known.empty:
+        return (
+            f"None of the {len(taus)} proxies' rankings could be compared with fine-tuning (the weighted "
+            f"Kendall tau is undefined: too few candidates, or ties); fine-tuning ranks "
+            f"`{taus['top_by_finetune'].iloc[0]}` first."
+            if len(taus)
+            else "No proxy was scored."
+        )
+    top = known.loc[known["weighted_kendall_tau"].idxmax()]
     return (
         f"**{top.proxy}** agrees best with fine-tuning (weighted Kendall tau {top.weighted_kendall_tau:.2f}); "
         f"it ranks `{top.top_by_proxy}` first, fine-tuning `{top.top_by_finetune}`."
