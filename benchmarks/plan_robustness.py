@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,6 +88,12 @@ def run_folder(args, index: int, root: Path, data: Path, cache: Path) -> dict:
             loader.wait()
     wall = time.perf_counter() - t0
     (folder / "train.log").write_text(output)
+    if args.logs:
+        keep = Path(args.logs) / f"{re.sub(r'[^A-Za-z0-9]+', '-', args.label).strip('-')}-folder{index}"
+        keep.mkdir(parents=True, exist_ok=True)
+        (keep / "train.log").write_text(output)
+        for plan_file in (folder / "results/plans").glob("*.json"):
+            shutil.copy(plan_file, keep / plan_file.name)
     row = {"folder": index, "load": args.load, "background_cores": background, "returncode": returncode,
            "wall_seconds": round(wall, 1)}  # fmt: skip
     if returncode == 0:
@@ -112,6 +120,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet-below", type=float, default=0.2, help="background cores that count as quiet")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", default="", help="append the rows to this JSON file")
+    parser.add_argument("--logs", default="", help="keep each folder's job log and plan file under this folder")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="plan-robustness-") as tmp:

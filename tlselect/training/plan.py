@@ -11,7 +11,8 @@ config asks (``auto``); the evaluation batch size changes no result on a CPU and
 
 :func:`calibrate` times real training steps of each choice on the device the job runs on, one knob
 at a time against the plan chosen so far, in interleaved rounds repeated until the per-round
-ratio's spread (its interquartile range) is small or a time cap is reached. A knob is kept only
+ratio's spread (its interquartile range) is small, or the verdict settled beyond it, or a time cap
+is reached. A knob is kept only
 where its median gain clears a margin larger than that spread (and at least :data:`MIN_MARGIN`).
 A calibration under load is refused (other processes busy on the job's cores, the baseline far
 from a quick re-measure or from the device's known rate): its knobs fall back to the defaults
@@ -61,12 +62,17 @@ BUDGET_S = 0.4  # seconds of training steps per timing (at least 2 steps; 1 when
 MIN_ROUNDS = 5  # interleaved rounds per knob before the spread may stop them
 MAX_ROUNDS = 30
 KNOB_CAP_S = 30.0  # a knob's rounds stop here, spread small or not
+EVAL_CAP_S = 10.0  # the evaluation batch's (a choice that changes no result)
 TARGET_SPREAD = 0.02  # rounds stop once the per-round gains' interquartile range is this small
 MAX_SPREAD = 0.10  # wider than this when the rounds stop: the knob is refused (stays at its default)
 MIN_MARGIN = 0.05  # a knob is kept only if its gain exceeds 1 + max(MIN_MARGIN, spread)
+# The evaluation batch leaves its default only for a larger gain: it changes no result, and on a CPU
+# its gains (a few percent either way) differ more between processes than within one.
+EVAL_MIN_MARGIN = 0.20
 QUIET_CHECK_S = 0.5  # the load is sampled this long before anything is measured
 LOAD_TOLERANCE = 0.25  # cores other processes may keep busy beyond those the job leaves free
 SCREEN_RATIO = 2.0  # a choice this many times slower than the baseline in its first warm step: left out at once
+PRESCREEN_BATCH, PRESCREEN_RATIO = 4, 4.0  # first, one step at a small batch (bfloat16 can take 30x longer)
 DRIFT_LIMIT = 1.3  # the baseline's images/s at the start against a quick re-measure at the end
 KNOWN_RATE_LIMIT = 0.6  # the baseline below this fraction of the rate this device measured before
 CACHE_ENV = "TLSELECT_PLAN_CACHE"  # the per-user cache's folder (default: $XDG_CACHE_HOME/tlselect/plans)
@@ -325,15 +331,28 @@ def spread(values: list[float]) -> float:
     return (q3 - q1) / statistics.median(values)
 
 
-def _enough(rounds: Rounds, started: float, cap: float, spare: float, last_round: float = 0.0) -> bool:
-    """Whether a knob's rounds may stop: the spread small (after MIN_ROUNDS), load seen (after two), or
-    the cap reached (or about to be overrun by half by one more round)."""
+def _enough(rounds: Rounds, started: float, cap: float, spare: float, last_round: float = 0.0,
+            floor: float = MIN_MARGIN) -> bool:  # fmt: skip
+    """Whether a knob's rounds may stop: after MIN_ROUNDS, the spread small or the verdict settled
+    (:func:`settled`); load seen (after two); or the cap reached (or about to be overrun by half)."""
     n, elapsed = len(rounds), time.perf_counter() - started
     if n >= MAX_ROUNDS or elapsed >= cap or elapsed + last_round > 1.5 * cap:
         return True
     if n >= 2 and _loaded(rounds.other_load, spare):
         return True
-    return n >= MIN_ROUNDS and rounds.spread <= TARGET_SPREAD
+    return n >= MIN_ROUNDS and (rounds.spread <= TARGET_SPREAD or settled(rounds, floor))
+
+
+def settled(rounds: Rounds, floor: float = MIN_MARGIN) -> bool:
+    """Whether more rounds could still change a knob's verdict: its median gain is more than two
+    standard errors (of a median, the spread read as a normal's interquartile range) away from the
+    line it must clear, ``1 + max(floor, spread)``. A spread above MAX_SPREAD never settles."""
+    spread = rounds.spread
+    if spread > MAX_SPREAD:
+        return False
+    sigma = spread * rounds.gain / 1.349
+    error = 1.2533 * sigma / math.sqrt(len(rounds))
+    return abs(rounds.gain - (1 + max(floor, spread))) > 2 * error
 
 
 def _loaded(load: float | None, spare: float) -> bool:
@@ -345,8 +364,15 @@ def measure_pair(plan: ExecutionPlan, trial: ExecutionPlan, work: Workload, budg
     """Interleaved rounds of ``plan`` and ``trial`` (order alternating), until :func:`_enough`; the
     cap counts from before their set-up (warm-up steps, compilation), whose load counts as a round's."""
     started, last_round, sample = time.perf_counter(), 0.0, load_sample()
-    runs = (_Trial(plan, work, budget), _Trial(trial, work, budget))
     rounds = Rounds()
+    if compile_gain is None and work.batch_size > PRESCREEN_BATCH:  # a far slower choice costs little to spot
+        small = dataclasses.replace(work, batch_size=PRESCREEN_BATCH)
+        runs = (_Trial(plan, small, 0.0), _Trial(trial, small, 0.0))
+        if runs[1].probe > PRESCREEN_RATIO * runs[0].probe:
+            rounds.add(runs[0].probe / small.batch_size, runs[1].probe / small.batch_size, None)
+            rounds.screened = True
+            return rounds, runs[0], runs[1]
+    runs = (_Trial(plan, work, budget), _Trial(trial, work, budget))
     setup_load = other_cores(sample, load_sample())
     if setup_load is not None:
         rounds.load.append(setup_load)
@@ -372,7 +398,7 @@ def measure_eval(plan: ExecutionPlan, work: Workload, baseline: int, cap: float,
     setup_load = other_cores(sample, load_sample())
     others = [size for size in work.eval_candidates() if size != baseline]
     rounds = {size: Rounds(load=[] if setup_load is None else [setup_load]) for size in others}
-    while others and not all(_enough(r, started, cap, spare, last_round) for r in rounds.values()):
+    while others and not all(_enough(r, started, cap, spare, last_round, EVAL_MIN_MARGIN) for r in rounds.values()):
         sample, round_started = load_sample(), time.perf_counter()
         order = [baseline, *others] if len(rounds[others[0]]) % 2 == 0 else [*others, baseline]
         times = {size: time_eval(trial, size) for size in order}
@@ -527,7 +553,7 @@ def calibrate(work: Workload, threads: int = 0, measure_compile: bool = False, b
             refuse(f"the baseline ran {1 / first[1]:.1f} images/s while measuring and {1 / again:.1f} in a "
                    f"re-measure at the end ({drift:.2f}x apart)")  # fmt: skip
     if "eval_batch_size" in knobs and not result.refused:
-        plan = _calibrate_eval(plan, work, cap, spare, result, known_rate, loads, log)
+        plan = _calibrate_eval(plan, work, min(cap, EVAL_CAP_S), spare, result, known_rate, loads, log)
     if result.refused:
         plan = dataclasses.replace(plan, **{k: getattr(defaults, k) for k in knobs})
         for knob in knobs:
@@ -565,14 +591,14 @@ def _calibrate_eval(plan, work, cap, spare, result: Calibration, known_rate, loa
         result.refused = result.refused or f"other processes kept {some.other_load:.2f} cores busy ({spare:.0f} spare)"
     best, best_gain = baseline, 1.0
     for size, rounds in measured.items():
-        margin = max(MIN_MARGIN, rounds.spread)
+        margin = max(EVAL_MIN_MARGIN, rounds.spread)
         clears = not result.refused and rounds.spread <= MAX_SPREAD and rounds.gain > 1 + margin
         if clears and rounds.gain > best_gain:
             best, best_gain = size, rounds.gain
     for size, rounds in measured.items():
         note = f"inference, median of {len(rounds)} rounds, spread {rounds.spread:.3f}"
         result.measurements.append(
-            _row("eval_batch_size", size, baseline, rounds, size == best, note, max(MIN_MARGIN, rounds.spread))
+            _row("eval_batch_size", size, baseline, rounds, size == best, note, max(EVAL_MIN_MARGIN, rounds.spread))
         )
     if best == baseline and not result.refused and all(r.spread > MAX_SPREAD for r in measured.values()):
         result.fallback["eval_batch_size"] = f"spread above {MAX_SPREAD} at every size"
