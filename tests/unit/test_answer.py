@@ -36,7 +36,7 @@ def test_the_answer_names_the_selected_run_its_margin_and_the_cheapest_run_withi
     text = answer.answer(runs)
     assert "**Selected**: `finetune` (init source, freeze none), validation 0.800 [" in text
     assert "2.0 points of validation accuracy ahead of the next best, `freeze_most`" in text
-    assert "within noise of it (validation intervals overlapping): `freeze_most`." in text  # 0.55 is not
+    assert "within noise of it (validation intervals overlapping): `freeze_most` (source)." in text  # 0.55 is not
     assert "**Cheapest within noise**: `freeze_most`" in text and "20 s against the selected run's 60 s" in text
     assert "+25.0 points (the intervals do not overlap)" in text
 

@@ -114,7 +114,8 @@ def answer(runs: pd.DataFrame) -> str:
         elif noise.empty:
             verdict = "its validation interval is clear of every other run's"
         else:
-            named = ", ".join(f"`{name}`" for name in noise.sort_values("val_accuracy", ascending=False)["name"][:4])
+            ordered = noise.sort_values("val_accuracy", ascending=False)[:4]
+            named = ", ".join(f"`{r['name']}` ({r['init']})" for _, r in ordered.iterrows())
             more = f" and {len(noise) - 4} more" if len(noise) > 4 else ""
             verdict = f"within noise of it (validation intervals overlapping): {named}{more}"
         lines.append(
