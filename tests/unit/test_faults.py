@@ -1,4 +1,4 @@
-"""Faults on disk (issue 16): a full disk and a file corrupted after it was written.
+"""Faults on disk: a full disk and a file corrupted after it was written.
 
 A write that meets a full disk (injected by ``full_disk.py``, and for real on a small tmpfs where
 mounting is allowed) keeps the previous file, leaves no temporary and names the file and its

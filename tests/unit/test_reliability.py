@@ -1,4 +1,4 @@
-"""Failure and recovery (issue 5): every fault is provoked for real and must end in a clear state.
+"""Failure and recovery: every fault is provoked for real and must end in a clear state.
 
 A stopped training resumes, outputs are atomic, bad data, weights and configs are refused with
 messages naming the culprit and the fix, divergence is a recorded result, subsets are

@@ -1,4 +1,4 @@
-"""Faults on disk through snakemake (issue 16): a training job whose checkpoint finds the disk full
+"""Faults on disk through snakemake: a training job whose checkpoint finds the disk full
 fails naming the file, and the same command finishes once there is space; a corrupted file stops the
 job that reads it, and the next run of the workflow computes it again with the same result. (Each
 writer and reader on its own: tests/unit/test_faults.py.)

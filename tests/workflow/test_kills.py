@@ -1,4 +1,4 @@
-"""Random kills across a whole study (issue 16): killed anywhere, the study still ends with the same table.
+"""Random kills across a whole study: killed anywhere, the study still ends with the same table.
 
 A tiny study (subset, source pretraining, a feature chain with its probes, two policies, tables,
 figures, notebook) runs once uninterrupted and once killed TLSELECT_KILLS times (default 5). Each

@@ -1,4 +1,4 @@
-"""Failure and recovery through snakemake (issue 5), on the tiny generated archive: a training job
+"""Failure and recovery through snakemake, on the tiny generated archive: a training job
 SIGKILLed under snakemake resumes; two training jobs run in parallel without interfering, one of them
 diverges and tables, figures and notebook show it; no reader ever sees a half-written output; a bad
 config stops snakemake before any job. (The same faults without snakemake: tests/unit/test_reliability.py.)
