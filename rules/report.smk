@@ -29,8 +29,11 @@ rule tables:
         source=lambda wildcards, input: (
             f"--source-record {input.source}" if "source" in input.keys() else ""
         ),
+        refits=lambda wildcards, input: (
+            f"--refits {' '.join(input.refits)}" if "refits" in input.keys() else ""
+        ),
     shell:
-        "python {params.script} {input.records} {params.source} --runs {output.runs} "
+        "python {params.script} {input.records} {params.source} {params.refits} --runs {output.runs} "
         "--curves {output.curves} --summary {output.summary} --plans {output.plans} 2>&1 | tee {log}"
 
 

@@ -2,6 +2,9 @@
 # probes, the source pretraining and the search's jobs reuse it with their own files and flags.
 
 
+include: "inputs/train.smk"
+
+
 rule train:
     input:
         unpack(spec_inputs(RUNS, "run_id")),
@@ -45,3 +48,21 @@ use rule train as probe with:
         **TRAINING_RESOURCES | {"mem_mb": memory_mb(2000), "runtime": 30},
     params:
         args=spec_args(PROBES, "run_id"),
+
+
+use rule train as refit with:
+    input:
+        unpack(refit_inputs),
+    output:
+        model="results/refit/seed{seed}.pt",
+        record="results/refit/seed{seed}.json",
+    log:
+        "results/logs/refit/seed{seed}.log",
+    benchmark:
+        "results/benchmarks/refit/seed{seed}.tsv"
+    wildcard_constraints:
+        seed=one_of(REFIT_SEEDS),
+    params:
+        script=script("refit.py"),
+        args=refit_args,
+        run_id="refit-seed{seed}",

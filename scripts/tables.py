@@ -19,6 +19,7 @@ def main(argv=None) -> int:
     parser.add_argument("--summary", default="", help="Markdown summary to write, with the records")
     parser.add_argument("--plans", default="", help="table of the runs' measured execution plans (CSV)")
     parser.add_argument("--source-record", default="", help="record of the source pretraining, if any")
+    parser.add_argument("--refits", nargs="*", default=[], help="records of the selected run retrained on all folds")
     parser.add_argument("--optimizations", default="", help="output of scripts/speedups.py")
     parser.add_argument("--optimizations-table", default="", help="its table to write (CSV)")
     args = parser.parse_args(argv)
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
         print(table.to_string(index=False))
     if args.records:
         summary = tables.write_study_tables(
-            args.records, args.runs, args.curves, args.summary, args.plans, args.source_record or None
+            args.records, args.runs, args.curves, args.summary, args.plans, args.source_record or None, args.refits
         )
         print(summary)
     return 0

@@ -214,6 +214,7 @@ def check(config: dict) -> None:
             raise ConfigError(f"{key}.freeze: freezing randomly initialized stages makes no sense with init scratch")
 
     _check_mop(config, seen)
+    _check_repeats_and_folds(config)
     for layer in config["features"]["layers"]:
         if layer not in stages:
             raise ConfigError(f"features.layers: {backbone} has no stage {layer!r}; stages: {', '.join(stages)}")
@@ -234,6 +235,25 @@ def _check_mop(config: dict, policies: set[str]) -> None:
         raise ConfigError("mop.train.schedule: must be constant (each sub-epoch job continues the previous one)")
     if mop["partitions"] > config["data"]["train_per_class"] - config["data"]["val_per_class"]:
         raise ConfigError("mop.partitions: more partitions than training images per class; lower mop.partitions")
+
+
+def _check_repeats_and_folds(config: dict) -> None:
+    """``repeats`` and ``validation.folds``: their ranges, and the parts of the workflow they leave out."""
+    repeats, folds = config["repeats"], config["validation"]["folds"]
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(f"repeats: {repeats!r} is not a positive integer; give the number of seeds, e.g. 3 (1: off)")
+    per_class = config["data"]["train_per_class"]
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1 or folds > per_class:
+        raise ConfigError(
+            f"validation.folds: {folds!r} is not an integer from 2 to {per_class} (the images of the smallest "
+            "class in the training subset, data.train_per_class); give 1 for the single validation split"
+        )
+    for key, value, off in (("repeats", repeats, 1), ("validation.folds", folds, 1)):
+        if value != off and config["search"]["enabled"]:
+            raise ConfigError(
+                f"{key}: the model search trains each candidate once on the validation split; set {key}: "
+                f"{off} or turn the search off (search.enabled: false)"
+            )
 
 
 def _check_subset_fits(config: dict, counts: dict[str, dict[str, int]]) -> None:

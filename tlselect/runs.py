@@ -8,11 +8,19 @@ cached feature layer. Kinds of run:
 - ``policy``: one entry of ``policies`` (the study's compared runs);
 - ``probe``: a linear probe on one cached layer of one init (``features``);
 - ``source``: the model the workflow pretrains itself for init ``source``;
+- ``refit`` (not a kind of its own): with folds, the selected policy or probe retrained on every
+  fold, once per seed (:func:`refit_flags`, chosen at run time from the folds' records);
 - ``candidate``: one point of the model search's space (``search``): a grid point of the pool, a
   random-search draw, or a trial a strategy suggests at run time (from :func:`candidate_config`).
 
 A run that starts from pretrained weights names them as ``weights``: ``("source", backbone)`` (the
 model the workflow pretrains) or ``("imagenet", backbone)`` (the file the workflow fetches).
+
+Policies and probes train once per seed of :func:`repeat_seeds` (``repeats``) and, with
+``validation.folds`` k, once per fold of :func:`fold_numbers` (each validates on its fold of the
+training images and trains on the others); the seed and fold are settings, so they are in the id
+(``-seed<seed>``, ``-fold<i>`` after the name), and the first seed without folds keeps the id it
+had before repeats existed.
 
 Ids are readable (``<name>-<backbone>-<init>-<hash>``) and the hash covers everything that
 determines the run (its settings, the subset, and the source model it starts from), so the same
@@ -31,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tlselect.core.backbones import BACKBONES, NO_FREEZE
+from tlselect.core.registry import configuration, rank
 from tlselect.core.settings import PROBE_HYPER_KEYS, freeze_stage, hyperparameters, init_label, resolve_init, weights_of
 
 
@@ -94,6 +103,45 @@ def _model_settings(config: dict, backbone: str, init: str, freeze: str, resolut
     return {"backbone": backbone, "init": init, "freeze": freeze, "resolution": resolution, "seed": config["seed"]}
 
 
+def repeat_seeds(config: dict) -> list[int]:
+    """The seeds every policy and probe trains with: ``seed``, ``seed + 1``, ... (``repeats`` of them).
+
+    The subset is drawn with ``seed`` alone, so repeats vary the init, data order and augmentation only."""
+    return [config["seed"] + repeat for repeat in range(config["repeats"])]
+
+
+def fold_numbers(config: dict) -> list[int]:
+    """The folds a policy or probe validates on, 1..k with ``validation.folds`` k; ``[0]`` (the
+    single validation split) when folds are off (1)."""
+    folds = config["validation"]["folds"]
+    return list(range(1, folds + 1)) if folds > 1 else [0]
+
+
+def _variants(config: dict):
+    """``(seed, fold, label suffix, settings)`` of each repeat and fold of one configuration."""
+    folds = config["validation"]["folds"]
+    for seed in repeat_seeds(config):
+        for fold in fold_numbers(config):
+            suffix = ("" if seed == config["seed"] else f"-seed{seed}") + (f"-fold{fold}" if fold else "")
+            yield suffix, {"seed": seed, **({"fold": fold, "folds": folds} if fold else {})}
+
+
+# Settings of a selected run's record that its refit does not take over: where it ran and what it
+# wrote (the refit job gives its own), and its fold.
+REFIT_DROPS = {"run_id", "out", "record", "device", "threads", "plans", "auto", "fold", "keep_state", "continue_from"}
+
+
+def refit_flags(records: list[dict], seed: int) -> list[str]:
+    """``scripts/train.py``'s flags of the refit with ``seed``: the configuration that
+    :func:`tlselect.core.registry.rank` puts first among the folds' ``records`` (on its mean over the
+    seeds and folds), retrained with fold 0, on every training and validation image (GridSearchCV's
+    refit). Its settings are those its own run with ``seed`` recorded."""
+    chosen = configuration(rank(records)[0])
+    run = next(r for r in records if configuration(r) == chosen and r["seed"] == seed)
+    settings = {k: v for k, v in run["config"].items() if k not in REFIT_DROPS}
+    return shlex.split(RunSpec("refit", {**settings, "fold": 0}).flags())
+
+
 def source_run(config: dict, backbone: str | None = None) -> RunSpec:
     """The source model the workflow pretrains itself (default: the study's backbone), from scratch."""
     backbone = backbone or config["backbone"]
@@ -114,14 +162,17 @@ def policy_runs(config: dict) -> dict[str, RunSpec]:
     for policy in config["policies"]:
         init = resolve_init(config, policy["init"])
         backbone = config["backbone"]
-        settings = {
+        base = {
             "kind": "policy",
             "name": policy["name"],
             **_model_settings(config, backbone, init, policy["freeze"], config["resolution"]),
             **hyperparameters(config, policy),
         }
-        run_id = _run_id(config, f"{policy['name']}-{backbone}-{init_label(init)}", policy["name"], settings)
-        out[run_id] = RunSpec(run_id, settings, weights=weights_of(init, backbone))
+        for suffix, variant in _variants(config):
+            settings = {**base, **variant}
+            label = f"{policy['name']}{suffix}-{backbone}-{init_label(init)}"
+            run_id = _run_id(config, label, policy["name"], settings)
+            out[run_id] = RunSpec(run_id, settings, weights=weights_of(init, backbone))
     return out
 
 
@@ -150,7 +201,7 @@ def probe_runs(config: dict) -> dict[str, RunSpec]:
     out = {}
     for label, init in feature_inits(config).items():
         for layer in sorted(feats["layers"], key=stages.index):
-            settings = {
+            base = {
                 "kind": "probe",
                 "name": f"probe_{layer}",
                 "backbone": backbone,
@@ -161,8 +212,11 @@ def probe_runs(config: dict) -> dict[str, RunSpec]:
                 **hyper,
             }
             features = {"resolution": config["resolution"], "dtype": feats["dtype"]}
-            run_id = _run_id(config, f"probe_{layer}-{backbone}-{label}", f"probe_{layer}", settings, features=features)
-            out[run_id] = RunSpec(run_id, settings, features=(backbone, label, layer))
+            for suffix, variant in _variants(config):
+                settings = {**base, **variant}
+                name = f"probe_{layer}{suffix}-{backbone}-{label}"
+                run_id = _run_id(config, name, f"probe_{layer}", settings, features=features)
+                out[run_id] = RunSpec(run_id, settings, features=(backbone, label, layer))
     return out
 
 

@@ -20,7 +20,7 @@ FIGURE_QUESTIONS = {
 
 
 def study_records():
-    """Registry records of every policy and probe, and the source model's when one is used."""
+    """Registry records of every policy and probe, the source model's when one is used, and the refits' with folds."""
     records = {
         "records": [
             f"results/registry/{run_id}.json" for run_id in sorted([*RUNS, *PROBES])
@@ -28,6 +28,8 @@ def study_records():
     }
     if uses_source(config):
         records["source"] = source_model(config["backbone"]).replace(".pt", ".json")
+    if REFITS:
+        records["refits"] = REFITS
     return records
 
 

@@ -45,16 +45,42 @@ def read_record(path: str | Path) -> dict:
     return record
 
 
+# Settings that tell runs of one configuration apart (its repeats and folds) or only say where and
+# how fast it ran: a configuration is a record's settings without them.
+RUN_ONLY_SETTINGS = {"seed", "fold", "run_id", "out", "record", "threads", "device", "workers", "eval_batch_size",
+                     "plans"}  # fmt: skip
+
+
+def configuration(record: dict) -> str:
+    """The configuration a run is one repeat or fold of: its kind, name and settings without
+    :data:`RUN_ONLY_SETTINGS`, as a string (the same for every seed and fold of it)."""
+    settings = {k: v for k, v in record.get("config", {}).items() if k not in RUN_ONLY_SETTINGS}
+    return json.dumps({"kind": record.get("kind"), "name": record["name"], **settings}, sort_keys=True)
+
+
+def mean_val_accuracy(records: list[dict]) -> float | None:
+    """The runs' mean final validation accuracy; None unless every one completed with one."""
+    values = [r["metrics"]["val_accuracy"] for r in records]
+    if any(r["status"] != "completed" for r in records) or None in values:
+        return None
+    return sum(values) / len(values)
+
+
 def rank(records: list[dict]) -> list[dict]:
-    """Completed runs first, by final validation accuracy (descending), ties by name. Never by test.
+    """Configurations by mean final validation accuracy over their runs (descending; a run's
+    configuration, :func:`configuration`, gathers its repeats and folds), completed ones first, ties by
+    name; within a configuration, its runs in the given order. Never by test.
 
     The one selection rule: the study's table, its summary and notebook, and the model search
-    all choose ``rank(records)[0]``.
+    all choose ``rank(records)[0]`` (a run of the best configuration). Without repeats or folds every
+    configuration is one run, and this is the runs by their own validation accuracy.
     """
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(configuration(record), []).append(record)
 
-    def key(record):
-        val = record["metrics"]["val_accuracy"]
-        ok = record["status"] == "completed" and val is not None
-        return (not ok, -(val if ok else 0.0), record["name"])
+    def key(group):
+        val = mean_val_accuracy(group)
+        return (val is None, -(val or 0.0), group[0]["name"])
 
-    return sorted(records, key=key)
+    return [record for group in sorted(groups.values(), key=key) for record in group]

@@ -1,5 +1,6 @@
 """Image folders and reproducible subsets: scanning ``<root>/{train,test}/<class>/<image>``, checking
-for unreadable or non-image files, and the seeded stratified choice of files (``subset.json``).
+for unreadable or non-image files, the seeded stratified choice of files (``subset.json``) and the
+stratified folds of cross-validation.
 """
 
 from __future__ import annotations
@@ -138,6 +139,20 @@ def make_subset(
         "source": {"root": str(root), "files": len(all_files), "sha256": checksum_files(root, all_files)},
         "splits": chosen,
     }
+
+
+def stratified_folds(labels: list[int], k: int, seed: int) -> list[int]:
+    """The fold (1..k) of each image: per class, its images in a seeded random order dealt out to
+    the folds in turn, so the folds are disjoint, cover every image, and each holds every class in
+    proportion (class sizes differ by at most one image between folds)."""
+    rng = random.Random(seed)
+    folds = [0] * len(labels)
+    for label in sorted(set(labels)):
+        members = [i for i, y in enumerate(labels) if y == label]
+        rng.shuffle(members)
+        for turn, index in enumerate(members):
+            folds[index] = turn % k + 1
+    return folds
 
 
 def source_task_files(

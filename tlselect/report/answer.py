@@ -5,7 +5,8 @@ Every function takes the tables (pandas frames of ``runs.csv``, ``curves.csv`` a
 tables) and returns Markdown; the notebook, ``summary.md`` and the front page of
 ``snakemake --report`` all say the same thing because they all call these. Intervals are 95% Wilson
 intervals over a run's validation (or test) images (``val_images``, ``test_images`` in
-``runs.csv``); without those counts no interval is claimed.
+``runs.csv``); without those counts no interval is claimed. With repeats or folds the candidates
+are the configurations' means (:func:`candidates`), with 95% t-intervals over the repeats.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import math
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 Z95 = 1.959964
 
 
 def pareto_front(table: pd.DataFrame, cost: str = "train_seconds", value: str = "val_accuracy") -> pd.DataFrame:
-    """Completed runs that no other run beats on both lower ``cost`` and higher ``value``."""
-    done = table[table["status"] == "completed"].sort_values([cost, value], ascending=[True, False])
+    """Completed candidates (:func:`candidates`) that no other beats on both lower ``cost`` and higher ``value``."""
+    done = candidates(table)
+    done = done[done["status"] == "completed"].sort_values([cost, value], ascending=[True, False])
     front, best = [], float("-inf")
     for index, row in done.iterrows():
         if row[value] > best:
@@ -38,36 +41,71 @@ def wilson(accuracy: float, n: float, z: float = Z95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def probability_best(correct: dict[str, str], draws: int = 2000, seed: int = 0) -> dict[str, float]:
-    """Each run's probability of the best validation accuracy, by a paired bootstrap over validation
-    images: ``correct`` maps a run to its per-image hits (``"0110..."``, the record's ``val_correct``,
-    the same images in the same order for every run); each draw resamples the images, and the runs
-    tied for the best accuracy share that draw."""
+def t_interval(values) -> tuple[float, float, float]:
+    """Mean and 95% Student-t interval of ``values`` (one score per repeat); the interval is
+    (nan, nan) for fewer than two."""
+    values = np.asarray([v for v in values if not pd.isna(v)], dtype=float)
+    if not len(values):
+        return math.nan, math.nan, math.nan
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+    return mean, mean - half, mean + half
+
+
+def probability_best(correct: dict[str, str | list[str]], draws: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Each configuration's probability of the best validation accuracy, by a paired bootstrap over
+    validation images: ``correct`` maps a configuration to its per-image hits (``"0110..."``, the
+    record's ``val_correct``, the same images in the same order for every configuration), or to one
+    such string per repeat. Each draw resamples the images (the same for every configuration) and,
+    for a configuration with repeats, its repeats; its score is the mean accuracy over the drawn
+    repeats on the drawn images, and the configurations tied for the best score share the draw."""
     if not correct:
         return {}
     names = list(correct)
-    lengths = {len(hits) for hits in correct.values()}
+    repeats = {name: [hits] if isinstance(hits, str) else list(hits) for name, hits in correct.items()}
+    lengths = {len(hits) for runs in repeats.values() for hits in runs}
     if len(lengths) != 1 or not lengths.pop():
         return {name: math.nan for name in names}
-    hits = np.array([[c == "1" for c in correct[name]] for name in names], dtype=np.float32)
+    hits = {name: np.array([[c == "1" for c in run] for run in runs], dtype=np.float32) for name, runs in repeats.items()}
+    images = next(iter(hits.values())).shape[1]
     rng = np.random.default_rng(seed)
     wins = np.zeros(len(names))
     for chunk in np.array_split(np.arange(draws), max(1, draws // 250)):
-        picks = rng.integers(0, hits.shape[1], size=(len(chunk), hits.shape[1]))
-        accuracy = hits[:, picks].mean(axis=2)  # runs x draws
+        picks = rng.integers(0, images, size=(len(chunk), images))
+        scores = []
+        for name in names:
+            runs = hits[name]  # repeats x images
+            drawn = rng.integers(0, len(runs), size=(len(chunk), len(runs))) if len(runs) > 1 else [[0]] * len(chunk)
+            per_repeat = runs[np.asarray(drawn)]  # draws x repeats x images
+            scores.append(np.take_along_axis(per_repeat, picks[:, None, :], axis=2).mean(axis=(1, 2)))
+        accuracy = np.stack(scores)  # configurations x draws
         best = accuracy == accuracy.max(axis=0)
         wins += (best / best.sum(axis=0)).sum(axis=1)
     return {name: float(w / draws) for name, w in zip(names, wins, strict=True)}
 
 
+def candidates(runs: pd.DataFrame) -> pd.DataFrame:
+    """The rows that compete for the pick: each configuration's mean over its repeats and folds
+    (``row`` ``mean``) where the table has them, else the runs; never a refit."""
+    if "row" not in runs:
+        return runs
+    means = runs[runs["row"] == "mean"]
+    return means if len(means) else runs[runs["row"] == "run"]
+
+
 def with_intervals(runs: pd.DataFrame) -> pd.DataFrame:
-    """The completed runs with ``{val,test}_{low,high}`` columns (nan where the image count is unknown)."""
+    """The completed runs with ``{val,test}_{low,high}`` columns: the table's own (a mean's t-interval
+    over repeats), else the Wilson interval (nan where the image count is unknown)."""
     done = runs[runs["status"] == "completed"].copy()
     for split in ("val", "test"):
         counts = done[f"{split}_images"] if f"{split}_images" in done else pd.Series(math.nan, index=done.index)
         bounds = [wilson(a, n) for a, n in zip(done[f"{split}_accuracy"], counts, strict=True)]
-        done[f"{split}_low"] = [low for low, _ in bounds]
-        done[f"{split}_high"] = [high for _, high in bounds]
+        for side, computed in (("low", [b[0] for b in bounds]), ("high", [b[1] for b in bounds])):
+            column = f"{split}_{side}"
+            given = done[column] if column in done else pd.Series(math.nan, index=done.index)
+            done[column] = given.where(given.notna(), pd.Series(computed, index=done.index, dtype=float))
     return done
 
 
@@ -95,15 +133,18 @@ def within_noise(done: pd.DataFrame, best) -> pd.DataFrame:
 
 def answer(runs: pd.DataFrame) -> str:
     """The answer, as Markdown bullets: the selected run, its margin over the next ones, the cheapest
-    run within noise of it, and what transfer gained over scratch."""
+    run within noise of it, what transfer gained over scratch, and the refit's test accuracy (folds)."""
+    refits = runs[runs["row"].isin(["refit", "refit mean"])] if "row" in runs else runs.iloc[0:0]
+    runs = candidates(runs)
     done = with_intervals(runs)
     selected = done[done["selected"].astype(bool)] if "selected" in done else done.iloc[0:0]
     if selected.empty:
         return "**No run completed**: every run diverged. Lower the learning rates in `config.yaml`."
     best = selected.iloc[0]
     sure = "" if pd.isna(best.get("p_best", math.nan)) else f", probability of being the best {best['p_best']:.2f}"
+    over = f" (mean over {best['runs']:.0f} runs: {repeats_and_folds(best)})" if best.get("row") == "mean" else ""
     lines = [
-        f"- **Selected**: {label(best)}, validation {accuracy(best)}, test {accuracy(best, 'test')}, "
+        f"- **Selected**: {label(best)}{over}, validation {accuracy(best)}, test {accuracy(best, 'test')}, "
         f"{seconds(best.train_seconds)} of training{sure}."
     ]
     others = done.drop(index=best.name).sort_values("val_accuracy", ascending=False)
@@ -131,11 +172,31 @@ def answer(runs: pd.DataFrame) -> str:
                 f"- **Cheapest within noise**: {label(cheapest)}, validation {accuracy(cheapest)} in "
                 f"{seconds(cheapest.train_seconds)} against the selected run's {seconds(best.train_seconds)}."
             )
-    lines += transfer_gain(done)
+    lines += transfer_gain(done) + refit_line(refits)
     diverged = runs[runs["status"] == "diverged"]
     if len(diverged):
         lines.append("- **Diverged**: " + ", ".join(diverged["name"]) + " (non-finite loss; see their logs).")
     return "\n".join(lines)
+
+
+def repeats_and_folds(row) -> str:
+    """``3 seeds x 5 folds``-style words for a mean row."""
+    folds = row.get("folds")
+    seeds = f"{row['repeats']:.0f} seed" + ("s" if row["repeats"] != 1 else "")
+    return seeds + (f" x {folds:.0f} folds" if not pd.isna(folds) and folds > 1 else "")
+
+
+def refit_line(refits: pd.DataFrame) -> list[str]:
+    """The selected configuration retrained on every training image (folds): its test accuracy (a
+    bullet, or none)."""
+    if refits.empty:
+        return []
+    shown = refits[refits["row"] == "refit mean"]
+    row = with_intervals(shown if len(shown) else refits).iloc[0]
+    return [
+        f"- **Refit**: {label(row)} retrained on all {row['train_images']:.0f} training images, as selected on "
+        f"the folds' mean: test {accuracy(row, 'test')} (the number to report; it never chose anything)."
+    ]
 
 
 def transfer_gain(done: pd.DataFrame) -> list[str]:
@@ -158,6 +219,7 @@ def transfer_gain(done: pd.DataFrame) -> list[str]:
 
 
 def runs_sentence(runs: pd.DataFrame) -> str:
+    runs = candidates(runs)
     done = runs[runs["status"] == "completed"]
     if done.empty:
         return "No run completed."
@@ -169,6 +231,7 @@ def runs_sentence(runs: pd.DataFrame) -> str:
 
 
 def front_sentence(runs: pd.DataFrame) -> str:
+    runs = candidates(runs)
     front = pareto_front(runs)
     if front.empty:
         return "No run completed, so there is no front."
@@ -183,6 +246,7 @@ def front_sentence(runs: pd.DataFrame) -> str:
 
 
 def policy_sentence(runs: pd.DataFrame) -> str:
+    runs = candidates(runs)
     policies = with_intervals(runs[runs["kind"] == "policy"])
     if policies.empty:
         return "No policy completed."
@@ -216,6 +280,7 @@ def curves_sentence(curves: pd.DataFrame) -> str:
 
 
 def layers_sentence(runs: pd.DataFrame) -> str:
+    runs = candidates(runs)
     probes = with_intervals(runs[runs["kind"] == "probe"])
     if probes.empty:
         return "No probes in this study (`features.layers` is empty)."

@@ -1,5 +1,6 @@
 """Report figures (matplotlib, PNG), drawn from the aggregated tables only; accuracies carry their 95%
-Wilson intervals as error bars where the table knows the image counts."""
+intervals as error bars: Wilson intervals where the table knows the image counts, t-intervals over
+the repeats where it has them (each configuration's mean, :func:`tlselect.report.answer.candidates`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pandas as pd  # noqa: E402
 
 from tlselect.core.backbones import backbone_spec  # noqa: E402
 from tlselect.core.files import atomic_path  # noqa: E402
-from tlselect.report.answer import pareto_front, with_intervals  # noqa: E402
+from tlselect.report.answer import candidates, pareto_front, t_interval, wilson, with_intervals  # noqa: E402
 
 
 def error_bars(frame: pd.DataFrame, split: str = "val"):
@@ -23,7 +24,8 @@ def error_bars(frame: pd.DataFrame, split: str = "val"):
 
 
 def accuracy_vs_time(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
-    """Validation accuracy against training time, one point per run, with the Pareto front."""
+    """Validation accuracy against training time, one point per candidate, with the Pareto front."""
+    runs = candidates(runs)
     done = with_intervals(runs)
     ax.errorbar(done["train_seconds"], done["val_accuracy"], yerr=error_bars(done), fmt="none", ecolor="grey",
                 elinewidth=0.8, alpha=0.6, zorder=1)  # fmt: skip
@@ -57,6 +59,7 @@ def accuracy_vs_time(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
 
 def accuracy_by_policy(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
     """Validation and test accuracy per policy (selection on validation; test reported)."""
+    runs = candidates(runs)
     ordered = runs[runs["kind"] == "policy"].sort_values("name")
     positions = range(len(ordered))
     val = ordered["val_accuracy"].fillna(0).astype(float)
@@ -74,10 +77,17 @@ def accuracy_by_policy(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
 
 
 def validation_curves(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
-    """Validation accuracy per epoch, one line per policy."""
-    policies = set(runs.loc[runs["kind"] == "policy", "name"])
-    for policy, group in curves[curves["name"].isin(policies)].groupby("name", sort=True):
-        ax.plot(group["epoch"], group["val_accuracy"], marker="o", ms=3, label=policy)
+    """Validation accuracy per epoch, one line per policy: the mean over its repeats and folds with
+    their 95% t-interval, or one run's with its Wilson interval."""
+    runs = runs[runs["row"] == "run"] if "row" in runs else runs
+    policies = runs[runs["kind"] == "policy"]
+    images = dict(zip(policies["run_id"], policies.get("val_images", pd.Series(dtype=float)), strict=True))
+    for policy, group in curves[curves["run_id"].isin(set(policies["run_id"]))].groupby("name", sort=True):
+        per_epoch = pd.DataFrame(
+            [epoch_interval(epoch, rows, images) for epoch, rows in group.groupby("epoch", sort=True)]
+        )
+        ax.errorbar(per_epoch["epoch"], per_epoch["val_accuracy"], yerr=error_bars(per_epoch), marker="o", ms=3,
+                    capsize=2, label=policy)  # fmt: skip
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
     ax.set_title("Validation curves")
@@ -85,8 +95,20 @@ def validation_curves(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
     ax.grid(alpha=0.3)
 
 
+def epoch_interval(epoch: int, rows: pd.DataFrame, images: dict) -> dict:
+    """One epoch of a policy's curves: the mean validation accuracy over its runs with the 95%
+    t-interval over them, or one run's with its Wilson interval (``images``: validation images by run)."""
+    if len(rows) > 1:
+        mean, low, high = t_interval(rows["val_accuracy"])
+    else:
+        mean = rows["val_accuracy"].iloc[0]
+        low, high = wilson(mean, images.get(rows["run_id"].iloc[0]))
+    return {"epoch": epoch, "val_accuracy": mean, "val_low": low, "val_high": high}
+
+
 def accuracy_by_layer(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
     """Linear-probe validation accuracy per cached layer, one line per init (Yosinski et al.'s curve)."""
+    runs = candidates(runs)
     probes = with_intervals(runs[runs["kind"] == "probe"])
     for (backbone, init), group in probes.groupby(["backbone", "init"], sort=True):
         stages = backbone_spec(backbone).stage_names
@@ -132,7 +154,7 @@ def draw(name: str, runs_csv: Path, curves_csv: Path, out: Path, optimizations_c
     curves = (
         pd.read_csv(curves_csv)
         if Path(curves_csv).stat().st_size > 1
-        else pd.DataFrame(columns=["name", "epoch", "val_accuracy"])
+        else pd.DataFrame(columns=["run_id", "name", "epoch", "val_accuracy"])
     )
     fig, ax = plt.subplots(figsize=(9, 4.5) if name == "speedups" else (7, 4.5), dpi=120)
     if name == "speedups":

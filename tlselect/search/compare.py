@@ -1,14 +1,17 @@
 """The search comparison: for every method, the candidates it tried, the epochs and wall seconds it
-spent (from the records and Snakemake's benchmark files) and the model it chose.
+spent (from the records and Snakemake's benchmark files), the model it chose, and the chosen model's
+probability of being the best of those it chose from (``p_best``).
 """
 
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from tlselect.core.registry import RegistryError, rank
+from tlselect.report.answer import probability_best
 
 
 def job_cost(record: dict, first_epoch: int) -> tuple[int, float]:
@@ -41,7 +44,9 @@ def compare(jobs: dict[str, list[Job]], finals: dict[str, list[dict]]) -> list[d
 
     ``jobs[method]`` are every job the method paid for; ``finals[method]`` the runs it chooses from
     (the last rung of every bracket for SH and HB, every job's run for the others). Test accuracy
-    is reported.
+    is reported; ``p_best`` is the chosen run's probability of the best validation accuracy among
+    ``finals[method]`` (:func:`tlselect.report.answer.probability_best`; nan where a run lacks its
+    per-image hits).
     """
     rows = []
     for method, method_jobs in jobs.items():
@@ -58,6 +63,7 @@ def compare(jobs: dict[str, list[Job]], finals: dict[str, list[dict]]) -> list[d
                 "chosen": chosen["name"],
                 "val_accuracy": chosen["metrics"]["val_accuracy"],
                 "test_accuracy": chosen["metrics"]["test_accuracy"],
+                "p_best": chosen_probability(finals[method], chosen),
             }
         )
     grid = next((r for r in rows if r["method"] == "grid"), None)
@@ -67,3 +73,12 @@ def compare(jobs: dict[str, list[Job]], finals: dict[str, list[dict]]) -> list[d
         gap = (row["test_accuracy"] or 0) - (grid["test_accuracy"] or 0) if grid else None
         row["test_gap_points"] = None if gap is None else 100 * gap
     return rows
+
+
+def chosen_probability(finals: list[dict], chosen: dict) -> float:
+    """``chosen``'s probability of being the best of the completed ``finals`` (a run chosen from
+    twice counts once; a diverged run is never the best); nan where a run lacks its hits."""
+    done = [r for r in finals if r["status"] == "completed"]
+    if chosen not in done or not all(r["metrics"].get("val_correct") for r in done):
+        return math.nan
+    return probability_best({r["run_id"]: r["metrics"]["val_correct"] for r in done})[chosen["run_id"]]

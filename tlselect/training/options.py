@@ -82,6 +82,15 @@ class TrainConfig:
     partition: str = field(
         default="", metadata={"help": "train on this split file instead of <data>/train.pt (a data partition)"}
     )
+    folds: int = field(
+        default=0,
+        metadata={"help": "k-fold cross-validation over the training and validation images together (0: off)"},
+    )
+    fold: int = field(
+        default=0,
+        metadata={"help": "with --folds k: validate on this fold (1..k), train on the others; 0: train on all "
+                  "(the refit; it validates on the validation split, which it trained on)"},
+    )  # fmt: skip
 
 
 # Knobs that may change when a killed run resumes (they do not change its results on one device).
@@ -129,6 +138,10 @@ def check_settings(config: TrainConfig) -> None:
         raise TrainingError(f"unknown data path {config.data_path!r}; use memory or naive")
     if config.partition and (config.data_path != "memory" or config.kind == "probe"):
         raise TrainingError("--partition needs the memory data path and an image model (not a probe)")
+    if config.folds and (config.folds < 2 or not 0 <= config.fold <= config.folds):
+        raise TrainingError(f"--folds {config.folds} --fold {config.fold}: give k >= 2 folds and a fold from 0 to k")
+    if config.folds and (config.partition or config.data_path != "memory"):
+        raise TrainingError("--folds needs the memory data path and no --partition")
     if config.kind == "probe":
         if not (config.features and config.layer):
             raise TrainingError("a probe needs --features (a cached layer's folder) and --layer (its name)")

@@ -26,6 +26,7 @@ import torchvision
 from torch import nn
 
 from tlselect.core.files import CorruptFile, load_torch, remove, save_torch
+from tlselect.data.folders import stratified_folds
 from tlselect.data.tensors import image_folder_loader, load_split
 from tlselect.training.features import load_features
 from tlselect.training.loop import (
@@ -101,12 +102,29 @@ def load_splits(config: TrainConfig, device: torch.device) -> Splits:
         tensors = {
             s: (load_features(Path(config.features) / f"{s}.npy", config.pool), y) for s, (_, y) in tensors.items()
         }
+    if config.folds:
+        tensors.update(fold_splits(tensors, config, subset["seed"] if subset else 0))
+    if config.kind == "probe":
         tensors["val"] = (tensors["val"][0].to(device), tensors["val"][1])
     if config.data_path == "memory":
         tensors["train"] = tuple(t.to(device) for t in tensors["train"])
     elif subset is None:
         raise TrainingError(f"the naive data path needs {subset_file} (it names the image files)")
     return Splits(tensors, num_classes, subset, time.perf_counter() - t0)
+
+
+def fold_splits(tensors: dict, config: TrainConfig, seed: int) -> dict:
+    """``train`` and ``val`` of fold ``config.fold`` of ``config.folds`` over the training and validation
+    images together (:func:`tlselect.data.folders.stratified_folds`, seeded with the subset's seed, so
+    every run of the study sees the same folds): the other folds and this one; fold 0 (the refit)
+    trains on all of them and keeps the validation split."""
+    inputs = torch.cat([tensors["train"][0], tensors["val"][0]])
+    labels = torch.cat([tensors["train"][1], tensors["val"][1]])
+    folds = torch.tensor(stratified_folds(labels.tolist(), config.folds, seed))
+    if not config.fold:
+        return {"train": (inputs, labels)}
+    held = folds == config.fold
+    return {"train": (inputs[~held], labels[~held]), "val": (inputs[held], labels[held])}
 
 
 def build_model(config: TrainConfig, splits: Splits, device: torch.device) -> tuple[nn.Module, dict]:
