@@ -25,11 +25,24 @@ def record(name, seed, val, test=0.5, fold=0, hits=None, status="completed", kin
         "name": name,
         "status": status,
         "seed": seed,
-        "config": {"backbone": "resnet18", "init": "scratch", "freeze": "none", "epochs": 2, "lr": 0.1,
-                   "batch_size": 32, "seed": seed, "fold": fold, "folds": 2 if fold else 0},  # fmt: skip
+        "config": {
+            "backbone": "resnet18",
+            "init": "scratch",
+            "freeze": "none",
+            "epochs": 2,
+            "lr": 0.1,
+            "batch_size": 32,
+            "seed": seed,
+            "fold": fold,
+            "folds": 2 if fold else 0,
+        },  # fmt: skip
         "parameters": {"trainable": 10, "total": 10},
-        "metrics": {"val_accuracy": val, "best_val_accuracy": val, "test_accuracy": test,
-                    **({"val_correct": hits} if hits else {})},  # fmt: skip
+        "metrics": {
+            "val_accuracy": val,
+            "best_val_accuracy": val,
+            "test_accuracy": test,
+            **({"val_correct": hits} if hits else {}),
+        },  # fmt: skip
         "timings": {"train_seconds": 1.0, "cache_seconds": 0.0, "eval_seconds": 0.1, "wall_seconds": 2.0},
         "throughput_images_per_second": 100.0,
         "data": {"train": 80, "val": len(hits) if hits else 20, "test": 40},
@@ -92,7 +105,8 @@ def test_rank_chooses_on_the_mean_over_a_configurations_repeats():
     ranked = rank(lucky + steady)
     assert [r["name"] for r in ranked] == ["steady", "steady", "lucky", "lucky"]
     assert rank(lucky + steady[:1])[0]["name"] == "steady"  # 0.75 against 0.70
-    assert rank([record("a", 0, 0.6)] + [record("b", 0, 0.9), record("b", 1, None, status="diverged")])[0]["name"] == "a"
+    broken = [record("b", 0, 0.9), record("b", 1, None, status="diverged")]  # a diverged seed: not a candidate
+    assert rank([record("a", 0, 0.6), *broken])[0]["name"] == "a"
 
 
 def test_t_interval_is_the_students_t_interval():
@@ -131,7 +145,8 @@ def test_the_table_has_a_row_per_run_and_a_mean_per_configuration_and_selects_th
     means = table[table["row"] == "mean"].set_index("name")
     vals = [h.count("1") / 40 for h in good]
     mean, low, high = answer.t_interval(vals)
-    assert means.loc["good", "val_accuracy"] == pytest.approx(mean) and means.loc["good", "val_low"] == pytest.approx(low)
+    assert means.loc["good", "val_accuracy"] == pytest.approx(mean)
+    assert means.loc["good", "val_low"] == pytest.approx(low) and means.loc["good", "val_high"] == pytest.approx(high)
     assert means.loc["good", "repeats"] == 2 and means.loc["good", "selected"] and means.loc["good", "p_best"] > 0.95
     assert table[table["row"] == "run"]["p_best"].isna().all() and table["selected"].sum() == 1
     assert "mean over 2 runs: 2 seeds" in answer.answer(table)

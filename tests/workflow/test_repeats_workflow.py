@@ -26,7 +26,7 @@ def run_study(workdir, archive, **blocks) -> pd.DataFrame:
 def test_two_seeds_give_a_row_per_seed_and_a_mean_per_policy(tmp_path, tiny_archive):
     runs = run_study(tmp_path / "study", tiny_archive, repeats=2)
     assert Counter(runs["row"]) == {"run": 4, "mean": 2}
-    for name, rows in runs[runs["row"] == "run"].groupby("name"):
+    for _, rows in runs[runs["row"] == "run"].groupby("name"):
         assert sorted(rows["seed"]) == [0, 1] and rows["run_id"].str.contains("-seed1-").sum() == 1
     means = runs[runs["row"] == "mean"].set_index("name")
     for name in ("fast", "slow"):

@@ -68,7 +68,9 @@ def probability_best(correct: dict[str, str | list[str]], draws: int = 2000, see
     lengths = {len(hits) for runs in repeats.values() for hits in runs}
     if len(lengths) != 1 or not lengths.pop():
         return {name: math.nan for name in names}
-    hits = {name: np.array([[c == "1" for c in run] for run in runs], dtype=np.float32) for name, runs in repeats.items()}
+    hits = {
+        name: np.array([[c == "1" for c in run] for run in runs], dtype=np.float32) for name, runs in repeats.items()
+    }
     images = next(iter(hits.values())).shape[1]
     rng = np.random.default_rng(seed)
     wins = np.zeros(len(names))
