@@ -168,6 +168,11 @@ def test_folds_average_within_a_seed_and_the_refit_reports_test():
     assert refit["test_accuracy"] == pytest.approx(0.80) and pd_isna(refit["val_accuracy"])
     assert not table[table["row"].str.startswith("refit")]["selected"].any()
     assert "**Refit**: `a`" in answer.answer(table)
+    shown = answer.repeats_table(table)  # the notebook's table: configurations, then the refits
+    assert list(shown["configuration"].str.startswith("refit")) == [False, False, True, True, True]
+    assert shown.loc[0, "each run's val"] == "0.800 / 0.600 / 0.700 / 0.900" and shown.loc[0, "selected"]
+    assert "2 seeds x 2 folds" in answer.repeats_sentence(table)
+    assert answer.repeats_table(tables.runs_table(records[:1])).empty
 
 
 def pd_isna(value) -> bool:

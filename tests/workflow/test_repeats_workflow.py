@@ -1,6 +1,7 @@
 """Repeats and k-fold validation in the workflow: the tiny study with two seeds, then with two folds;
 runs.csv holds a row per seed or fold, a mean row per configuration, and (folds) the refit."""
 
+import json
 from collections import Counter
 
 import pandas as pd
@@ -13,11 +14,11 @@ POLICIES = [{"name": "fast", "init": "scratch", "freeze": "none"}, {"name": "slo
 TARGETS = ["results/tables/runs.csv", "results/figures/validation_curves.png", "results/figures/accuracy_by_policy.png"]
 
 
-def run_study(workdir, archive, **blocks) -> pd.DataFrame:
+def run_study(workdir, archive, *more, **blocks) -> pd.DataFrame:
     make_study(workdir, archive, POLICIES, epochs=1)
     study = yaml.safe_load((workdir / "tiny.yaml").read_text())
     (workdir / "tiny.yaml").write_text(yaml.safe_dump({**study, **blocks}))
-    snakemake(workdir, *TARGETS)
+    snakemake(workdir, *TARGETS, *more)
     for figure in TARGETS[1:]:
         assert (workdir / figure).read_bytes()[:4] == b"\x89PNG"
     return pd.read_csv(workdir / "results/tables/runs.csv")
@@ -38,7 +39,7 @@ def test_two_seeds_give_a_row_per_seed_and_a_mean_per_policy(tmp_path, tiny_arch
 
 
 def test_two_folds_give_a_row_per_fold_a_mean_and_the_refit(tmp_path, tiny_archive):
-    runs = run_study(tmp_path / "study", tiny_archive, validation={"folds": 2})
+    runs = run_study(tmp_path / "study", tiny_archive, "results/report/solution.html", validation={"folds": 2})
     assert Counter(runs["row"]) == {"run": 4, "mean": 2, "refit": 1}
     folds = runs[runs["row"] == "run"]
     assert sorted(folds["fold"]) == [1, 1, 2, 2] and (folds["val_images"] * 2 == folds["val_images"].sum() / 2).all()
@@ -47,3 +48,6 @@ def test_two_folds_give_a_row_per_fold_a_mean_and_the_refit(tmp_path, tiny_archi
     assert refit["name"] == selected["name"] and pd.isna(refit["val_accuracy"]) and 0 <= refit["test_accuracy"] <= 1
     assert refit["train_images"] == folds["train_images"].iloc[0] + folds["val_images"].iloc[0]  # every fold
     assert "**Refit**" in (tmp_path / "study/results/tables/summary.md").read_text()
+    notebook = json.loads((tmp_path / "study/results/report/solution.ipynb").read_text())
+    outputs = "".join(json.dumps(cell.get("outputs", [])) for cell in notebook["cells"])
+    assert "1 seed x 2 folds" in outputs and "refit of" in outputs and "Error" not in outputs

@@ -201,6 +201,52 @@ def refit_line(refits: pd.DataFrame) -> list[str]:
     ]
 
 
+def repeats_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each configuration's mean row (:func:`candidates`) with its runs' validation accuracies beside
+    it, then the refit rows: what the report shows of repeats and folds (empty without them)."""
+    if "row" not in runs or not (runs["row"] == "mean").any():
+        return pd.DataFrame()
+    means = with_intervals(runs[runs["row"] == "mean"]).sort_values("val_accuracy", ascending=False)
+    singles = runs[runs["row"] == "run"]
+    rows = []
+    for _, mean in means.iterrows():
+        own = singles[(singles["kind"] == mean["kind"]) & (singles["name"] == mean["name"])]
+        own = own[own["init"] == mean["init"]].sort_values(["seed", "fold"])
+        rows.append(
+            {"configuration": label(mean), "runs": repeats_and_folds(mean), "val": accuracy(mean),
+             "test": accuracy(mean, "test"), "each run's val": " / ".join(f"{v:.3f}" for v in own["val_accuracy"]),
+             "p_best": mean["p_best"], "selected": bool(mean["selected"])}
+        )  # fmt: skip
+    refits = with_intervals(runs[runs["row"].isin(["refit", "refit mean"])])
+    for _, refit in refits.iterrows():
+        seed = "mean" if refit["row"] == "refit mean" else f"seed {refit['seed']:.0f}"
+        rows.append({"configuration": f"refit of {label(refit)}", "runs": seed, "val": "",
+                     "test": accuracy(refit, "test")})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def repeats_sentence(runs: pd.DataFrame) -> str:
+    """What the repeats and folds say of the pick: how sure it is, and how many configurations are
+    within noise of it (t-intervals overlapping)."""
+    shown = repeats_table(runs)
+    if shown.empty:
+        return (
+            "Each policy and probe trained once, with one seed, on the one validation split (`repeats: 1`, "
+            "`validation.folds: 1`): the intervals above are over images only, not over seeds."
+        )
+    done = with_intervals(candidates(runs))
+    best = done[done["selected"].astype(bool)]
+    if best.empty:
+        return "No configuration completed every one of its runs."
+    best = best.iloc[0]
+    noise = within_noise(done, best)
+    return (
+        f"Each configuration trained {repeats_and_folds(best)}; ranked on the mean, {label(best)} is selected "
+        f"(validation {accuracy(best)}, probability of being the best {best['p_best']:.2f}); "
+        f"{len(noise)} other configuration(s) have a t-interval reaching its own."
+    )
+
+
 def transfer_gain(done: pd.DataFrame) -> list[str]:
     """Full fine-tuning from pretrained weights against training from scratch (a bullet, or none)."""
     policies = done[done["kind"] == "policy"]
