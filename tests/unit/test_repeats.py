@@ -2,6 +2,7 @@
 on a configuration's mean (the one ranking rule), t-intervals, the probability of being best over
 images and repeats, the tables' mean and refit rows, and the config checks."""
 
+import dataclasses
 import math
 from collections import Counter
 
@@ -84,19 +85,37 @@ def test_folds_are_disjoint_cover_every_image_and_are_stratified():
     assert stratified_folds(labels, 3, seed=4) == folds and stratified_folds(labels, 3, seed=5) != folds
 
 
-def test_a_fold_run_trains_on_the_other_folds_and_the_refit_on_all(tensor_data, tmp_path):
+def test_a_fold_run_trains_on_the_other_folds(tensor_data, tmp_path):
     from tlselect.training.options import TrainConfig
     from tlselect.training.trainer import train
 
-    def run(fold):
-        settings = dict(data=str(tensor_data), out=str(tmp_path / f"f{fold}.pt"), epochs=1, batch_size=32,
-                        device="cpu", eval_batch_size=64, folds=4, fold=fold)  # fmt: skip
-        return train(TrainConfig(**settings), log=lambda _: None)
-
-    fold, refit = run(2), run(0)
+    settings = dict(data=str(tensor_data), out=str(tmp_path / "f.pt"), epochs=1, batch_size=32, device="cpu",
+                    eval_batch_size=64, folds=4, fold=2)  # fmt: skip
+    fold = train(TrainConfig(**settings), log=lambda _: None)
     assert fold["data"]["train"] == 96 and fold["data"]["val"] == 32  # (96 + 32) images in 4 folds
     assert len(fold["metrics"]["val_correct"]) == 32 and fold["config"]["fold"] == 2
-    assert refit["data"]["train"] == 128 and refit["config"]["folds"] == 4
+
+
+def test_a_probe_validates_on_its_fold_of_the_cached_features(tensor_data, tmp_path):
+    import torch
+
+    from tlselect.training.options import TrainConfig
+    from tlselect.training.trainer import train
+
+    layer = tmp_path / "layer4"
+    layer.mkdir()
+    for split in ("train", "val", "test"):
+        labels = torch.load(tensor_data / f"{split}.pt", weights_only=True)["labels"]
+        features = torch.zeros(len(labels), 4, 1, 1)
+        features[torch.arange(len(labels)), labels] = 1.0  # one channel per class
+        np.save(layer / f"{split}.npy", features.numpy().astype(np.float16))
+    probe = TrainConfig(data=str(tensor_data), out=str(tmp_path / "p.pt"), kind="probe", name="probe_layer4",
+                        features=str(layer), layer="layer4", epochs=20, lr=0.1, batch_size=32, device="cpu",
+                        folds=2, fold=1)  # fmt: skip
+    record = train(probe, log=lambda _: None)
+    assert record["data"]["train"] == record["data"]["val"] == 64 and record["metrics"]["val_accuracy"] > 0.9
+    refit = train(dataclasses.replace(probe, fold=0), log=lambda _: None)  # every fold
+    assert refit["data"]["train"] == 128 and refit["config"]["folds"] == 2
 
 
 def test_rank_chooses_on_the_mean_over_a_configurations_repeats():
