@@ -156,6 +156,7 @@ def runs_table(records: list[dict], refits: list[dict] = ()) -> pd.DataFrame:
     if len(refits) > 1:
         rows.append(mean_row(list(refits), "refit mean"))
     table = pd.DataFrame(rows, columns=COLUMNS[:-2])
+    table = table.astype({column: "Int64" for column in ("seed", "fold", "runs", "repeats", "folds")})
     best = rank(records)[0] if records else None
     chosen = configuration(best) if best and best["status"] == "completed" else None
     keys = [configuration(r) for r in records] + [None] * len(refits)
