@@ -227,3 +227,11 @@ def test_repeats_and_folds_are_checked_naming_the_key_and_the_fix(change, messag
     change(config)
     with pytest.raises(ConfigError, match=message):
         check(config)
+
+
+def test_a_resume_file_written_before_folds_existed_is_the_same_run():
+    from tlselect.training.options import TrainConfig, _same_run
+
+    current = dataclasses.asdict(TrainConfig(data="d", out="o"))
+    older = {k: v for k, v in current.items() if k not in ("fold", "folds")}  # a missing knob: its default
+    assert _same_run(older, current, set()) and not _same_run({**older, "fold": 1}, current, set())

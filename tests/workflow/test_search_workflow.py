@@ -47,6 +47,7 @@ def test_search_compares_every_method(search_study):
     assert table["epochs"].to_dict() == {"grid": 8, "random": 4, "sh": 4 + 2, "hb": 2 + 1 + 4, "tpe": 8,
                                          "gp_ucb": 8, "cost_gp_ucb": 8}  # fmt: skip
     assert table.loc["grid", "candidates"] == 4 and (table["wall_seconds"] > 0).all()
+    assert table["p_best"].between(0, 1).all()  # the chosen one's chance of being the best it chose from
     grid = [read_record(p) for p in (search_study / "results/search/grid").glob("*.json")]
     best = max(grid, key=lambda r: (r["metrics"]["val_accuracy"], [-ord(c) for c in r["name"]]))
     assert table.loc["grid", "val_accuracy"] == best["metrics"]["val_accuracy"]

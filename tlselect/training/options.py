@@ -115,7 +115,9 @@ PROBE_KNOBS = {"threads", "eval_batch_size"}
 
 
 def _same_run(saved: dict, current: dict, allowed: set, differences: bool = False):
-    """Whether two configs agree outside ``allowed`` (or, with ``differences``, the keys that differ)."""
+    """Whether two configs agree outside ``allowed`` (or, with ``differences``, the keys that differ).
+    A key ``saved`` lacks (a knob added since it was written) counts as its default."""
+    saved = {**asdict(TrainConfig()), **saved}
     differing = sorted(k for k, v in current.items() if k not in allowed and saved.get(k) != v)
     return differing if differences else not differing
 
