@@ -118,7 +118,8 @@ def fold_numbers(config: dict) -> list[int]:
 
 
 def _variants(config: dict):
-    """``(seed, fold, label suffix, settings)`` of each repeat and fold of one configuration."""
+    """``(label suffix, settings)`` of each repeat and fold of one configuration: its seed, and its
+    fold with the number of folds when there are folds."""
     folds = config["validation"]["folds"]
     for seed in repeat_seeds(config):
         for fold in fold_numbers(config):
@@ -139,7 +140,7 @@ def refit_flags(records: list[dict], seed: int) -> list[str]:
     chosen = configuration(rank(records)[0])
     run = next(r for r in records if configuration(r) == chosen and r["seed"] == seed)
     settings = {k: v for k, v in run["config"].items() if k not in REFIT_DROPS}
-    return shlex.split(RunSpec("refit", {**settings, "fold": 0}).flags())
+    return shlex.split(RunSpec("refit", {**settings, "kind": run["kind"], "name": run["name"], "fold": 0}).flags())
 
 
 def source_run(config: dict, backbone: str | None = None) -> RunSpec:

@@ -128,6 +128,15 @@ def test_rank_chooses_on_the_mean_over_a_configurations_repeats():
     assert rank([record("a", 0, 0.6), *broken])[0]["name"] == "a"
 
 
+def test_the_refit_retrains_the_best_mean_on_every_fold_with_its_seed():
+    records = [record(n, s, v, fold=f) for n, vs in (("a", (0.9, 0.4, 0.5, 0.5)), ("b", (0.6, 0.6, 0.6, 0.6)))
+               for (s, f), v in zip([(0, 1), (0, 2), (1, 1), (1, 2)], vs, strict=True)]  # fmt: skip
+    flags = runs.refit_flags(records, seed=1)  # b's mean 0.6 beats a's 0.575, though a has the best run
+    assert flags[flags.index("--name") + 1] == "b" and flags[flags.index("--seed") + 1] == "1"
+    assert flags[flags.index("--fold") + 1] == "0" and flags[flags.index("--folds") + 1] == "2"
+    assert "--run-id" not in flags and "--out" not in flags  # the refit job gives its own
+
+
 def test_t_interval_is_the_students_t_interval():
     mean, low, high = answer.t_interval([1.0, 2.0, 3.0])
     half = 4.302653 / math.sqrt(3)  # t(0.975, 2) * sd 1 / sqrt(3)
