@@ -178,6 +178,7 @@ def test_the_table_has_a_row_per_run_and_a_mean_per_configuration_and_selects_th
     assert means.loc["good", "repeats"] == 2 and means.loc["good", "selected"] and means.loc["good", "p_best"] > 0.95
     assert table[table["row"] == "run"]["p_best"].isna().all() and table["selected"].sum() == 1
     assert "mean over 2 runs: 2 seeds" in answer.answer(table)
+    assert answer.runs_sentence(table).startswith("2 configurations completed every run (2 policies")
     single = tables.runs_table([records[0], records[2]])  # one run per configuration: no mean rows
     assert set(single["row"]) == {"run"} and single["selected"].sum() == 1 and single["p_best"].notna().all()
 

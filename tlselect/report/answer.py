@@ -272,8 +272,10 @@ def runs_sentence(runs: pd.DataFrame) -> str:
     if done.empty:
         return "No run completed."
     kinds = done["kind"].value_counts()
+    means = "row" in done and (done["row"] == "mean").any()
+    what = "configurations completed every run" if means else "runs completed"
     return (
-        f"{len(done)} runs completed ({kinds.get('policy', 0)} policies, {kinds.get('probe', 0)} probes); "
+        f"{len(done)} {what} ({kinds.get('policy', 0)} policies, {kinds.get('probe', 0)} probes); "
         f"validation accuracy ranges from {done.val_accuracy.min():.3f} to {done.val_accuracy.max():.3f}."
     )
 
