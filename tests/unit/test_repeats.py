@@ -124,6 +124,8 @@ def test_rank_chooses_on_the_mean_over_a_configurations_repeats():
     ranked = rank(lucky + steady)
     assert [r["name"] for r in ranked] == ["steady", "steady", "lucky", "lucky"]
     assert rank(lucky + steady[:1])[0]["name"] == "steady"  # 0.75 against 0.70
+    older = {**steady[0], "config": {k: v for k, v in steady[0]["config"].items() if k not in ("fold", "folds")}}
+    assert configuration(older) == configuration(steady[1])  # a record from before folds: the same configuration
     broken = [record("b", 0, 0.9), record("b", 1, None, status="diverged")]  # a diverged seed: not a candidate
     assert rank([record("a", 0, 0.6), *broken])[0]["name"] == "a"
 
