@@ -137,7 +137,7 @@ def feature_layers(config: dict) -> list[str]:
     Each is extracted from the one before it, so adding a probed layer never changes how the
     others are computed (and never re-runs their probes).
     """
-    stages = backbone_spec(config["backbone")].stage_names
+    stages = backbone_spec(config["backbone"]).stage_names
     wanted = config["features"]["layers"]
     return stages[: max(stages.index(layer) for layer in wanted) + 1] if wanted else []
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from tlselect.core.backbones import BACKBONES, POOL_FLATTEN, BackboneError, BackboneSpec, TIMM_PREFIX, spec_to_dict
 
-DISCOVERY_RESOLUTION = 224  # large enough that every downsampling of an ImageNet model shows
+DISCOVERY_RESOLUTION = 128  # large enough that every downsampling (32x in all) of an ImageNet model shows
 
 
 def _timm():
@@ -195,7 +195,7 @@ def discover(name: str) -> BackboneSpec:
     library, model_name = library_and_name(name)
     x = torch.rand(1, 3, DISCOVERY_RESOLUTION, DISCOVERY_RESOLUTION)
     if library == "timm":
-        net = _timm().create_model(model_name)
+        net = build_network(BackboneSpec(model_name, "", (), (), "", "timm"), 1000, DISCOVERY_RESOLUTION)
         classifier = net.pretrained_cfg.get("classifier", "")
         find = _timm_layout
     else:
