@@ -43,7 +43,9 @@ MOP_RUNS = runs.mop_runs(config)
 FEATURE_INITS = runs.cached_inits(config)
 FEATURE_CHAINS = runs.feature_chains(config)
 # Every backbone a job may build: the table's and the config's (patterns already expanded).
-KNOWN_BACKBONES = sorted({*BACKBONES, config["backbone"], *config["search"]["backbones"]})
+KNOWN_BACKBONES = sorted(
+    {*BACKBONES, config["backbone"], *config["search"]["backbones"]}
+)
 SPEEDUPS = config["speedups"]["enabled"]
 SPLITS = ["train", "val", "test"]
 DATA_ROOT = f"resources/{config['data']['name']}"

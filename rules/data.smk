@@ -79,7 +79,9 @@ rule fetch_weights:
         runtime=30,
     params:
         script=script("prepare_data.py"),
-        folder=f"--folder {config['weights_folder']}" if config["weights_folder"] else "",
+        folder=(
+            f"--folder {config['weights_folder']}" if config["weights_folder"] else ""
+        ),
     shell:
         "python {params.script} weights --backbone {wildcards.backbone} {params.folder} --out {output} "
         "2>&1 | tee {log}"

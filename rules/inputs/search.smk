@@ -140,7 +140,15 @@ def shift_arms():
     """``(backbone, init, weights file or "")`` of every model SHiFT's successive halving searches."""
     inits = [settings.resolve_init(config, i) for i in config["search"]["inits"]]
     return [
-        (b, i, weights_file(*settings.weights_of(i, b)) if settings.weights_of(i, b) else "")
+        (
+            b,
+            i,
+            (
+                weights_file(*settings.weights_of(i, b))
+                if settings.weights_of(i, b)
+                else ""
+            ),
+        )
         for b in config["search"]["backbones"]
         for i in dict.fromkeys(inits)
     ]

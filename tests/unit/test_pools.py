@@ -7,6 +7,7 @@ import functools
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from helpers import SCHEMA, write_image_folder
@@ -16,6 +17,7 @@ from tlselect.config import ConfigError, load_and_check
 from tlselect.core import backbones
 from tlselect.core.backbones import BackboneError
 from tlselect.data.folders import make_subset
+from tlselect.report import answer
 from tlselect.search import jobs, shift
 from tlselect.training import zoo
 from tlselect.training.models import StagedNet
@@ -199,3 +201,33 @@ def test_run_shift_reads_chunks_and_counts_what_each_model_computed(tmp_path, te
     computed = sorted(summary["computed"].values())
     assert computed[0] == rounds[0].chunks * chunk + 32 < 96 + 32  # dropped after round 0, val read once
     assert computed[-1] == 96 + 32
+    table = pd.read_csv(tmp_path / "shift.csv")  # what the report shows
+    assert answer.shift_rounds(table)["model"].iloc[0] == result.winner
+    assert f"picks **{result.winner}** from 3 models after 2 rounds" in answer.shift_sentence(table)
+
+
+def test_pretrained_weights_come_from_the_weights_folder(tmp_path, capsys):
+    import sys
+
+    from helpers import REPO
+    from safetensors.torch import save_file
+
+    from tlselect.training import models
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import prepare_data
+
+    pretrained = staged("convnext_atto", classes=1000)  # a model as its library saves it
+    save_file(
+        {k: v.contiguous() for k, v in pretrained.net.state_dict().items()}, tmp_path / "convnext_atto.safetensors"
+    )
+    dest = tmp_path / "resources/weights/convnext_atto-imagenet.pth"
+    args = ["weights", "--backbone", "convnext_atto", "--folder", str(tmp_path), "--out", str(dest)]
+    assert prepare_data.main(args) == 0
+    model = StagedNet("convnext_atto", 3, 32)
+    assert models.initialize(model, "imagenet", str(dest))["skipped_keys"] == ["head.fc.bias", "head.fc.weight"]
+    assert torch.equal(model.net.stem[0].weight, pretrained.net.stem[0].weight)
+    missing = ["weights", "--backbone", "regnetx_002", "--folder", str(tmp_path), "--out", str(tmp_path / "r.pth")]
+    backbones._RESOLVED["regnetx_002"] = discovered("regnetx_002")
+    assert prepare_data.main(missing) == 2
+    assert "no regnetx_002.safetensors, regnetx_002.pth or regnetx_002.pt in" in capsys.readouterr().err

@@ -263,9 +263,7 @@ def run_shift(
 
     (train_x, train_y), (val_x, val_y) = (load_split(Path(data) / f"{split}.pt") for split in ("train", "val"))
     hashes = {"train": image_hashes(train_x), "val": image_hashes(val_x)}
-    embedders = {
-        arm_name(b, i): Embedder(b, i, store, weights, resolution, seed) for b, i, weights in arms
-    }
+    embedders = {arm_name(b, i): Embedder(b, i, store, weights, resolution, seed) for b, i, weights in arms}
 
     def features(arm, indices):
         return embedders[arm](train_x[indices], [hashes["train"][i] for i in indices])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,13 +97,17 @@ class Embedder:
         self.store = FeatureStore(Path(store_root) / store_key(backbone, init, resolution, seed, weights))
         self._model: StagedNet | None = None
         self.computed = 0  # images this embedder ran through the model
+        self.seconds = 0.0  # time spent running the model
+        self.build_seconds = 0.0  # time spent building it (once, if anything is missing)
 
     def model(self) -> StagedNet:
         if self._model is None:  # built on first use: a model whose features are all stored never loads
+            start = time.perf_counter()
             torch.manual_seed(self.seed)
             self._model = StagedNet(self.backbone, 2, self.resolution)
             initialize(self._model, self.init, self.weights or None)
             self._model.eval()
+            self.build_seconds = time.perf_counter() - start
         return self._model
 
     @torch.no_grad()
@@ -110,6 +115,7 @@ class Embedder:
         todo = self.store.missing(hashes)
         if todo:
             model = self.model()
+            start = time.perf_counter()
             last = len(model.stage_names)
             outs = [
                 embed(model(images[todo[i : i + self.batch]], start=0, stop=last)).float().numpy()
@@ -117,4 +123,5 @@ class Embedder:
             ]
             self.store.add([hashes[i] for i in todo], np.concatenate(outs))
             self.computed += len(todo)
+            self.seconds += time.perf_counter() - start
         return self.store.get(hashes)

@@ -31,7 +31,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tlselect.core.backbones import BACKBONES, POOL_FLATTEN, BackboneError, BackboneSpec, TIMM_PREFIX, spec_to_dict
+from tlselect.core.backbones import BACKBONES, POOL_FLATTEN, TIMM_PREFIX, BackboneError, BackboneSpec, spec_to_dict
 
 DISCOVERY_RESOLUTION = 128  # large enough that every downsampling (32x in all) of an ImageNet model shows
 
