@@ -51,6 +51,10 @@ SPLITS = ["train", "val", "test"]
 DATA_ROOT = f"resources/{config['data']['name']}"
 SUBSET = "results/data/subset.json"
 SOURCE_SUBSET = "results/source/data/subset.json"
+# Activations and SHiFT's features kept by image content: caches, never declared outputs (a grown data
+# set computes its new images only; deleting them costs recomputation).
+LAYER_STORE = "results/cache/layers"
+FEATURE_STORE = "results/cache/features"
 # ImageNet weights, fetched once by a local rule (jobs on offline compute nodes read this file).
 IMAGENET_WEIGHTS = "resources/weights/{backbone}-imagenet.pth"
 # The study first: its jobs (policies, probes, their features, table, figures and notebook) go

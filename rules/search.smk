@@ -272,6 +272,7 @@ rule search_shift:
         script=script("search.py"),
         data=lambda wildcards, input: os.path.dirname(input.subset),
         arms=" ".join(f"{b},{i},{w}" for b, i, w in shift_arms()),
+        store=FEATURE_STORE,
         settings=(
             f"--eta {config['search']['shift']['eta']} --proxy {config['search']['shift']['proxy']} "
             f"--seed {config['seed']} --resolution {config['resolution']} "
@@ -279,7 +280,7 @@ rule search_shift:
         ),
     shell:
         "python {params.script} shift --data {params.data} --arms {params.arms} "
-        "--store results/cache/features {params.settings} --out {output.table} "
+        "--store {params.store} {params.settings} --out {output.table} "
         "--summary {output.summary} 2>&1 | tee {log}"
 
 

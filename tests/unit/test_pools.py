@@ -231,3 +231,40 @@ def test_pretrained_weights_come_from_the_weights_folder(tmp_path, capsys):
     backbones._RESOLVED["regnetx_002"] = discovered("regnetx_002")
     assert prepare_data.main(missing) == 2
     assert "no regnetx_002.safetensors, regnetx_002.pth or regnetx_002.pt in" in capsys.readouterr().err
+
+
+def test_the_per_layer_cache_computes_only_new_images_and_matches_a_full_extraction(tmp_path):
+    from tlselect.data.tensors import write_subset
+    from tlselect.training.features import cache_layer, open_features
+
+    root = write_image_folder(tmp_path / "images", train=6, test=2)
+
+    def extract(data, out, store):
+        logged = []
+        for layer, previous in (("layer1", ""), ("layer2", "layer1")):
+            inputs = data if not previous else out / previous
+            cache_layer(inputs, out / layer, layer, previous, "resnet18", log=logged.append, data=data, store=store)
+        return logged
+
+    def computed(logged, layer, split):
+        line = next(line for line in logged if line.startswith(f"{layer} {split}: "))
+        return int(line.split()[2])
+
+    write_subset(root, tmp_path / "data", None, 6, 2, 2, 32, seed=0, skip_unreadable=False)
+    extract(tmp_path / "data", tmp_path / "first", tmp_path / "store")
+    write_image_folder(tmp_path / "more", train=7, test=2)  # one more image per class
+    for path in (tmp_path / "more" / "train").glob("*/0006.*"):
+        path.rename(root / "train" / path.parent.name / path.name)
+    write_subset(root, tmp_path / "grown", None, 7, 2, 2, 32, seed=0, skip_unreadable=False)
+    logged = extract(tmp_path / "grown", tmp_path / "again", tmp_path / "store")
+    for layer in ("layer1", "layer2"):  # three new images over train and val, none in test
+        assert sum(computed(logged, layer, split) for split in ("train", "val")) == 3
+        assert computed(logged, layer, "test") == 0
+    extract(tmp_path / "grown", tmp_path / "fresh", None)  # no store: every image computed
+    for split in ("train", "val", "test"):  # equal up to float16 rounding of batch-dependent float32 sums
+        np.testing.assert_allclose(
+            open_features(tmp_path / "again/layer2" / f"{split}.npy").astype(np.float32),
+            open_features(tmp_path / "fresh/layer2" / f"{split}.npy").astype(np.float32),
+            rtol=5e-3,
+            atol=5e-3,
+        )

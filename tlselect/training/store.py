@@ -2,8 +2,9 @@
 split or archive the image comes in.
 
 A store is a folder per model (backbone, init, weights, resolution: :func:`store_key`) of shards,
-each an ``.npz`` of image hashes (SHA-256 of the decoded uint8 pixels) and their float16
-embeddings (the last stage, globally average-pooled; a transformer's tokens averaged). An
+each the rows of some images and their hashes (SHA-256 of the decoded uint8 pixels): SHiFT's
+float16 embeddings (:class:`Embedder`: the last stage, globally average-pooled; a transformer's
+tokens averaged), or one cached layer's activations (:func:`tlselect.training.features.cache_layer`). An
 extraction computes only the images whose hash no shard holds and writes them as one new shard,
 atomically, so a grown data set (a new archive with more images per class) costs the new images
 only, and a killed extraction keeps every shard it finished. :class:`Embedder` counts what it
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tlselect.core.files import atomic_path, file_digest
+from tlselect.core.files import atomic_path, file_digest, write_text
 from tlselect.training.models import StagedNet, initialize
 
 
@@ -55,28 +56,43 @@ def embed(x: torch.Tensor) -> torch.Tensor:
 
 
 class FeatureStore:
-    """The shards of one model's folder: ``hash -> embedding``."""
+    """The shards of one folder: ``hash -> feature row``. A shard is ``<name>.npy`` (the rows, read
+    memory-mapped) and ``<name>.hashes`` (one hash a line), written in that order, so a hashes file
+    names a complete shard."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self.index: dict[str, np.ndarray] = {}
-        for shard in sorted(self.folder.glob("*.npz")):
-            with np.load(shard, allow_pickle=False) as data:
-                self.index.update(zip(data["hashes"].tolist(), data["features"], strict=True))
+        self.index: dict[str, tuple[Path, int]] = {}
+        self._open: dict[Path, np.ndarray] = {}
+        for listing in sorted(self.folder.glob("*.hashes")):
+            shard = listing.with_suffix(".npy")
+            self.index.update((h, (shard, row)) for row, h in enumerate(listing.read_text().split()))
 
     def missing(self, hashes: list[str]) -> list[int]:
         return [i for i, h in enumerate(hashes) if h not in self.index]
 
-    def add(self, hashes: list[str], features: np.ndarray) -> None:
+    def add(self, hashes: list[str], rows: np.ndarray) -> None:
         name = hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
         self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.folder / f"{name}.npz") as tmp:
+        shard = self.folder / f"{name}.npy"
+        with atomic_path(shard) as tmp:
             with open(tmp, "wb") as handle:
-                np.savez(handle, hashes=np.array(hashes), features=features.astype(np.float16))
-        self.index.update(zip(hashes, features.astype(np.float16), strict=True))
+                np.save(handle, rows, allow_pickle=False)
+        write_text(shard.with_suffix(".hashes"), "\n".join(hashes) + "\n")
+        self.index.update((h, (shard, row)) for row, h in enumerate(hashes))
 
     def get(self, hashes: list[str]) -> np.ndarray:
-        return np.stack([self.index[h] for h in hashes]).astype(np.float32)
+        """The rows of ``hashes``, in order, as float32."""
+        out = None
+        for i, h in enumerate(hashes):
+            shard, row = self.index[h]
+            if shard not in self._open:
+                self._open[shard] = np.load(shard, mmap_mode="r", allow_pickle=False)
+            value = self._open[shard][row]
+            if out is None:
+                out = np.empty((len(hashes), *value.shape), dtype=np.float32)
+            out[i] = value
+        return out if out is not None else np.empty((0,), dtype=np.float32)
 
 
 class Embedder:
@@ -121,7 +137,7 @@ class Embedder:
                 embed(model(images[todo[i : i + self.batch]], start=0, stop=last)).float().numpy()
                 for i in range(0, len(todo), self.batch)
             ]
-            self.store.add([hashes[i] for i in todo], np.concatenate(outs))
+            self.store.add([hashes[i] for i in todo], np.concatenate(outs).astype(np.float16))
             self.computed += len(todo)
             self.seconds += time.perf_counter() - start
         return self.store.get(hashes)
