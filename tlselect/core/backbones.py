@@ -105,11 +105,6 @@ def backbone_spec(name: str) -> BackboneSpec:
     return _RESOLVED[name]
 
 
-def is_known(name: str) -> bool:
-    """Whether ``name`` is a table entry or already resolved (no subprocess)."""
-    return name in BACKBONES or name in _RESOLVED or name in _cached().get("specs", {})
-
-
 def versions_key() -> str:
     """The library versions a found model's stages depend on."""
     found = []
