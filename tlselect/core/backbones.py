@@ -139,7 +139,8 @@ def resolve(patterns: list[str], cap: int = 1000) -> list[str]:
     key = f"{cap} {' '.join(patterns)}"
     names = patterns_cache.get(key)
     if names is None or any(n not in BACKBONES and n not in specs_cache for n in names):
-        command = [sys.executable, "-m", "tlselect.training.zoo", str(cap), *patterns]
+        known = ",".join(specs_cache)  # found before: the subprocess lists them without building them again
+        command = [sys.executable, "-m", "tlselect.training.zoo", str(cap), known, *patterns]
         done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parents[2])
         try:
             answer = json.loads(done.stdout.strip().splitlines()[-1])

@@ -265,11 +265,13 @@ def pretrained_state_dict(name: str, folder: str = "") -> dict[str, torch.Tensor
 
 
 def main(argv: list[str]) -> None:
-    """``python -m tlselect.training.zoo CAP NAME_OR_PATTERN...``: prints ``{"names": [...], "specs":
-    {...}}`` or ``{"error": ...}`` as JSON (what :mod:`tlselect.core.backbones` reads)."""
+    """``python -m tlselect.training.zoo CAP KNOWN NAME_OR_PATTERN...``: prints ``{"names": [...],
+    "specs": {...}}`` (the specs of the names neither the table nor the comma-separated ``KNOWN``
+    holds) or ``{"error": ...}`` as JSON (what :mod:`tlselect.core.backbones` reads)."""
     try:
-        names = expand(argv[1:], int(argv[0]))
-        out = {"names": names, "specs": {n: spec_to_dict(discover(n)) for n in names if n not in BACKBONES}}
+        names = expand(argv[2:], int(argv[0]))
+        skip = {*BACKBONES, *argv[1].split(",")}
+        out = {"names": names, "specs": {n: spec_to_dict(discover(n)) for n in names if n not in skip}}
     except BackboneError as error:
         out = {"error": str(error)}
     print(json.dumps(out))
