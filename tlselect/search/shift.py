@@ -133,7 +133,7 @@ def tau_interval(results: list[Result], finetuned: dict[str, float]) -> dict:
     for result in results:
         ranked = final_scores(result)
         names = [m for m in ranked if m in finetuned]
-        keys = [ranked[m][0] + ranked[m][1] for m in names]  # scores are accuracies in [0, 1]
+        keys = [2 * ranked[m][0] + ranked[m][1] for m in names]  # later rounds first: scores are in [0, 1]
         tau = proxies.weighted_tau(keys, [finetuned[m] for m in names])
         if tau is not None:
             taus.append(tau)
