@@ -42,11 +42,19 @@ MOP_RUNS = runs.mop_runs(config)
 # Cached feature chains: the probes' layers, plus every stage of each searched backbone (proxies).
 FEATURE_INITS = runs.cached_inits(config)
 FEATURE_CHAINS = runs.feature_chains(config)
+# Every backbone a job may build: the table's and the config's (patterns already expanded).
+KNOWN_BACKBONES = sorted(
+    {*BACKBONES, config["backbone"], *config["search"]["backbones"]}
+)
 SPEEDUPS = config["speedups"]["enabled"]
 SPLITS = ["train", "val", "test"]
 DATA_ROOT = f"resources/{config['data']['name']}"
 SUBSET = "results/data/subset.json"
 SOURCE_SUBSET = "results/source/data/subset.json"
+# Activations and SHiFT's features kept by image content: caches, never declared outputs (a grown data
+# set computes its new images only; deleting them costs recomputation).
+LAYER_STORE = "results/cache/layers"
+FEATURE_STORE = "results/cache/features"
 # ImageNet weights, fetched once by a local rule (jobs on offline compute nodes read this file).
 IMAGENET_WEIGHTS = "resources/weights/{backbone}-imagenet.pth"
 # The study first: its jobs (policies, probes, their features, table, figures and notebook) go
@@ -63,6 +71,7 @@ SEARCH_FILES = {
     "proxy_vs_finetune": "results/figures/proxy_vs_finetune.png",
     "replay": "results/tables/replay.csv",
     "replay_anytime": "results/figures/replay_anytime.png",
+    "shift": "results/tables/shift.csv",
 }
 SEARCH_OUTPUTS = SEARCH_FILES if SEARCH else {}
 # Execution plans (tlselect.training.plan, rules/plan.smk): the study's copy of the per-user cache's plan.

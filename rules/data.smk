@@ -70,7 +70,7 @@ rule fetch_weights:
     log:
         "results/logs/fetch_weights/{backbone}.log",
     wildcard_constraints:
-        backbone=one_of(BACKBONES),
+        backbone=one_of(KNOWN_BACKBONES),
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -79,8 +79,12 @@ rule fetch_weights:
         runtime=30,
     params:
         script=script("prepare_data.py"),
+        folder=(
+            f"--folder {config['weights_folder']}" if config["weights_folder"] else ""
+        ),
     shell:
-        "python {params.script} weights --backbone {wildcards.backbone} --out {output} 2>&1 | tee {log}"
+        "python {params.script} weights --backbone {wildcards.backbone} {params.folder} --out {output} "
+        "2>&1 | tee {log}"
 
 
 # Housekeeping, run by name only: `snakemake remove_stale_resume_files` (same --config as the

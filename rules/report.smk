@@ -124,6 +124,7 @@ rule notebook:
                 "proxies",
                 "proxy_tau",
                 "replay",
+                "shift",
             )
         ),
     # The HTML shows no code (--no-input) and no parameter or setup cell: the .ipynb keeps them.

@@ -249,6 +249,41 @@ rule search_proxies:
         "2>&1 | tee {log}"
 
 
+# SHiFT's successive halving over data: each round reads one more chunk of training images per
+# surviving model; features come from the content-keyed store under results/cache/features, so a
+# grown data set extracts only its new images (tlselect.search.shift, tlselect.training.store).
+rule search_shift:
+    input:
+        unpack(shift_inputs),
+    output:
+        table=report(SEARCH_FILES["shift"], category=SEARCHING),
+        summary="results/search/shift/summary.json",
+    log:
+        "results/logs/search/shift.log",
+    benchmark:
+        "results/benchmarks/search/shift.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: config["threads"]
+    resources:
+        mem_mb=memory_mb(4000),
+        runtime=60,
+    params:
+        script=script("search.py"),
+        data=lambda wildcards, input: os.path.dirname(input.subset),
+        arms=" ".join(f"{b},{i},{w}" for b, i, w in shift_arms()),
+        store=FEATURE_STORE,
+        settings=(
+            f"--eta {config['search']['shift']['eta']} --proxy {config['search']['shift']['proxy']} "
+            f"--seed {config['seed']} --resolution {config['resolution']} "
+            f"--neighbors {config['search']['neighbors']}"
+        ),
+    shell:
+        "python {params.script} shift --data {params.data} --arms {params.arms} "
+        "--store {params.store} {params.settings} --out {output.table} "
+        "--summary {output.summary} 2>&1 | tee {log}"
+
+
 rule search_compare:
     input:
         unpack(compare_inputs),

@@ -42,7 +42,7 @@ use rule train as pretrain_source with:
     benchmark:
         "results/benchmarks/pretrain_source/{backbone}.tsv"
     wildcard_constraints:
-        backbone=one_of(BACKBONES),
+        backbone=one_of(KNOWN_BACKBONES),
     params:
         args=lambda wildcards, input: train_args(
             runs.source_run(config, wildcards.backbone), input

@@ -4,7 +4,8 @@
 The first cached layer is computed from the decoded images (--inputs: the folder of their {split}.pt);
 every later one from the previous cached layer (--from-layer, --inputs: its folder of {split}.npy),
 so the shared prefix is computed once. Writes <out>/{train,val,test}.npy, streamed in chunks that
-fit --memory-mb.
+fit --memory-mb. With --store (and --data), activations are kept by image content and only images
+the store lacks are computed.
 """
 
 import argparse
@@ -38,13 +39,16 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--gpu-jobs-per-device", type=int, default=1, help="jobs sharing one GPU at most")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--data", default="", help="folder of the decoded {split}.pt (with --store)")
+    parser.add_argument("--store", default="", help="activations kept by image content here (empty: none)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     assign(args.gpus, args.device, per_device=args.gpu_jobs_per_device)
     cache_layer(
         args.inputs, args.out, args.layer, args.from_layer, args.backbone, args.init, args.weights or None,
-        args.resolution, args.seed, args.dtype, args.memory_mb, args.device,
+        args.resolution, args.seed, args.dtype, args.memory_mb, args.device, data=args.data or None,
+        store=args.store or None,
     )  # fmt: skip
     return 0
 

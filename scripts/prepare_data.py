@@ -28,7 +28,7 @@ def partition(args) -> None:
 def weights(args) -> None:
     from tlselect.training.models import fetch_imagenet_weights  # torch only for this step
 
-    fetch_imagenet_weights(args.backbone, args.out)
+    fetch_imagenet_weights(args.backbone, args.out, args.folder)
     print(f"ImageNet weights of {args.backbone} written to {args.out}", flush=True)
 
 
@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=partition)
     p = commands.add_parser("weights", help="fetch a backbone's ImageNet weights (torchvision) into one file")
-    p.add_argument("--backbone", required=True, help="backbone name (tlselect.core.backbones.BACKBONES)")
+    p.add_argument("--backbone", required=True, help="backbone name (a BACKBONES entry, a timm or torchvision model)")
+    p.add_argument("--folder", default="", help="folder of <backbone>.safetensors/.pth state dicts (empty: download)")
     p.add_argument("--out", required=True, help="weights file to write")
     p.set_defaults(func=weights)
     args = parser.parse_args(argv)

@@ -79,6 +79,16 @@ def figure(args) -> int:
     return 0
 
 
+def shift(args) -> int:
+    arms = [tuple(arm.split(",", 2)) for arm in args.arms]
+    result = jobs.run_shift(
+        args.data, arms, args.store, args.out, args.summary, args.eta, args.proxy, args.seed, args.resolution,
+        args.neighbors,
+    )  # fmt: skip
+    print(f"SHiFT successive halving over data: {result.winner}", flush=True)
+    return 0
+
+
 @cli
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,6 +150,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="proxies.csv")
     p.add_argument("--tau-out", required=True, help="proxy_tau.csv (weighted Kendall tau per proxy)")
     p.set_defaults(run=proxies)
+
+    p = commands.add_parser("shift", help="SHiFT's successive halving over data on the pool's models")
+    p.add_argument("--data", required=True, help="folder of the decoded train.pt and val.pt")
+    p.add_argument("--arms", nargs="+", required=True, help="backbone,init,weights-file-or-empty per model")
+    p.add_argument("--store", required=True, help="the content-keyed feature store's folder")
+    p.add_argument("--out", required=True, help="shift.csv")
+    p.add_argument("--summary", required=True, help="the winner and the images computed (JSON)")
+    p.add_argument("--eta", type=int, default=2)
+    p.add_argument("--proxy", choices=("knn", "linear"), default="knn")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--neighbors", type=int, default=5)
+    p.set_defaults(run=shift)
 
     p = commands.add_parser("compare", help="search.csv: one row per method")
     for method in brackets.METHODS:

@@ -9,12 +9,13 @@ Plain Python without torch, so it is testable without Snakemake and quick to imp
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
-from tlselect.core.backbones import BACKBONES, NO_FREEZE
+from tlselect.core.backbones import NO_FREEZE, BackboneError, backbone_spec, resolve
 from tlselect.core.errors import TLSelectError
 from tlselect.core.settings import NAMED_INITS, hyperparameters, resolve_init
 from tlselect.data.fetch import archive_image_counts
@@ -177,9 +178,8 @@ def check_init(key: str, init: str) -> None:
 def check(config: dict) -> None:
     """Reject a schema-valid config that still cannot run; the message names the key."""
     backbone = config["backbone"]
-    if backbone not in BACKBONES:
-        raise ConfigError(f"backbone: unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}")
-    stages = BACKBONES[backbone].stage_names
+    resolve_backbones(config)
+    stages = backbone_spec(backbone).stage_names
     data = config["data"]
     if data["val_per_class"] >= data["train_per_class"]:
         raise ConfigError(
@@ -222,6 +222,26 @@ def check(config: dict) -> None:
         check_init("features.inits", resolve_init(config, init))
     if data["archive"]:
         _check_subset_fits(config, archive_image_counts(Path(data["archive"])))
+
+
+def resolve_backbones(config: dict) -> None:
+    """Find the stages of ``backbone`` and, with the search on, expand ``search.backbones`` (names and
+    patterns) into model names in place, listing the expansion on stderr; unknown names, models whose
+    stages cannot be found and patterns matching more than ``search.max_backbones`` stop here."""
+    try:
+        resolve([config["backbone"]])
+    except BackboneError as error:
+        raise ConfigError(f"backbone: {error}") from None
+    search = config["search"]
+    if not search["enabled"]:
+        return
+    try:
+        names = resolve(search["backbones"], search["max_backbones"])
+    except BackboneError as error:
+        raise ConfigError(f"search.backbones: {str(error).removeprefix('search.backbones: ')}") from None
+    if names != search["backbones"]:
+        print(f"search.backbones: {len(names)} models: {', '.join(names)}", file=sys.stderr)
+    search["backbones"] = names
 
 
 def _check_mop(config: dict, policies: set[str]) -> None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tlselect.core.backbones import BACKBONES, NO_FREEZE
+from tlselect.core.backbones import NO_FREEZE, backbone_spec
 from tlselect.core.registry import configuration, rank
 from tlselect.core.settings import PROBE_HYPER_KEYS, freeze_stage, hyperparameters, init_label, resolve_init, weights_of
 
@@ -189,7 +189,7 @@ def feature_layers(config: dict) -> list[str]:
     Each is extracted from the one before it, so adding a probed layer never changes how the
     others are computed (and never re-runs their probes).
     """
-    stages = BACKBONES[config["backbone"]].stage_names
+    stages = backbone_spec(config["backbone"]).stage_names
     wanted = config["features"]["layers"]
     return stages[: max(stages.index(layer) for layer in wanted) + 1] if wanted else []
 
@@ -198,7 +198,7 @@ def probe_runs(config: dict) -> dict[str, RunSpec]:
     """``{run_id: spec}`` of one linear probe per probed layer and init."""
     feats, backbone = config["features"], config["backbone"]
     hyper = hyperparameters(config, feats["probe"], PROBE_HYPER_KEYS)
-    stages = BACKBONES[backbone].stage_names
+    stages = backbone_spec(backbone).stage_names
     out = {}
     for label, init in feature_inits(config).items():
         for layer in sorted(feats["layers"], key=stages.index):
@@ -304,7 +304,7 @@ def feature_chains(config: dict) -> dict[str, list[str]]:
     (the proxies score the last one). Chains only grow at their end, so no cached stage changes."""
     chains = {config["backbone"]: feature_layers(config)} if feature_layers(config) else {}
     if config["search"]["enabled"]:
-        chains.update({b: BACKBONES[b].stage_names for b in config["search"]["backbones"]})
+        chains.update({b: backbone_spec(b).stage_names for b in config["search"]["backbones"]})
     return chains
 
 
@@ -332,7 +332,7 @@ def cached_inits(config: dict) -> dict[str, str]:
 def proxy_layers(config: dict) -> list[tuple[str, str, str]]:
     """``(backbone, init label, last stage)`` of every searched backbone and init: what the proxies score."""
     labels = sorted({init_label(resolve_init(config, i)) for i in config["search"]["inits"]})
-    return [(b, label, BACKBONES[b].stage_names[-1]) for b in config["search"]["backbones"] for label in labels]
+    return [(b, label, backbone_spec(b).stage_names[-1]) for b in config["search"]["backbones"] for label in labels]
 
 
 def source_backbones(specs) -> list[str]:

@@ -1,20 +1,17 @@
 # The input and params functions and paths of rules/features.smk, included by it before its rules.
 def feature_inputs(wildcards):
-    """The previous cached layer (or the decoded images for the first), plus the init's weights."""
+    """The decoded images (their content keys the store), the previous cached layer, the init's weights."""
     previous = runs.previous_stage(FEATURE_CHAINS, wildcards.backbone, wildcards.layer)
-    if previous is None:
-        inputs = subset_files()
-    else:
-        inputs = {
-            "previous": feature_files(wildcards.backbone, wildcards.init, previous)
-        }
+    inputs = subset_files()
+    if previous is not None:
+        inputs["previous"] = feature_files(wildcards.backbone, wildcards.init, previous)
     weights = settings.weights_of(FEATURE_INITS[wildcards.init], wildcards.backbone)
     return inputs | ({"weights": weights_file(*weights)} if weights else {})
 
 
 def feature_args(wildcards, input):
     previous = runs.previous_stage(FEATURE_CHAINS, wildcards.backbone, wildcards.layer)
-    args = f"--init {FEATURE_INITS[wildcards.init]}"
+    args = f"--init {FEATURE_INITS[wildcards.init]} --data {os.path.dirname(input.subset)} --store {LAYER_STORE}"
     if previous is None:
         args += f" --inputs {os.path.dirname(input.subset)}"
     else:

@@ -136,6 +136,31 @@ def compare_inputs(wildcards):
     return inputs
 
 
+def shift_arms():
+    """``(backbone, init, weights file or "")`` of every model SHiFT's successive halving searches."""
+    inits = [settings.resolve_init(config, i) for i in config["search"]["inits"]]
+    return [
+        (
+            b,
+            i,
+            (
+                weights_file(*settings.weights_of(i, b))
+                if settings.weights_of(i, b)
+                else ""
+            ),
+        )
+        for b in config["search"]["backbones"]
+        for i in dict.fromkeys(inits)
+    ]
+
+
+def shift_inputs(wildcards):
+    return {
+        "weights": sorted({w for _, _, w in shift_arms() if w}),
+        **subset_files(splits=["train", "val"]),
+    }
+
+
 def proxy_inputs(wildcards):
     return {
         "features": [

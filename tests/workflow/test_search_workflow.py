@@ -74,6 +74,13 @@ def test_search_compares_every_method(search_study):
     assert "of the grid" in outputs and "weighted Kendall tau" in outputs and "Error" not in outputs
     assert "Mean regret" in outputs
     assert (search_study / "results/source/mobilenet_v3_small.pt").is_file()
+    shift = pd.read_csv(search_study / "results/tables/shift.csv")  # SHiFT's successive halving over data
+    assert set(shift["model"]) == {
+        f"{b}/{i}" for b in ("resnet18", "mobilenet_v3_small") for i in ("source", "scratch")
+    }
+    summary = json.loads((search_study / "results/search/shift/summary.json").read_text())
+    assert "Successive halving over data picks" in outputs and summary["winner"] in outputs
+    assert min(summary["computed"].values()) < summary["full_proxy_images"] / 4  # dropped early
 
 
 def test_random_search_and_every_round_train_what_was_drawn_or_suggested(search_study):

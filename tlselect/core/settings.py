@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tlselect.core.backbones import BACKBONES, NO_FREEZE
+from tlselect.core.backbones import NO_FREEZE, backbone_spec
 
 # Hyperparameters the ``train`` block sets and a policy (or source.train, search.train) overrides.
 HYPER_KEYS = (
@@ -60,7 +60,7 @@ def weights_of(init: str, backbone: str) -> tuple[str, str] | None:
 
 def freeze_stage(backbone: str, depth: str) -> str:
     """The stage that ``depth`` freezes through: early = the 2nd stage, most = the second-to-last."""
-    stages = BACKBONES[backbone].stage_names
+    stages = backbone_spec(backbone).stage_names
     return {"none": NO_FREEZE, "early": stages[1], "most": stages[-2]}[depth]
 
 

@@ -399,6 +399,24 @@ def proxies_sentence(taus: pd.DataFrame) -> str:
     )
 
 
+def shift_rounds(table: pd.DataFrame) -> pd.DataFrame:
+    """shift.csv as one row per model: the last round it reached, its score and the training images
+    it read there, the winner first."""
+    last = table.sort_values("round").groupby("model", sort=False).tail(1)
+    return last.sort_values(["round", "score"], ascending=False).reset_index(drop=True)
+
+
+def shift_sentence(table: pd.DataFrame) -> str:
+    last = shift_rounds(table)
+    everything = len(last) * int(table["images"].max())
+    read = int(last["images"].sum())
+    return (
+        f"Successive halving over data picks **{last['model'].iloc[0]}** from {len(last)} models after "
+        f"{int(table['round'].max()) + 1} rounds; the models read {read:,} training images, "
+        f"{read / everything:.0%} of the {everything:,} a proxy on every image of every model reads."
+    )
+
+
 def markdown_to_rst(text: str) -> str:
     """The answer's Markdown as reStructuredText (for ``snakemake --report``): the same bullets and
     bold; names lose their backticks (reStructuredText does not nest literals in bold)."""

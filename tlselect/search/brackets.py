@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlselect.config import ConfigError, check_init
-from tlselect.core.backbones import BACKBONES
 from tlselect.core.files import write_json
 from tlselect.core.registry import rank
 from tlselect.core.settings import resolve_init
@@ -31,9 +30,6 @@ METHODS = ("grid", "random", "sh", "hb", *MODEL_BASED)
 def check(config: dict) -> None:
     """Reject a search block that cannot run; the message names the key."""
     search = config["search"]
-    for backbone in search["backbones"]:
-        if backbone not in BACKBONES:
-            raise ConfigError(f"search.backbones: unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}")
     for init in search["inits"]:
         check_init("search.inits", resolve_init(config, init))
     for key in ("lr", "weight_decay", "label_smoothing"):

@@ -26,7 +26,7 @@ from tlselect.core.registry import RegistryError, rank, read_record, write_recor
 from tlselect.core.settings import init_label
 from tlselect.report.tables import write_csv
 from tlselect.runs import RunSpec, candidate_spec
-from tlselect.search import brackets, compare, proxies, replay, strategies
+from tlselect.search import brackets, compare, proxies, replay, shift, strategies
 from tlselect.search.space import Space
 from tlselect.training.gpus import assign
 
@@ -235,6 +235,60 @@ def write_proxies(
     write_csv(table, out)
     write_csv(taus, tau_out)
     return table, taus
+
+
+def arm_name(backbone: str, init: str) -> str:
+    """A SHiFT arm's name: ``<backbone>/<init label>``."""
+    return f"{backbone}/{init_label(init)}"
+
+
+def run_shift(
+    data: str | Path,
+    arms: list[tuple[str, str, str]],
+    store: str | Path,
+    out: str | Path,
+    summary: str | Path,
+    eta: int = 2,
+    proxy: str = "knn",
+    seed: int = 0,
+    resolution: int = 32,
+    neighbors: int = 5,
+) -> shift.Result:
+    """SHiFT's successive halving over data on ``arms`` (``(backbone, init, weights file or "")``):
+    ``out`` (shift.csv) has a row per arm and round (images read, score), ``summary`` (JSON) the
+    winner and the images each arm ran through its model against the full proxy's count. Features
+    come from the content-keyed ``store`` (:mod:`tlselect.training.store`), chunk by chunk."""
+    from tlselect.data.tensors import load_split  # torch: only for this step
+    from tlselect.training.store import Embedder, image_hashes
+
+    (train_x, train_y), (val_x, val_y) = (load_split(Path(data) / f"{split}.pt") for split in ("train", "val"))
+    hashes = {"train": image_hashes(train_x), "val": image_hashes(val_x)}
+    embedders = {arm_name(b, i): Embedder(b, i, store, weights, resolution, seed) for b, i, weights in arms}
+
+    def features(arm, indices):
+        return embedders[arm](train_x[indices], [hashes["train"][i] for i in indices])
+
+    def validation(arm):
+        return embedders[arm](val_x, hashes["val"]), val_y.numpy()
+
+    result = shift.successive_halving(
+        list(embedders), train_y.numpy(), features, validation, eta, proxy, seed, neighbors
+    )
+    write_csv(pd.DataFrame(result.rows), out)
+    full = len(embedders) * (len(train_x) + len(val_x))
+    write_json(
+        summary,
+        {
+            "winner": result.winner,
+            "proxy": proxy,
+            "eta": eta,
+            "rounds": [vars(r) for r in shift.schedule(len(embedders), eta)],
+            "chunk": shift.chunk_size(len(train_x), shift.schedule(len(embedders), eta)),
+            "computed": {arm: e.computed for arm, e in embedders.items()},
+            "full_proxy_images": full,
+        },
+    )
+    return result
 
 
 def jobs(records: list[str], benchmarks: list[str]) -> list[compare.Job]:

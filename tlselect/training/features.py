@@ -69,6 +69,44 @@ def extract_range(
 
 
 @torch.no_grad()
+def extract_by_content(
+    model: StagedNet,
+    inputs,
+    hashes: list[str],
+    store,
+    start: int,
+    stop: int,
+    out_path: Path,
+    memory_mb: float = 1024,
+    dtype: str = "float16",
+    device: torch.device | str = "cpu",
+) -> tuple[tuple, int]:
+    """:func:`extract_range` through a :class:`tlselect.training.store.FeatureStore`: the rows whose
+    image ``hashes`` the store lacks are computed (chunk by chunk, each chunk a shard), then every row
+    is written to ``out_path`` from the store. Returns the per-image shape and the rows computed."""
+    model.eval()
+
+    def run(chunk):
+        x = chunk if start == 0 else torch.from_numpy(np.asarray(chunk, dtype=np.float32))
+        return model(x.to(device), start=start, stop=stop).float().cpu().numpy()
+
+    out_shape = run(inputs[:1]).shape[1:]
+    rows = chunk_rows(memory_mb, tuple(inputs.shape[1:]), out_shape)
+    todo = store.missing(hashes)
+    for i in range(0, len(todo), rows):
+        picked = todo[i : i + rows]
+        store.add([hashes[j] for j in picked], run(inputs[picked]).astype(DTYPES[dtype]))
+    with atomic_path(out_path, checksum=True) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=DTYPES[dtype], shape=(len(inputs), *out_shape))
+        allocate(tmp)
+        for i in range(0, len(inputs), rows):
+            out[i : i + rows] = store.get(hashes[i : i + rows])
+        out.flush()
+        del out
+    return out_shape, len(todo)
+
+
+@torch.no_grad()
 def extract_all_in_memory(
     model: StagedNet, images: torch.Tensor, layers: list[str], batch: int = 256, amp_dtype=None
 ) -> dict:
@@ -120,12 +158,18 @@ def cache_layer(
     memory_mb: float = 1024,
     device: str = "auto",
     log=_print,
+    data: str | Path | None = None,
+    store: str | Path | None = None,
 ) -> None:
     """Cache ``layer``'s activations of every split into ``out/{train,val,test}.npy``: one step of the
     staged plan. With ``from_layer`` empty, ``inputs`` is the folder of the decoded ``{split}.pt``;
     otherwise it is ``from_layer``'s cached folder, which must come before ``layer``, and only the
     stages between them run. The model is ``backbone`` with ``init`` (``weights``: the init's weights
-    file; ``seed`` seeds a scratch init); at most ``memory_mb`` of activations are held at once."""
+    file; ``seed`` seeds a scratch init); at most ``memory_mb`` of activations are held at once.
+
+    With ``store`` (a folder) and ``data`` (the decoded ``{split}.pt``), the activations are kept
+    by image content (:mod:`tlselect.training.store`): only images the store lacks run through the
+    stages, so a grown data set computes its new images only."""
     inputs_dir, out_dir = Path(inputs), Path(out)
     torch_device = resolve_device(device)
     torch.manual_seed(seed)
@@ -136,14 +180,28 @@ def cache_layer(
     start = model.stage_index(from_layer) + 1 if from_layer else 0
     if start >= stop:
         raise TrainingError(f"--from-layer {from_layer} does not come before --layer {layer}")
+    layer_store = None
+    if store:
+        from tlselect.training.store import FeatureStore, image_hashes, store_key
+
+        key = store_key(backbone, init, resolution, seed, weights or "")
+        layer_store = FeatureStore(Path(store) / f"{key}-{layer}-{dtype}")
     for split in SPLITS:
         t0 = time.perf_counter()
         if start == 0:
             x, _ = load_split(inputs_dir / f"{split}.pt")
         else:
             x = open_features(inputs_dir / f"{split}.npy")
-        shape = extract_range(model, x, start, stop, out_dir / f"{split}.npy", memory_mb, dtype, torch_device)
+        if layer_store is None:
+            shape = extract_range(model, x, start, stop, out_dir / f"{split}.npy", memory_mb, dtype, torch_device)
+            done = f"{len(x)}"
+        else:
+            hashes = image_hashes(load_split(Path(data) / f"{split}.pt")[0])
+            shape, computed = extract_by_content(
+                model, x, hashes, layer_store, start, stop, out_dir / f"{split}.npy", memory_mb, dtype, torch_device
+            )
+            done = f"{computed} of {len(x)} (the rest from the store)"
         log(
-            f"{layer} {split}: {len(x)} x {shape} ({dtype}) from "
+            f"{layer} {split}: {done} x {shape} ({dtype}) from "
             f"{from_layer or 'images'} in {time.perf_counter() - t0:.1f}s"
         )

@@ -17,7 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tlselect.core.backbones import NO_FREEZE, BackboneError, backbone_spec
+from tlselect.core.backbones import NO_FREEZE, POOL_FLATTEN, BackboneError, BackboneSpec, backbone_spec
 from tlselect.core.errors import TLSelectError
 from tlselect.core.files import save_torch, verify
 
@@ -44,8 +44,16 @@ class Preprocess(nn.Module):
         return x
 
 
+class _StageEnd(Exception):
+    """Raised by the hook on stage 2's first module: stage 1's output is its input."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.value = value
+
+
 class StagedNet(nn.Module):
-    """A torchvision backbone run stage by stage.
+    """A torchvision or timm backbone run stage by stage.
 
     ``forward(x, start, stop)`` runs stages ``start..stop-1`` (indices into ``stage_names``); with
     ``stop=None`` it also runs the head. Index 0 is the preprocessing, so ``start=0`` takes uint8
@@ -54,11 +62,30 @@ class StagedNet(nn.Module):
 
     def __init__(self, backbone: str, num_classes: int, resolution: int = 32):
         super().__init__()
-        self.spec = backbone_spec(backbone)
+        spec = backbone_spec(backbone)
+        if spec.entry:
+            from tlselect.training.zoo import build_network  # timm is imported there, where needed
+
+            net = build_network(spec, num_classes, resolution)
+        else:
+            net = getattr(torchvision.models, spec.builder)(weights=None)
+        self._setup(backbone, spec, net, resolution)
+        if not spec.entry:
+            self.replace_classifier(num_classes)
+
+    @classmethod
+    def from_network(cls, spec: BackboneSpec, net: nn.Module, resolution: int) -> StagedNet:
+        """A staged view of an already built ``net`` (sharing its modules)."""
+        staged = cls.__new__(cls)
+        nn.Module.__init__(staged)
+        staged._setup(spec.builder, spec, net, resolution)
+        return staged
+
+    def _setup(self, backbone: str, spec: BackboneSpec, net: nn.Module, resolution: int) -> None:
+        self.spec = spec
         self.backbone = backbone
         self.preprocess = Preprocess(resolution)
-        self.net = getattr(torchvision.models, self.spec.builder)(weights=None)
-        self.replace_classifier(num_classes)
+        self.net = net
         # torchvision's MobileNetV3 uses BatchNorm momentum 0.01, tuned for long ImageNet runs: after
         # the few hundred steps of a transfer study its running statistics are still far from the
         # data's and evaluation falls to chance. 0.1 (ResNet's value) tracks them.
@@ -69,13 +96,15 @@ class StagedNet(nn.Module):
         self._stage_modules = [[self.preprocess]] + [
             [self.net.get_submodule(path) for path in paths] for _, paths in self.spec.stages
         ]
+        # parameters held by the network itself (a ViT's class token and position embedding) are
+        # used by stage 1, which runs the network's own entry method up to stage 2
+        self._stage_extra = {1: list(self.net.parameters(recurse=False))} if spec.entry else {}
         self.frozen_through: str = NO_FREEZE
 
     def replace_classifier(self, num_classes: int) -> None:
-        old = self.net.get_submodule(self.spec.classifier)
-        parent_path, _, leaf = self.spec.classifier.rpartition(".")
-        parent = self.net.get_submodule(parent_path) if parent_path else self.net
-        setattr(parent, leaf, nn.Linear(old.in_features, num_classes))
+        from tlselect.training.zoo import replace_linear
+
+        replace_linear(self.net, self.spec.classifier, num_classes)
 
     def stage_index(self, name: str) -> int:
         """Index (for ``forward``'s start/stop) of the stage called ``name``."""
@@ -88,14 +117,39 @@ class StagedNet(nn.Module):
                 f"backbone {self.backbone} has no stage {name!r}; stages: {', '.join(self.spec.stage_names)}"
             ) from None
 
+    def _run_entry(self, x: torch.Tensor) -> torch.Tensor:
+        """Stage 1 through the network's entry method, stopped where stage 2 would start."""
+
+        def stop(module, args):
+            raise _StageEnd(args[0])
+
+        handle = self._stage_modules[2][0].register_forward_pre_hook(stop)
+        try:
+            getattr(self.net, self.spec.entry)(x)
+        except _StageEnd as end:
+            return end.value
+        finally:
+            handle.remove()
+        raise BackboneError(f"backbone {self.backbone}: stage 2 never ran")
+
     def forward(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         last = len(self._stage_modules) if stop is None else stop
-        for modules in self._stage_modules[start:last]:
-            for module in modules:
+        for index in range(start, last):
+            if index == 1 and self.spec.entry:
+                x = self._run_entry(x)
+                continue
+            for module in self._stage_modules[index]:
                 x = module(x)
         if stop is None:
             for path in self.spec.head:
-                x = torch.flatten(x, 1) if path == "flatten" else self.net.get_submodule(path)(x)
+                if path == "flatten":
+                    x = torch.flatten(x, 1)
+                elif path == POOL_FLATTEN:
+                    x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1) if x.dim() == 4 else x, 1)
+                elif path == "forward_head":
+                    x = self.net.forward_head(x)
+                else:
+                    x = self.net.get_submodule(path)(x)
         return x
 
     def freeze_through(self, stage: str) -> None:
@@ -104,7 +158,9 @@ class StagedNet(nn.Module):
         self.frozen_through = stage
         for p in self.parameters():
             p.requires_grad_(True)
-        for modules in self._stage_modules[:stop]:
+        for index, modules in enumerate(self._stage_modules[:stop]):
+            for p in self._stage_extra.get(index, []):
+                p.requires_grad_(False)
             for module in modules:
                 for p in module.parameters():
                     p.requires_grad_(False)
@@ -170,9 +226,22 @@ def download_imagenet_weights(backbone: str, place_at: str | Path | None = None)
     return path
 
 
-def fetch_imagenet_weights(backbone: str, dest: str | Path) -> None:
-    """Write ``backbone``'s ImageNet state dict to ``dest`` (the file training jobs read), checked first."""
-    state = load_state_dict_file(download_imagenet_weights(backbone, place_at=dest))
+def fetch_imagenet_weights(backbone: str, dest: str | Path, folder: str = "") -> None:
+    """Write ``backbone``'s ImageNet state dict to ``dest`` (the file training jobs read), checked first:
+    from ``folder`` (``<backbone>.safetensors``, ``.pth`` or ``.pt``) when given, else downloaded by
+    torchvision (a table entry, into ``$TORCH_HOME``) or by timm's or torchvision's own mechanism."""
+    if folder or backbone_spec(backbone).entry:
+        from tlselect.training.zoo import pretrained_state_dict
+
+        try:
+            state = pretrained_state_dict(backbone, folder)
+        except (OSError, RuntimeError) as error:
+            raise InitError(
+                f"cannot download pretrained weights for {backbone} ({error}). Offline, set weights_folder to a "
+                f"folder holding {backbone}.safetensors or {backbone}.pth, or use init 'source'."
+            ) from error
+    else:
+        state = load_state_dict_file(download_imagenet_weights(backbone, place_at=dest))
     save_torch(dest, state)
 
 
