@@ -23,6 +23,8 @@ COLUMNS = [
     "init",
     "freeze",
     "layer",
+    "model",
+    "inputs",
     "epochs",
     "lr",
     "batch_size",
@@ -50,7 +52,9 @@ COLUMNS = [
 def runs_table(records: list[dict]) -> pd.DataFrame:
     """One row per run; ``selected`` marks the run :func:`tlselect.core.registry.rank` puts first.
 
-    Policies and probes are both candidates: a probe is a frozen backbone with a trained head.
+    Policies and probes are both candidates: a probe is a frozen backbone with a trained head; so
+    are the downstream models on the table beside the images (kind ``join``, with their ``model``
+    and ``inputs``: the join, the features or the columns alone).
     """
     rows = []
     for r in records:
@@ -64,9 +68,11 @@ def runs_table(records: list[dict]) -> pd.DataFrame:
                 "init": c["init"],
                 "freeze": c.get("freeze", ""),
                 "layer": c.get("layer") or "",
-                "epochs": c["epochs"],
-                "lr": c["lr"],
-                "batch_size": c["batch_size"],
+                "model": c.get("model", ""),
+                "inputs": c.get("inputs", ""),
+                "epochs": c.get("epochs"),
+                "lr": c.get("lr"),
+                "batch_size": c.get("batch_size"),
                 "augment": c.get("augment", False),
                 "precision": c.get("precision", ""),
                 "cache_features": c.get("cache_features", False),
