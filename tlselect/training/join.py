@@ -10,7 +10,7 @@ or on the columns alone. The join is never materialized beyond the memory budget
 training matrix would not fit, the run's plan says what it chose instead (``join.over_budget``):
 logistic regression by SGD over the chunks, the features reduced by incremental PCA to
 ``join.pca_width``, or refused with the size. The record keeps the plan and the peak memory the
-join allocated (tracemalloc) next to the job's resident peak.
+join allocated once its inputs were opened (tracemalloc) next to the job's resident peak.
 """
 
 from __future__ import annotations
@@ -160,7 +160,8 @@ def make_model(model: str, hyper: dict, seed: int, rows: int = 0, sgd: bool = Fa
 
 def fit_sgd(estimator, train: JoinedSplit, rows_per_chunk: int, epochs: int, seed: int, classes):
     """Fit ``estimator`` (``partial_fit``) over ``epochs`` passes of ``train`` in chunks, each pass in a
-    seeded random order; the chunk size changes no number (one chunk gives the same model)."""
+    seeded random order: the same steps whatever the chunk size (one chunk gives the same model up to
+    rounding)."""
     rng = np.random.default_rng(seed)
     for _ in range(epochs):
         order = rng.permutation(len(train))
@@ -231,18 +232,21 @@ def fit_run(settings: dict, table_path: str | Path, features: str | Path | None,
             run_id: str, threads: int = 1, log=_print) -> dict:  # fmt: skip
     """One run on the join (``settings``: a :func:`tlselect.runs.join_runs` spec's): fit its model
     within the memory budget, evaluate it on validation and test, and write its registry record."""
+    import sklearn.decomposition  # noqa: F401 (imported before tracemalloc starts: not the join's memory)
+    import sklearn.ensemble  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
     from threadpoolctl import threadpool_limits
 
     t0 = time.perf_counter()
-    tracemalloc.start()
     table = load_table(table_path)
-    splits = splits_of(table, settings, features)
+    splits = splits_of(table, settings, features)  # checksums verified (a 4 MiB read buffer), then memory-mapped
     train = splits["train"]
     classes = np.arange(int(table["num_classes"]))
     chosen = plan(settings["model"], train, settings["memory_mb"], settings["over_budget"], settings["pca_width"])
     rows = chosen["rows_per_chunk"]
     log(f"{settings['name']}: {len(train)} training rows x {train.width} columns; plan {chosen}")
     with threadpool_limits(limits=threads):
+        tracemalloc.start()
         train.fit_scaler(rows)
         for split in ("val", "test"):
             splits[split].mean, splits[split].scale = train.mean, train.scale
@@ -268,8 +272,8 @@ def fit_run(settings: dict, table_path: str | Path, features: str | Path | None,
             for split in ("val", "test"):
                 scores[split] = accuracy(estimator, views[split].chunks(rows), splits[split].labels)
         eval_seconds = time.perf_counter() - t2
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
     chosen["peak_mb"] = round(peak / 2**20, 3)
     chosen["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     done = estimator is not None
