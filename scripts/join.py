@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """The table beside the images and the downstream models on its join with cached features.
 
-  example  write the example table for an image folder (--root) to --out
-  table    align --table with the subset (--subset, its subset.json), encode its columns (fitted on
-           the training split) into --columns and write --report; every refused problem is an error
-  fit      one run (--settings: its spec's settings as JSON) on --columns and, unless it is
-           columns-only, the cached layer in --features; writes its registry record (--record)
+example  write the example table for an image folder (--root) to --out
+table    align --table with the subset (--subset, its subset.json), encode its columns (fitted on
+         the training split) into --columns and write --report; every refused problem is an error
+fit      one run (--settings: its spec's settings as JSON) on --columns and, unless it is
+         columns-only, the cached layer in --features; writes its registry record (--record)
 """
 
 import argparse

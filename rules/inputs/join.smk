@@ -15,7 +15,9 @@ def join_inputs(wildcards):
     """The encoded columns, and the cached layer unless the run is columns-only."""
     spec = JOINS[wildcards.run_id]
     inputs = {"columns": TABLE_COLUMNS}
-    return inputs | ({"features": feature_files(*spec.features)} if spec.features else {})
+    return inputs | (
+        {"features": feature_files(*spec.features)} if spec.features else {}
+    )
 
 
 def join_args(wildcards, input):

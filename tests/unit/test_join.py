@@ -61,7 +61,9 @@ def test_chunks_change_only_rounding_and_stay_close_to_the_in_memory_model():
     train.fit_scaler(50)
     test.mean, test.scale = train.mean, train.scale
     hyper, classes = {"C": 1.0, "max_iter": 300}, np.arange(3)
-    fitted = [fit_sgd(make_model("logistic", hyper, 0, 300, sgd=True), train, rows, 5, 0, classes) for rows in (70, 300)]
+    fitted = [
+        fit_sgd(make_model("logistic", hyper, 0, 300, sgd=True), train, rows, 5, 0, classes) for rows in (70, 300)
+    ]
     # the same steps in the same order: only SGD's weight rescaling at each chunk's end rounds differently
     np.testing.assert_allclose(fitted[0].coef_, fitted[1].coef_, atol=1e-4)
     in_memory = make_model("logistic", hyper, 0).fit(train.chunk(np.arange(300)), train.labels)
@@ -80,7 +82,11 @@ def write_inputs(tmp_path, n=(300, 60, 60)):
     (tmp_path / "layer").mkdir()
     for split, lo, hi in zip(("train", "val", "test"), bounds[:-1], bounds[1:], strict=True):
         keep = np.arange(hi - lo)[1:]  # the first image of each split has no row
-        arrays |= {f"{split}_columns": columns[lo:hi][keep], f"{split}_rows": keep, f"{split}_labels": labels[lo:hi][keep]}
+        arrays |= {
+            f"{split}_columns": columns[lo:hi][keep],
+            f"{split}_rows": keep,
+            f"{split}_labels": labels[lo:hi][keep],
+        }
         with atomic_path(tmp_path / "layer" / f"{split}.npy", checksum=True) as tmp, open(tmp, "wb") as handle:
             np.save(handle, x[lo:hi])
     with atomic_path(tmp_path / "columns.npz", checksum=True) as tmp, open(tmp, "wb") as handle:

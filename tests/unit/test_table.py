@@ -90,7 +90,9 @@ def test_extra_rows_are_refused_or_ignored(image_folder, tmp_path):
 def test_rows_of_classes_outside_the_study_are_not_extra(image_folder, tmp_path):
     header, rows = read_table(write_csv(tmp_path / "t.csv", *example_rows(image_folder)))
     listing = scan_image_folder(image_folder)
-    report = check_table(settings(missing="impute"), header, rows, listed_images(listing), listed_images(listing, ["cat"]))
+    report = check_table(
+        settings(missing="impute"), header, rows, listed_images(listing), listed_images(listing, ["cat"])
+    )
     assert report["rows_without_image"] == [] and report["images_without_row"] == []
 
 

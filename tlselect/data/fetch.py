@@ -158,7 +158,9 @@ def archive_image_counts(archive: Path) -> dict[str, dict[str, int]]:
     Finds train/ and test/ where :func:`extract_archive` does: at the top level or one folder down.
     Listing the 60,000-image CIFAR-10 .tar.gz takes about 1.5 s, so results are cached per file version.
     """
-    return {split: {c: len(files) for c, files in classes.items()} for split, classes in archive_images(archive).items()}
+    return {
+        split: {c: len(files) for c, files in classes.items()} for split, classes in archive_images(archive).items()
+    }
 
 
 def archive_images(archive: Path) -> dict[str, dict[str, list[str]]]:

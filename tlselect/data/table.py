@@ -57,7 +57,9 @@ def read_table(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
         rows = list(reader)
     duplicates = sorted({c for c in header if header.count(c) > 1})
     if not header or duplicates:
-        raise TableError(f"data.table.path: {path} has {'no header' if not header else f'duplicate columns {duplicates}'}")
+        raise TableError(
+            f"data.table.path: {path} has {'no header' if not header else f'duplicate columns {duplicates}'}"
+        )
     if any(None in row for row in rows):
         raise TableError(f"data.table.path: {path} has rows with more fields than its header")
     return header, rows
@@ -161,18 +163,17 @@ def check_table(
                  report["images_without_row"], "add their rows"),
             ):  # fmt: skip
                 if found:
-                    problems.append(
-                        f"{len(found)} {what}: {_listed(found)}; {fix}, or set data.table.unmatched: drop"
-                    )
+                    problems.append(f"{len(found)} {what}: {_listed(found)}; {fix}, or set data.table.unmatched: drop")
     if problems:
         raise TableError(f"data.table ({settings['path'] or 'the example table'}): " + "; ".join(problems))
     return report
 
 
 def align(settings: dict, header: list[str], rows: list[dict], subset: dict, images: list[str]) -> dict:
-    """The table's rows for the subset's picks (``images``: every image of the folder): ``{"splits": {split: {"rows": [index into the
-    split], "labels": [...], "values": {column: [text]}}}, "report": {...}}``. Images without a row
-    and (with ``missing: drop``) images with a missing value are left out, counted in the report."""
+    """The table's rows for the subset's picks (``images``: every image of the folder):
+    ``{"splits": {split: {"rows": [index into the split], "labels": [...], "values": {column: [text]}}},
+    "report": {...}}``. Images without a row and (with ``missing: drop``) images with a missing value
+    are left out, counted in the report."""
     picked = {split: [path for path, _ in entries] for split, entries in subset["splits"].items()}
     report = check_table(settings, header, rows, images, [p for paths in picked.values() for p in paths])
     by_key = {row[settings["image_column"]].strip().removeprefix("./"): row for row in rows}
@@ -230,7 +231,9 @@ def encode(aligned: dict, types: dict[str, str]) -> tuple[dict[str, np.ndarray],
             values = {s: [MISSING_CATEGORY if is_missing(v) else v for v in t] for s, t in texts.items()}
             categories = sorted(set(values["train"]))
             for split, vals in values.items():
-                parts[split].append(np.array([[v == c for c in categories] for v in vals], dtype=float).reshape(-1, len(categories)))
+                parts[split].append(
+                    np.array([[v == c for c in categories] for v in vals], dtype=float).reshape(-1, len(categories))
+                )
             names += [f"{column}={c}" for c in categories]
     width = len(names)
     return {
@@ -241,7 +244,9 @@ def encode(aligned: dict, types: dict[str, str]) -> tuple[dict[str, np.ndarray],
 
 def listed_images(images: dict[str, dict[str, list[str]]], classes: list[str] | None = None) -> list[str]:
     """The paths of an image folder's listing ``{split: {class: paths}}``, of ``classes`` only when given."""
-    return [p for split in images.values() for c, paths in split.items() if classes is None or c in classes for p in paths]
+    return [
+        p for split in images.values() for c, paths in split.items() if classes is None or c in classes for p in paths
+    ]
 
 
 def example_table(images: dict[str, dict[str, list[str]]], seed: int) -> str:

@@ -254,7 +254,9 @@ def join_sentence(runs: pd.DataFrame) -> str:
         parts.append(text)
     refused = joins.shape[0] - len(runs[(runs["kind"] == "join") & (runs["status"] == "completed")])
     return (
-        "Test accuracy of the best run of each kind, chosen on validation: " + "; ".join(parts) + "."
+        "Test accuracy of the best run of each kind, chosen on validation: "
+        + "; ".join(parts)
+        + "."
         + (f" {refused} run(s) refused over the memory budget." if refused else "")
     )
 

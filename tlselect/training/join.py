@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tlselect.data.table import load_table
 from tlselect.core.registry import write_record
+from tlselect.data.table import load_table
 from tlselect.training.features import SPLITS, open_features
 
 # Bytes per value of the training matrix in a fit: float32 rows plus scikit-learn's float64 copy.
@@ -278,7 +278,9 @@ def fit_run(settings: dict, table_path: str | Path, features: str | Path | None,
     chosen["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     done = estimator is not None
     if done:
-        log(f"{settings['name']}: val {scores['val'][0]:.4f}, test {scores['test'][0]:.4f}; peak {chosen['peak_mb']} MB")
+        log(
+            f"{settings['name']}: val {scores['val'][0]:.4f}, test {scores['test'][0]:.4f}; peak {chosen['peak_mb']} MB"
+        )
     else:
         log(f"{settings['name']}: refused ({chosen['why']}): needs {chosen['need_mb']} MB of {chosen['budget_mb']} MB")
     params = parameter_count(estimator, pca) if done else 0
