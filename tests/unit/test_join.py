@@ -167,3 +167,33 @@ def test_a_refused_join_says_so_with_the_size(tmp_path):
     assert record["status"] == "refused" and record["metrics"]["test_accuracy"] is None
     assert record["join"]["plan"]["need_mb"] > record["join"]["plan"]["budget_mb"] == 0.01
     assert json.loads((tmp_path / "r.json").read_text())["status"] == "refused"
+
+
+def test_the_report_sentence_compares_the_join_with_each_part_alone():
+    import pandas as pd
+
+    from tlselect.report.answer import join_sentence
+
+    rows = [("join", "layer3", 0.80, 0.78), ("join", "layer4", 0.82, 0.74), ("features", "layer3", 0.70, 0.71),
+            ("columns", "", 0.50, 0.52)]  # fmt: skip
+    runs = pd.DataFrame(
+        [
+            {
+                "kind": "join",
+                "model": "logistic",
+                "inputs": i,
+                "layer": layer,
+                "status": "completed",
+                "val_accuracy": v,
+                "test_accuracy": t,
+                "val_images": 250,
+                "test_images": 500,
+            }
+            for i, layer, v, t in rows
+        ]  # fmt: skip
+    )
+    text = join_sentence(runs)
+    # the best join on validation is layer4's (test 0.74), 3.0 points over the features alone (0.71)
+    assert "logistic: join on layer4 0.740" in text and "features on layer3 0.710" in text
+    assert "columns 0.520" in text and "the join gains 3.0 points over the better of the other two" in text
+    assert join_sentence(runs.assign(kind="probe")).startswith("No table beside the images")

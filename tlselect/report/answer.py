@@ -244,13 +244,17 @@ def join_sentence(runs: pd.DataFrame) -> str:
     parts = []
     for model, group in joins.groupby("model", sort=True):
         best = {inputs: rows.loc[rows["val_accuracy"].idxmax()] for inputs, rows in group.groupby("inputs")}
-        shown = [f"{inputs} {best[inputs]['layer'] or ''} {accuracy(best[inputs], 'test')}".replace("  ", " ")
-                 for inputs in ("join", "features", "columns") if inputs in best]  # fmt: skip
+        shown = [
+            f"{inputs}{'' if inputs == 'columns' else ' on ' + best[inputs]['layer']} {accuracy(best[inputs], 'test')}"
+            for inputs in ("join", "features", "columns")
+            if inputs in best
+        ]
         text = f"{model}: " + ", ".join(shown)
         if {"join", "features", "columns"} <= set(best):
             other = max(best["features"]["test_accuracy"], best["columns"]["test_accuracy"])
-            gain = 100 * (best["join"]["test_accuracy"] - other)
-            text += f" (the join {'gains' if gain > 0 else 'loses'} {abs(gain):.1f} points of test accuracy)"
+            gain = round(100 * (best["join"]["test_accuracy"] - other), 1)
+            verdict = "ties with" if gain == 0 else f"{'gains' if gain > 0 else 'loses'} {abs(gain):.1f} points over"
+            text += f" (the join {verdict} the better of the other two)"
         parts.append(text)
     refused = joins.shape[0] - len(runs[(runs["kind"] == "join") & (runs["status"] == "completed")])
     return (
