@@ -109,7 +109,7 @@ class JoinedSplit:
         self.mean, self.scale = mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
 
 
-def chunk_rows(memory_mb: float, split: JoinedSplit) -> int:
+def rows_per_chunk(memory_mb: float, split: JoinedSplit) -> int:
     """Rows per chunk so that one chunk (its raw features, its joined float32 rows while they are
     put together, and scikit-learn's float64 copy) stays within ``memory_mb``."""
     per_row = split.raw_row_bytes() + (FIT_BYTES + 4) * split.width
@@ -125,7 +125,7 @@ def plan(model: str, train: JoinedSplit, memory_mb: float, over_budget: str, pca
     budget = memory_mb * 2**20
     need = len(train) * train.width * FIT_BYTES
     out = {"budget_mb": round(memory_mb, 3), "need_mb": round(need / 2**20, 3), "rows": len(train),
-           "width": train.width, "rows_per_chunk": chunk_rows(memory_mb, train)}  # fmt: skip
+           "width": train.width, "rows_per_chunk": rows_per_chunk(memory_mb, train)}  # fmt: skip
     if need <= budget:
         return {**out, "chose": "in_memory"}
     if over_budget == "refuse":
