@@ -43,6 +43,7 @@ def test_the_plan_fits_in_memory_chunks_reduces_or_refuses():
     train = JoinedSplit(np.arange(400), labels, columns, x, pool=0)  # 400 x (64 + 4)
     need = 400 * 68 * 12 / 2**20
     assert plan("logistic", train, 1.0, "chunk", 8)["chose"] == "in_memory"
+    assert plan("logistic", train, need * 1.5, "chunk", 8)["chose"] == "chunked"  # the chunks need the other half
     small = need / 2
     assert plan("logistic", train, small, "chunk", 8)["chose"] == "chunked"
     reduced = plan("boosting", train, small, "chunk", 8)

@@ -117,28 +117,30 @@ def rows_per_chunk(memory_mb: float, split: JoinedSplit) -> int:
 
 
 def plan(model: str, train: JoinedSplit, memory_mb: float, over_budget: str, pca_width: int) -> dict:
-    """How to fit ``model`` on ``train`` within ``memory_mb``: in memory when the training matrix
-    fits (``FIT_BYTES`` a value), else as ``over_budget`` says: ``chunked`` (logistic regression by
-    SGD over chunks; with ``chunk``, boosting takes ``pca``), ``pca`` (the features reduced to
-    ``pca_width`` columns by incremental PCA, the table's columns kept), or ``refused``; PCA is refused
-    too where even the reduced matrix does not fit or there are no features to reduce."""
-    budget = memory_mb * 2**20
+    """How to fit ``model`` on ``train`` within ``memory_mb``. The training matrix (``FIT_BYTES`` a
+    value) is held in memory when it fits half the budget, the chunks being read taking the other
+    half; else ``over_budget`` says: ``chunked`` (logistic regression by SGD over chunks of the whole
+    budget; with ``chunk``, boosting takes ``pca``), ``pca`` (the features reduced to ``pca_width``
+    columns by incremental PCA, the reduced matrix and the chunks half the budget each, the table's
+    columns kept), or ``refused``; PCA is refused too where even the reduced matrix does not fit,
+    a chunk holds fewer rows than ``pca_width`` or there are no features to reduce."""
+    half = memory_mb * 2**20 / 2
     need = len(train) * train.width * FIT_BYTES
     out = {"budget_mb": round(memory_mb, 3), "need_mb": round(need / 2**20, 3), "rows": len(train),
-           "width": train.width, "rows_per_chunk": rows_per_chunk(memory_mb, train)}  # fmt: skip
-    if need <= budget:
+           "width": train.width, "rows_per_chunk": rows_per_chunk(memory_mb / 2, train)}  # fmt: skip
+    if need <= half:
         return {**out, "chose": "in_memory"}
     if over_budget == "refuse":
         return {**out, "chose": "refused", "why": "join.over_budget is refuse"}
     if over_budget == "chunk" and model == "logistic":
-        return {**out, "chose": "chunked"}
+        return {**out, "rows_per_chunk": rows_per_chunk(memory_mb, train), "chose": "chunked"}
     width = min(pca_width, train.feature_width) + train.table_width
     reduced = len(train) * width * FIT_BYTES
     out = {**out, "reduced_width": width, "reduced_need_mb": round(reduced / 2**20, 3)}
     if not train.feature_width:
         return {**out, "chose": "refused", "why": "no features to reduce by PCA"}
-    if reduced > budget or out["rows_per_chunk"] < min(pca_width, train.feature_width):
-        return {**out, "chose": "refused", "why": "even the PCA-reduced matrix exceeds the budget"}
+    if reduced > half or out["rows_per_chunk"] < min(pca_width, train.feature_width):
+        return {**out, "chose": "refused", "why": "even the PCA-reduced matrix and its chunks exceed the budget"}
     return {**out, "chose": "pca"}
 
 
