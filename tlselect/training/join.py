@@ -34,6 +34,11 @@ FIT_BYTES = 12
 # The share of a budget that chunks fill; the rest is headroom for the model, scikit-learn's working
 # arrays and the chunk before (on the 2-core CPU a chunk sized to the whole budget peaked 8-16% above it).
 CHUNK_SHARE = 0.75
+# Histogram gradient boosting's working memory beyond its matrix: one histogram (256 bins of a
+# float64 gradient sum, a float64 hessian sum and a count) per feature and leaf, plus a fixed part
+# (on the 2-core CPU it peaked at 3 MB for 11 columns, 9 MB for 75, 53 MB for 523; this is above each).
+HISTOGRAM_BYTES = 256 * 20
+BOOSTING_FIXED_BYTES = 1.5 * 2**20
 MODELS = ("logistic", "boosting")
 
 
@@ -119,19 +124,28 @@ def rows_per_chunk(memory_mb: float, split: JoinedSplit) -> int:
     return max(1, int(CHUNK_SHARE * memory_mb * 2**20) // per_row)
 
 
-def plan(model: str, train: JoinedSplit, memory_mb: float, over_budget: str, pca_width: int) -> dict:
-    """How to fit ``model`` on ``train`` within ``memory_mb``. The training matrix (``FIT_BYTES`` a
-    value) is held in memory when it fits half the budget, the chunks being read taking the other
-    half; else ``over_budget`` says: ``chunked`` (logistic regression by SGD over chunks of the whole
+def model_bytes(model: str, hyper: dict, width: int) -> float:
+    """Working memory of fitting ``model`` beyond its training matrix: boosting's histograms."""
+    if model != "boosting":
+        return 0.0
+    return hyper.get("max_leaf_nodes", 31) * width * HISTOGRAM_BYTES + BOOSTING_FIXED_BYTES
+
+
+def plan(model: str, hyper: dict, train: JoinedSplit, memory_mb: float, over_budget: str, pca_width: int) -> dict:
+    """How to fit ``model`` (with ``hyper``) on ``train`` within ``memory_mb``. The training matrix
+    (``FIT_BYTES`` a value) is held in memory when it fits half the budget, the chunks being read
+    taking the other half, and with the model's working memory (:func:`model_bytes`) the whole;
+    else ``over_budget`` says: ``chunked`` (logistic regression by SGD over chunks of the whole
     budget; with ``chunk``, boosting takes ``pca``), ``pca`` (the features reduced to ``pca_width``
-    columns by incremental PCA, the reduced matrix and the chunks half the budget each, the table's
-    columns kept), or ``refused``; PCA is refused too where even the reduced matrix does not fit,
-    a chunk holds fewer rows than ``pca_width`` or there are no features to reduce."""
-    half = memory_mb * 2**20 / 2
+    columns by incremental PCA, the reduced matrix held as above, the table's columns kept), or
+    ``refused``; PCA is refused too where even the reduced matrix does not fit, a chunk holds fewer
+    rows than ``pca_width`` or there are no features to reduce."""
+    budget = memory_mb * 2**20
     need = len(train) * train.width * FIT_BYTES
     out = {"budget_mb": round(memory_mb, 3), "need_mb": round(need / 2**20, 3), "rows": len(train),
-           "width": train.width, "rows_per_chunk": rows_per_chunk(memory_mb / 2, train)}  # fmt: skip
-    if need <= half:
+           "width": train.width, "rows_per_chunk": rows_per_chunk(memory_mb / 2, train),
+           "model_mb": round(model_bytes(model, hyper, train.width) / 2**20, 3)}  # fmt: skip
+    if need <= budget / 2 and need + model_bytes(model, hyper, train.width) <= budget:
         return {**out, "chose": "in_memory"}
     if over_budget == "refuse":
         return {**out, "chose": "refused", "why": "join.over_budget is refuse"}
@@ -139,11 +153,18 @@ def plan(model: str, train: JoinedSplit, memory_mb: float, over_budget: str, pca
         return {**out, "rows_per_chunk": rows_per_chunk(memory_mb, train), "chose": "chunked"}
     width = min(pca_width, train.feature_width) + train.table_width
     reduced = len(train) * width * FIT_BYTES
-    out = {**out, "reduced_width": width, "reduced_need_mb": round(reduced / 2**20, 3)}
+    out = {**out, "reduced_width": width, "reduced_need_mb": round(reduced / 2**20, 3),
+           "model_mb": round(model_bytes(model, hyper, width) / 2**20, 3)}  # fmt: skip
     if not train.feature_width:
         return {**out, "chose": "refused", "why": "no features to reduce by PCA"}
-    if reduced > half or out["rows_per_chunk"] < min(pca_width, train.feature_width):
-        return {**out, "chose": "refused", "why": "even the PCA-reduced matrix and its chunks exceed the budget"}
+    if reduced > budget / 2 or reduced + model_bytes(model, hyper, width) > budget:
+        return {
+            **out,
+            "chose": "refused",
+            "why": "even the PCA-reduced matrix and the model's working memory exceed the budget",
+        }
+    if out["rows_per_chunk"] < min(pca_width, train.feature_width):
+        return {**out, "chose": "refused", "why": "a chunk within the budget holds fewer rows than join.pca_width"}
     return {**out, "chose": "pca"}
 
 
@@ -247,7 +268,8 @@ def fit_run(settings: dict, table_path: str | Path, features: str | Path | None,
     splits = splits_of(table, settings, features)  # checksums verified (a 4 MiB read buffer), then memory-mapped
     train = splits["train"]
     classes = np.arange(int(table["num_classes"]))
-    chosen = plan(settings["model"], train, settings["memory_mb"], settings["over_budget"], settings["pca_width"])
+    chosen = plan(settings["model"], settings["hyper"], train, settings["memory_mb"], settings["over_budget"],
+                  settings["pca_width"])  # fmt: skip
     rows = chosen["rows_per_chunk"]
     log(f"{settings['name']}: {len(train)} training rows x {train.width} columns; plan {chosen}")
     with threadpool_limits(limits=threads):
