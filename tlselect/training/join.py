@@ -38,6 +38,9 @@ CHUNK_SHARE = 0.75
 # float64 gradient sum, a float64 hessian sum and a count) per feature and leaf, plus a fixed part
 # (on the 2-core CPU it peaked at 3 MB for 11 columns, 9 MB for 75, 53 MB for 523; this is above each).
 HISTOGRAM_BYTES = 256 * 20
+# Incremental PCA's bytes per feature of a chunk's row: float64 copies for its centring and SVD (a
+# chunk sized without them peaked at 17.4 MB in a 16 MB budget on the 2-core CPU).
+PCA_BYTES = 32
 BOOSTING_FIXED_BYTES = 1.5 * 2**20
 MODELS = ("logistic", "boosting")
 
@@ -117,10 +120,11 @@ class JoinedSplit:
         self.mean, self.scale = mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
 
 
-def rows_per_chunk(memory_mb: float, split: JoinedSplit) -> int:
+def rows_per_chunk(memory_mb: float, split: JoinedSplit, pca: bool = False) -> int:
     """Rows per chunk so that one chunk (its raw features, its joined float32 rows while they are
-    put together, and scikit-learn's float64 copy) fills ``CHUNK_SHARE`` of ``memory_mb``."""
-    per_row = split.raw_row_bytes() + (FIT_BYTES + 4) * split.width
+    put together, and scikit-learn's float64 copy; with ``pca``, incremental PCA's float64 working
+    copies of the chunk's features too) fills ``CHUNK_SHARE`` of ``memory_mb``."""
+    per_row = split.raw_row_bytes() + (FIT_BYTES + 4) * split.width + (PCA_BYTES * split.feature_width if pca else 0)
     return max(1, int(CHUNK_SHARE * memory_mb * 2**20) // per_row)
 
 
@@ -154,7 +158,8 @@ def plan(model: str, hyper: dict, train: JoinedSplit, memory_mb: float, over_bud
     width = min(pca_width, train.feature_width) + train.table_width
     reduced = len(train) * width * FIT_BYTES
     out = {**out, "reduced_width": width, "reduced_need_mb": round(reduced / 2**20, 3),
-           "model_mb": round(model_bytes(model, hyper, width) / 2**20, 3)}  # fmt: skip
+           "model_mb": round(model_bytes(model, hyper, width) / 2**20, 3),
+           "rows_per_chunk": rows_per_chunk(memory_mb / 2, train, pca=True)}  # fmt: skip
     if not train.feature_width:
         return {**out, "chose": "refused", "why": "no features to reduce by PCA"}
     if reduced > budget / 2 or reduced + model_bytes(model, hyper, width) > budget:
