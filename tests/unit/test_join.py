@@ -175,6 +175,7 @@ def test_a_refused_join_says_so_with_the_size(tmp_path):
     record = fit_run(settings, columns, layer, tmp_path / "r.json", spec.id, log=lambda _: None)
     assert record["status"] == "refused" and record["metrics"]["test_accuracy"] is None
     assert record["join"]["plan"]["need_mb"] > record["join"]["plan"]["budget_mb"] == 0.01
+    assert record["join"]["plan"]["peak_mb"] < 0.01  # nothing of the join was read
     assert json.loads((tmp_path / "r.json").read_text())["status"] == "refused"
 
 

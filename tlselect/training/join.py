@@ -279,7 +279,8 @@ def fit_run(settings: dict, table_path: str | Path, features: str | Path | None,
     log(f"{settings['name']}: {len(train)} training rows x {train.width} columns; plan {chosen}")
     with threadpool_limits(limits=threads):
         tracemalloc.start()
-        train.fit_scaler(rows)
+        if chosen["chose"] != "refused":
+            train.fit_scaler(rows)
         for split in ("val", "test"):
             splits[split].mean, splits[split].scale = train.mean, train.scale
         data_seconds = time.perf_counter() - t0
