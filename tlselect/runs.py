@@ -12,6 +12,9 @@ cached feature layer. Kinds of run:
   fold, once per seed (:func:`refit_flags`, chosen at run time from the folds' records);
 - ``candidate``: one point of the model search's space (``search``): a grid point of the pool, a
   random-search draw, or a trial a strategy suggests at run time (from :func:`candidate_config`).
+- ``join``: a scikit-learn model on the table beside the images (``data.table``): on the table's
+  columns joined with one cached layer's features, on that layer's features alone, or on the
+  columns alone (``join``).
 
 A run that starts from pretrained weights names them as ``weights``: ``("source", backbone)`` (the
 model the workflow pretrains) or ``("imagenet", backbone)`` (the file the workflow fetches).
@@ -322,8 +325,10 @@ def cached_stages(chains: dict[str, list[str]]) -> list[str]:
 
 
 def cached_inits(config: dict) -> dict[str, str]:
-    """``{label: init}`` whose features are cached: the probes' inits and the searched ones."""
+    """``{label: init}`` whose features are cached: the probes', the joins' and the searched ones."""
     inits = feature_inits(config)
+    if uses_table(config) and config["features"]["layers"]:
+        inits.update({init_label(i): i for i in (resolve_init(config, i) for i in config["join"]["inits"])})
     if config["search"]["enabled"]:
         inits.update({init_label(i): i for i in (resolve_init(config, i) for i in config["search"]["inits"])})
     return inits
@@ -340,3 +345,58 @@ def source_backbones(specs) -> list[str]:
     return sorted(
         {spec.settings["backbone"] for spec in specs if spec.settings["init"] == "source" and spec.kind != "source"}
     )
+
+
+def uses_table(config: dict) -> bool:
+    """Whether a table beside the images is joined (``data.table.path`` or ``data.table.example``)."""
+    table = config["data"]["table"]
+    return bool(table["path"]) or table["example"]
+
+
+JOIN_INPUTS = ("join", "features", "columns")
+
+
+def join_runs(config: dict) -> dict[str, RunSpec]:
+    """``{run_id: spec}`` of the downstream models on the table (``join``): per model, one on the
+    columns alone, and per join init and probed layer one on the join and one on the features alone.
+
+    Names read ``<inputs>_<model>[_<layer>]``; the id covers the model's hyperparameters, the table's
+    settings, the pooling and the memory budget (which decides how the model is fitted).
+    """
+    if not uses_table(config):
+        return {}
+    join, feats, backbone = config["join"], config["features"], config["backbone"]
+    stages = backbone_spec(backbone).stage_names
+    layers = sorted(feats["layers"], key=stages.index)
+    inits = {init_label(i): i for i in (resolve_init(config, i) for i in join["inits"])} if layers else {}
+    table = {k: v for k, v in config["data"]["table"].items()}
+    budget = {"memory_mb": feats["memory_mb"], **{k: join[k] for k in ("over_budget", "pca_width", "chunk_epochs")}}
+    out = {}
+    for model, hyper in join["models"].items():
+        choices = [("columns", None, None)]
+        choices += [(inputs, label, layer) for label in inits for layer in layers for inputs in ("join", "features")]
+        for inputs, label, layer in choices:
+            name = f"{inputs}_{model}" + (f"_{layer}" if layer else "")
+            settings = {
+                "kind": "join",
+                "name": name,
+                "model": model,
+                "inputs": inputs,
+                "backbone": backbone if layer else "",
+                "init": inits[label] if layer else "",
+                "layer": layer or "",
+                "pool": feats["pool"],
+                "seed": config["seed"],
+                **budget,
+                "hyper": dict(sorted(hyper.items())),
+            }
+            identity = {"run": _unnamed(settings), "data": _subset_identity(config), "table": table}
+            if layer:
+                identity["features"] = {"resolution": config["resolution"], "dtype": feats["dtype"]}
+                if inits[label] == "source":
+                    source = source_run(config, backbone).settings
+                    identity["source"] = {"settings": _unnamed(source), "data": config["source"]}
+            label_part = f"-{backbone}-{label}" if layer else ""
+            run_id = f"{name}{label_part}-{_digest(identity)}"
+            out[run_id] = RunSpec(run_id, settings, features=(backbone, label, layer) if inputs != "columns" else None)
+    return out

@@ -6,7 +6,7 @@ STUDY_FIGURES = [
     "accuracy_by_policy",
     "validation_curves",
     "accuracy_by_layer",
-]
+] + (["join_by_layer"] if JOINS else [])
 FIGURES = STUDY_FIGURES + (["speedups"] if SPEEDUPS else [])
 REPORTS = ["solution"] + (["study"] if SEARCH or SPEEDUPS else [])
 OPTIMIZATIONS = "results/tables/optimizations.csv"
@@ -15,6 +15,7 @@ FIGURE_QUESTIONS = {
     "accuracy_by_policy": PICK,
     "validation_curves": TRAINING,
     "accuracy_by_layer": LAYERS,
+    "join_by_layer": LAYERS,
     "speedups": SPEED,
 }
 
@@ -23,7 +24,8 @@ def study_records():
     """Registry records of every policy and probe, the source model's when one is used, and the refits' with folds."""
     records = {
         "records": [
-            f"results/registry/{run_id}.json" for run_id in sorted([*RUNS, *PROBES])
+            f"results/registry/{run_id}.json"
+            for run_id in sorted([*RUNS, *PROBES, *JOINS])
         ]
     }
     if uses_source(config):

@@ -158,12 +158,19 @@ def archive_image_counts(archive: Path) -> dict[str, dict[str, int]]:
     Finds train/ and test/ where :func:`extract_archive` does: at the top level or one folder down.
     Listing the 60,000-image CIFAR-10 .tar.gz takes about 1.5 s, so results are cached per file version.
     """
+    return {
+        split: {c: len(files) for c, files in classes.items()} for split, classes in archive_images(archive).items()
+    }
+
+
+def archive_images(archive: Path) -> dict[str, dict[str, list[str]]]:
+    """``{split: {class: [image path inside the image folder, e.g. train/cat/0001.jpg]}}`` of an archive."""
     stat = Path(archive).stat()
-    return _archive_image_counts(str(Path(archive).resolve()), stat.st_size, stat.st_mtime_ns)
+    return _archive_images(str(Path(archive).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 @lru_cache(maxsize=4)
-def _archive_image_counts(archive: str, size: int, mtime_ns: int) -> dict[str, dict[str, int]]:
+def _archive_images(archive: str, size: int, mtime_ns: int) -> dict[str, dict[str, list[str]]]:
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
             names = [info.filename for info in zf.infolist() if not info.is_dir()]
@@ -172,12 +179,12 @@ def _archive_image_counts(archive: str, size: int, mtime_ns: int) -> dict[str, d
             names = [member.name for member in tf if member.isfile()]
     else:
         raise DataError(f"data.archive {archive} is neither a tar nor a zip archive")
-    by_root: dict[tuple, dict[str, dict[str, int]]] = {}
+    by_root: dict[tuple, dict[str, dict[str, list[str]]]] = {}
     for name in names:
         parts = PurePosixPath(name).parts
         for depth in (0, 1):
             if len(parts) == depth + 3 and parts[depth] in SPLITS and Path(parts[-1]).suffix.lower() in IMAGE_SUFFIXES:
-                counts = by_root.setdefault(parts[:depth], {split: {} for split in SPLITS})[parts[depth]]
-                counts[parts[depth + 1]] = counts.get(parts[depth + 1], 0) + 1
-    roots = sorted(root for root, counts in by_root.items() if counts["train"])
+                files = by_root.setdefault(parts[:depth], {split: {} for split in SPLITS})[parts[depth]]
+                files.setdefault(parts[depth + 1], []).append("/".join(parts[depth:]))
+    roots = sorted(root for root, files in by_root.items() if files["train"])
     return by_root[roots[0]] if roots else {split: {} for split in SPLITS}

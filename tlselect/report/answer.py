@@ -122,7 +122,11 @@ def seconds(value: float) -> str:
 
 
 def label(row) -> str:
-    where = f"freeze {row['freeze']}" if row["kind"] == "policy" else f"probe on {row['layer']}"
+    if row["kind"] == "join":
+        on = {"join": f"the table joined with {row['layer']}", "features": f"{row['layer']} alone"}
+        where = f"{row['model']} on {on.get(row['inputs'], 'the table alone')}"
+    else:
+        where = f"freeze {row['freeze']}" if row["kind"] == "policy" else f"probe on {row['layer']}"
     return f"`{row['name']}` (init {row['init']}, {where})"
 
 
@@ -339,6 +343,41 @@ def layers_sentence(runs: pd.DataFrame) -> str:
         f"for init `{r['init']}` the best layer is **{r['layer']}** ({accuracy(r)})" for _, r in best.iterrows()
     )
     return text[0].upper() + text[1:] + "."
+
+
+def join_rows(runs: pd.DataFrame) -> pd.DataFrame:
+    """The downstream models on the table beside the images (kind ``join``), with their intervals."""
+    return with_intervals(runs[runs["kind"] == "join"]) if "inputs" in runs else runs.iloc[0:0]
+
+
+def join_sentence(runs: pd.DataFrame) -> str:
+    """Per model: the best run (on validation) on the join, on the features alone and on the columns
+    alone, and the test accuracy the join gains over the better of the other two."""
+    joins = join_rows(runs)
+    if joins.empty:
+        return "No table beside the images in this study (`data.table`)."
+    parts = []
+    for model, group in joins.groupby("model", sort=True):
+        best = {inputs: rows.loc[rows["val_accuracy"].idxmax()] for inputs, rows in group.groupby("inputs")}
+        shown = [
+            f"{inputs}{'' if inputs == 'columns' else ' on ' + best[inputs]['layer']} {accuracy(best[inputs], 'test')}"
+            for inputs in ("join", "features", "columns")
+            if inputs in best
+        ]
+        text = f"{model}: " + ", ".join(shown)
+        if {"join", "features", "columns"} <= set(best):
+            other = max(best["features"]["test_accuracy"], best["columns"]["test_accuracy"])
+            gain = round(100 * (best["join"]["test_accuracy"] - other), 1)
+            verdict = "ties with" if gain == 0 else f"{'gains' if gain > 0 else 'loses'} {abs(gain):.1f} points over"
+            text += f" (the join {verdict} the better of the other two)"
+        parts.append(text)
+    refused = joins.shape[0] - len(runs[(runs["kind"] == "join") & (runs["status"] == "completed")])
+    return (
+        "Test accuracy of the best run of each kind, chosen on validation: "
+        + "; ".join(parts)
+        + "."
+        + (f" {refused} run(s) refused over the memory budget." if refused else "")
+    )
 
 
 def plans_sentence(plans: pd.DataFrame) -> str:

@@ -123,6 +123,34 @@ def accuracy_by_layer(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
     ax.grid(alpha=0.3)
 
 
+JOIN_STYLES = {"join": "-", "features": "--", "columns": ":"}
+
+
+def join_by_layer(runs: pd.DataFrame, curves: pd.DataFrame, ax) -> None:
+    """Test accuracy of the downstream models per cached layer: on the table joined with the layer
+    (solid), on the layer alone (dashed), on the table's columns alone (dotted, the same at every
+    layer); one colour per model and init."""
+    joins = with_intervals(runs[(runs["kind"] == "join") & (runs["status"] == "completed")])
+    layered = joins[joins["inputs"] != "columns"]
+    layers = []
+    for backbone in sorted(layered["backbone"].dropna().unique()):
+        stages = backbone_spec(backbone).stage_names
+        layers += [s for s in stages if s in set(layered["layer"]) and s not in layers]
+    colors = dict(zip(sorted(joins["model"].unique()), plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    for (model, init, inputs), group in layered.groupby(["model", "init", "inputs"], sort=True):
+        group = group.set_index("layer").reindex(layers).dropna(subset=["test_accuracy"])
+        ax.errorbar(group.index, group["test_accuracy"], yerr=error_bars(group, "test"), marker="o", capsize=3,
+                    ls=JOIN_STYLES[inputs], color=colors[model], label=f"{model}, {inputs} ({init})")  # fmt: skip
+    for row in joins[joins["inputs"] == "columns"].itertuples():
+        ax.axhline(row.test_accuracy, ls=JOIN_STYLES["columns"], color=colors[row.model], label=f"{row.model}, columns")
+    ax.set_xlabel("layer (cached features, average-pooled)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Which layer, with or without the table")
+    if len(joins):
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
 def speedups(runs: pd.DataFrame, curves: pd.DataFrame, ax, optimizations: pd.DataFrame | None = None) -> None:
     """Measured speedup of each optimization over its baseline, with the goal where there is one."""
     if optimizations is None or optimizations.empty:
@@ -144,7 +172,8 @@ def speedups(runs: pd.DataFrame, curves: pd.DataFrame, ax, optimizations: pd.Dat
 
 
 FIGURES = {
-    f.__name__: f for f in (accuracy_vs_time, accuracy_by_policy, validation_curves, accuracy_by_layer, speedups)
+    f.__name__: f
+    for f in (accuracy_vs_time, accuracy_by_policy, validation_curves, accuracy_by_layer, join_by_layer, speedups)
 }
 
 

@@ -23,6 +23,8 @@ COLUMNS = [
     "init",
     "freeze",
     "layer",
+    "model",
+    "inputs",
     "epochs",
     "lr",
     "batch_size",
@@ -63,7 +65,9 @@ ROWS = ("mean", "run", "refit", "refit mean")
 
 
 def run_row(r: dict, row: str = "run") -> dict:
-    """One record as a row of :func:`runs_table`."""
+    """One record as a row of :func:`runs_table`. Policies and probes are both candidates: a probe is a
+    frozen backbone with a trained head; so are the downstream models on the table beside the images
+    (kind ``join``, with their ``model`` and ``inputs``: the join, the features or the columns alone)."""
     c = r["config"]
     return {
         "run_id": r["run_id"],
@@ -73,9 +77,11 @@ def run_row(r: dict, row: str = "run") -> dict:
         "init": c["init"],
         "freeze": c.get("freeze", ""),
         "layer": c.get("layer") or "",
-        "epochs": c["epochs"],
-        "lr": c["lr"],
-        "batch_size": c["batch_size"],
+        "model": c.get("model", ""),
+        "inputs": c.get("inputs", ""),
+        "epochs": c.get("epochs"),
+        "lr": c.get("lr"),
+        "batch_size": c.get("batch_size"),
         "augment": c.get("augment", False),
         "precision": c.get("precision", ""),
         "cache_features": c.get("cache_features", False),
