@@ -81,7 +81,7 @@ def load_and_check(config: dict, schema_path: str | Path, validate: Callable[[di
     checks find raises :class:`ConfigError` ``invalid configuration: <key>: <what to fix>``; a schema
     violation raises what ``validate`` raises. Returns ``config``.
     """
-    from tlselect.search import brackets  # it imports this module
+    from tlselect.search import brackets, tenancy  # they import this module
 
     coerce_cli_values(config, yaml.safe_load(Path(schema_path).read_text()))  # --config 'search={enabled: true}'
     try:
@@ -89,6 +89,7 @@ def load_and_check(config: dict, schema_path: str | Path, validate: Callable[[di
         validate(config, str(schema_path))
         check(config)
         brackets.check(config)
+        tenancy.check(config, validate, str(schema_path))
     except ConfigError as error:
         raise ConfigError(f"invalid configuration: {error}") from None
     return config
