@@ -121,6 +121,7 @@ rule notebook:
                 "proxies",
                 "proxy_tau",
                 "replay",
+                "tenants",
             )
         ),
     # The HTML shows no code (--no-input) and no parameter or setup cell: the .ipynb keeps them.

@@ -26,6 +26,12 @@ TENANT_OUTPUTS = (
 )
 
 
+# `snakemake tenants`: only the tenants' tables and the global figure.
+rule tenants:
+    input:
+        TENANT_OUTPUTS,
+
+
 use rule fetch_data as tenant_fetch_data with:
     output:
         directory("resources/tenants/{tenant}/images"),
@@ -87,7 +93,7 @@ rule tenant_schedule:
         slots=lambda wildcards: tenancy.slots(config, int(wildcards.round)),
         contexts=json.dumps(tenancy.contexts(config), sort_keys=True),
         settings=f"--seed {config['seed']} --delta {config['search']['delta']} "
-        f"--threshold {config['tenants']['threshold']}",
+        f"--threshold {config['tenants']['threshold']} --patience {config['tenants']['patience']}",
     shell:
         "python {params.script} schedule --scheduler {wildcards.scheduler} --round {wildcards.round} "
         "--slots {params.slots} {params.settings} --contexts {params.contexts:q} "

@@ -21,7 +21,7 @@ from tlselect.search import tenant_jobs, tenants
 def schedule(args) -> int:
     trials = tenant_jobs.schedule_round(
         args.scheduler, args.round, args.slots, json.loads(args.contexts), args.assigned,
-        args.records, args.out, args.seed, args.delta, args.threshold,
+        args.records, args.out, args.seed, args.delta, args.threshold, args.patience,
     )  # fmt: skip
     print("\n".join(f"slot {t['slot']}: {t['tenant']} {t['candidate']}" for t in trials))
     return 0
@@ -70,8 +70,9 @@ def replay(args) -> int:
     pools = tenants.read_pools(args.pools)
     shares = sorted({*np.linspace(args.budget / 40, args.budget, 40), args.budget / 4, args.budget / 2})
     curve, summary = tenants.replay_table(
-        pools, args.schedulers, args.strategy, args.budget, args.seeds, shares, args.delta, args.threshold
-    )
+        pools, args.schedulers, args.strategy, args.budget, args.seeds, shares, args.delta, args.threshold,
+        args.patience,
+    )  # fmt: skip
     write_csv(curve, args.out)
     write_csv(summary, args.summary)
     draw_replay(curve, summary, Path(args.figure))
@@ -94,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--delta", type=float, default=0.1, help="GP-UCB's beta_t confidence")
     p.add_argument("--threshold", type=float, default=0.01, help="hybrid's switch to round robin")
+    p.add_argument("--patience", type=int, default=3, help="hybrid: jobs without a gain before a tenant waits")
     p.add_argument("--out", required=True)
     p.set_defaults(run=schedule)
 
@@ -131,6 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=200)
     p.add_argument("--delta", type=float, default=0.1)
     p.add_argument("--threshold", type=float, default=0.01)
+    p.add_argument("--patience", type=int, default=3)
     p.add_argument("--out", required=True, help="the anytime table (CSV, replay.csv's columns)")
     p.add_argument("--summary", required=True, help="per scheduler: final regret, compute to round robin's final")
     p.add_argument("--figure", required=True)

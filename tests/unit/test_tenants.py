@@ -67,6 +67,22 @@ def test_greedy_scores_the_tenant_with_room_to_improve_higher():
     assert tenants.choose("greedy", [flat, needle], rng).name == "flat"
 
 
+def test_hybrid_sets_aside_a_tenant_that_stopped_improving_and_greedy_does_not():
+    rows = list(POOLS["needle"].values())
+    noisy = tenants.Tenant("noisy", [r.params for r in rows], strategy="gp_ucb")
+    flat = tenants.Tenant("flat", [r.params for r in POOLS["flat"].values()], strategy="gp_ucb")
+    flat.history = [(r.params, 0.8, 1.0) for r in list(POOLS["flat"].values())[:2]]
+    # wide results (room to improve by GREEDY's bound), but its best came four jobs ago
+    noisy.history = [(rows[4].params, 0.6, 1.0), (rows[0].params, 0.1, 1.0), (rows[1].params, 0.2, 1.0),
+                     (rows[5].params, 0.55, 1.0)]  # fmt: skip
+    assert tenants.potential(noisy) > tenants.potential(flat)
+    assert noisy.stalled(3) and not noisy.stalled(4) and not flat.stalled(3)
+    rng = np.random.RandomState(0)
+    assert tenants.choose("greedy", [flat, noisy], rng, patience=3).name == "noisy"
+    assert tenants.choose("hybrid", [flat, noisy], rng, threshold=0.0, patience=3).name == "flat"
+    assert tenants.choose("hybrid", [flat, noisy], rng, threshold=0.0, patience=4).name == "noisy"
+
+
 def test_round_robin_cycles_in_order_and_skips_exhausted_tenants():
     small = {"one": pool("one", {"a": [0.5]}), "two": pool("two", {"a": [0.4, 0.6, 0.7]})}
     order = []

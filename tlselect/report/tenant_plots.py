@@ -52,3 +52,16 @@ def draw_replay(curve: pd.DataFrame, summary: pd.DataFrame, out: Path) -> None:
     ax.legend(fontsize=8)
     ax.set_title("Schedulers replayed on recorded learning curves", fontsize=10)
     _save(fig, out)
+
+
+def tenants_sentence(table: pd.DataFrame) -> str:
+    """What the global table says: each scheduler's weighted average test accuracy at the end of the
+    budget and the seconds it spent, the best first."""
+    last = table[(table["tenant"] == "average") & (table["job"] == table["job"].max())]
+    last = last.sort_values(["test_accuracy", "compute_seconds"], ascending=[False, True])
+    parts = [f"{r.scheduler} {r.test_accuracy:.3f} in {r.compute_seconds:.0f} s" for r in last.itertuples()]
+    tenants = [t for t in dict.fromkeys(table["tenant"]) if t != "average"]
+    return (
+        f"After {int(last['job'].max())} jobs shared by {len(tenants)} tenants, the weighted average test accuracy "
+        f"of the tenants' picks is: {'; '.join(parts)}."
+    )

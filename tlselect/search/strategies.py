@@ -201,7 +201,11 @@ def ucb_scores(
 ) -> np.ndarray:  # fmt: skip
     """mu(k) + sqrt(beta_t / c_k) sigma(k) of every arm at step ``t`` (c_k = 1 when ``costs`` is None;
     ``normalize``: :func:`posterior`'s)."""
-    mu, sigma = posterior(arms, observations, kernel, normalize)
+    return ucb_bound(arms, *posterior(arms, observations, kernel, normalize), t, costs=costs, delta=delta)
+
+
+def ucb_bound(arms: list[tuple], mu, sigma, t: int, *, costs: dict | None = None, delta: float = 0.1) -> np.ndarray:
+    """mu(k) + sqrt(beta_t / c_k) sigma(k) of every arm, given its posterior (c_k = 1 when ``costs`` is None)."""
     beta = ucb_beta(t, len(arms), delta)
     return np.array([mu[k] + math.sqrt(beta / (costs[arm] if costs else 1.0)) * sigma[k] for k, arm in enumerate(arms)])
 

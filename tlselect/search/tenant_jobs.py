@@ -62,12 +62,12 @@ def build_tenants(contexts: dict, done: list[tuple[dict, dict]], seed: int) -> l
 
 def schedule_round(scheduler: str, round_: int, slots: int, contexts: dict, assigned: list[str],
                    records: list[str], out: str | Path, seed: int, delta: float = 0.1,
-                   threshold: float = 0.01) -> list[dict]:  # fmt: skip
+                   threshold: float = 0.01, patience: int = 3) -> list[dict]:  # fmt: skip
     """Write round ``round_`` of ``scheduler``: ``slots`` jobs, each its tenant, candidate id,
     parameters, settings and weights (the search's suggestion file format, plus ``tenant``).
     ``contexts``: :func:`tlselect.search.tenancy.contexts`. Returns the jobs."""
     built = build_tenants(contexts, assigned_jobs(assigned, records), seed)
-    chosen = tenants.schedule(built, scheduler, slots, seed, round_, delta, threshold)
+    chosen = tenants.schedule(built, scheduler, slots, seed, round_, delta, threshold, patience)
     trials = []
     for slot, (name, params) in enumerate(chosen):
         spec = candidate_spec(contexts[name]["context"], params)

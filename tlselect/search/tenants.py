@@ -19,10 +19,11 @@ fastest. Two levels, as in the paper:
   (:func:`potential`; ``w_i``: the tenant's weight in the objective, 1 by default). The GP of a
   tenant is fitted on its standardized accuracies, so its bound is on the scale of its own
   results: every tenant first gets :data:`WARMUP` jobs, round robin, before potentials compare;
-  ``hybrid``: ease.ml's hybrid of GREEDY and round robin (Section 4). The paper's rule is only
-  partly public; this module reads it as: GREEDY while some tenant's weighted potential gain
-  exceeds ``threshold`` (accuracy, default 0.01), then round robin once every gain is below it
-  (GREEDY's estimates no longer separate the tenants, and fairness decides).
+  ``hybrid``: ease.ml's hybrid of GREEDY and round robin (Section 4), which keeps GREEDY from
+  starving tenants. This module's reading of it: GREEDY among the tenants that still improve (a
+  tenant whose last ``patience`` jobs did not raise its best accuracy is set aside), as long as
+  the best weighted gain among them exceeds ``threshold`` (accuracy); otherwise round robin over
+  every tenant with candidates left, which also gives a set-aside tenant its turns.
 
 Everything is a function of the tenants' histories (:class:`Tenant`), so a scheduling job of the
 workflow (:mod:`tlselect.search.tenant_jobs`) and the replay on recorded curves
@@ -72,6 +73,11 @@ class Tenant:
     def arms(self) -> list[tuple]:
         return sorted({strategies.arm_of(p) for p in self.points})
 
+    def stalled(self, patience: int) -> bool:
+        """Whether its last ``patience`` jobs left its best accuracy where it was."""
+        values = [v or 0.0 for _, v, _ in self.history]
+        return len(values) > patience and max(values[-patience:]) <= max(values[:-patience])
+
 
 def next_candidate(tenant: Tenant, delta: float = 0.1) -> dict | None:
     """The tenant's own strategy's next grid point (None once every point was tried)."""
@@ -98,9 +104,8 @@ def _ucb(tenant: Tenant, delta: float) -> tuple[list[tuple], np.ndarray, np.ndar
     observations = [(strategies.arm_of(p), ((v or 0.0) - mean) / scale) for p, v, _ in tenant.history]
     seconds = {arm: [s for p, _, s in tenant.history if strategies.arm_of(p) == arm] for arm in arms}
     costs = strategies.relative_costs(arms, seconds) if tenant.strategy == "cost_gp_ucb" else None
-    t = len(observations) + 1
-    scores = strategies.ucb_scores(arms, observations, t, costs=costs, delta=delta, normalize=False)
-    mu, _ = strategies.posterior(arms, observations, normalize=False)
+    mu, sigma = strategies.posterior(arms, observations, normalize=False)
+    scores = strategies.ucb_bound(arms, mu, sigma, len(observations) + 1, costs=costs, delta=delta)
     return arms, mean + scale * scores, mean + scale * mu
 
 
@@ -116,7 +121,7 @@ def potential(tenant: Tenant, delta: float = 0.1) -> float:
 
 
 def choose(scheduler: str, tenants: list[Tenant], rng: np.random.RandomState, delta: float = 0.1,
-           threshold: float = 0.01, gains=None) -> Tenant | None:  # fmt: skip
+           threshold: float = 0.01, patience: int = 3, gains=None) -> Tenant | None:  # fmt: skip
     """The tenant whose candidate runs next under ``scheduler`` (None when no tenant has one left).
 
     ``gains``: a function ``tenant -> potential`` to use instead of :func:`potential` (a cache).
@@ -129,21 +134,21 @@ def choose(scheduler: str, tenants: list[Tenant], rng: np.random.RandomState, de
         return fewest
     if scheduler == "random":
         return open_[rng.randint(len(open_))]
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; known: {', '.join(SCHEDULERS)}")
     cold = [t for t in open_ if len(t.history) < WARMUP]
     if cold:  # a GP's scale comes from the tenant's own results: serve each WARMUP times first
         return min(cold, key=lambda t: len(t.history))
     gain = gains or (lambda t: potential(t, delta))
-    weighted = [t.weight * gain(t) for t in open_]
-    best = int(np.argmax(weighted))
-    if scheduler == "greedy" or weighted[best] > threshold:
-        return open_[best]
-    if scheduler == "hybrid":
-        return fewest
-    raise ValueError(f"unknown scheduler {scheduler!r}; known: {', '.join(SCHEDULERS)}")
+    live = open_ if scheduler == "greedy" else [t for t in open_ if not t.stalled(patience)]
+    weighted = [t.weight * gain(t) for t in live]
+    if scheduler == "greedy" or (live and max(weighted) > threshold):
+        return live[int(np.argmax(weighted))]
+    return fewest  # hybrid: no tenant that still improves has a gain worth it
 
 
 def schedule(tenants: list[Tenant], scheduler: str, q: int, seed: int, round_: int, delta: float = 0.1,
-             threshold: float = 0.01, gains=None) -> list[tuple[str, dict]]:  # fmt: skip
+             threshold: float = 0.01, patience: int = 3, gains=None) -> list[tuple[str, dict]]:  # fmt: skip
     """Round ``round_``'s ``q`` jobs: ``(tenant name, candidate params)`` each, from the histories.
 
     A tenant chosen twice in a round gets its next point with the first believed at its arm's
@@ -153,11 +158,13 @@ def schedule(tenants: list[Tenant], scheduler: str, q: int, seed: int, round_: i
     out = []
     for slot in range(q):
         rng = np.random.RandomState([seed, round_, slot])
-        tenant = choose(scheduler, tenants, rng, delta, threshold, gains if slot == 0 else None)
+        tenant = choose(scheduler, tenants, rng, delta, threshold, patience, gains if slot == 0 else None)
         if tenant is None:
             break
         params = next_candidate(tenant, delta)
         out.append((tenant.name, params))
+        if slot == q - 1:
+            break
         arms, _, mu = _ucb(tenant, delta)
         seconds = [s for _, _, s in tenant.history]
         believed = float(mu[arms.index(strategies.arm_of(params))])
@@ -194,7 +201,7 @@ def read_pools(path) -> dict[str, dict[str, replay.Candidate]]:
 
 
 def replay_run(pools: dict[str, dict[str, replay.Candidate]], scheduler: str, strategy: str, budget: float,
-               seed: int, delta: float = 0.1, threshold: float = 0.01,
+               seed: int, delta: float = 0.1, threshold: float = 0.01, patience: int = 3,
                weights: dict[str, float] | None = None) -> list[tuple[int, float, float, str]]:  # fmt: skip
     """One replayed multi-tenant run: jobs (each a candidate trained to its full length, looked up in
     its tenant's pool) until the seconds spent reach ``budget`` (a share of all pools' seconds).
@@ -230,7 +237,7 @@ def replay_run(pools: dict[str, dict[str, replay.Candidate]], scheduler: str, st
 
     trace, spent, jobs = [], 0.0, 0
     while spent < budget * total * (1 - 1e-9):
-        chosen = schedule(tenants, scheduler, 1, seed, jobs, delta, threshold, gains=gain)
+        chosen = schedule(tenants, scheduler, 1, seed, jobs, delta, threshold, patience, gains=gain)
         if not chosen:
             break
         task, params = chosen[0]
@@ -260,7 +267,7 @@ def reached(trace: list[tuple], target: float) -> float:
 
 
 def replay_table(pools, schedulers, strategy: str, budget: float, seeds: int, shares, delta: float = 0.1,
-                 threshold: float = 0.01, weights=None) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+                 threshold: float = 0.01, patience: int = 3, weights=None) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
     """Every scheduler replayed for ``seeds`` seeds: the anytime table (mean global regret with its
     95% interval at each share of the pools' seconds, ``replay.csv``'s columns) and the summary
     (per scheduler: regret at the budget, the compute to reach round robin's mean final regret, and
@@ -271,7 +278,8 @@ def replay_table(pools, schedulers, strategy: str, budget: float, seeds: int, sh
     with threadpool_limits(1):
         for scheduler in schedulers:
             traces[scheduler] = [
-                replay_run(pools, scheduler, strategy, budget, seed, delta, threshold, weights) for seed in range(seeds)
+                replay_run(pools, scheduler, strategy, budget, seed, delta, threshold, patience, weights)
+                for seed in range(seeds)
             ]
     rows = []
     for scheduler, runs in traces.items():
