@@ -190,3 +190,5 @@ def test_the_budget_and_names_are_checked(tiny_archive):
         tenant_config(tiny_archive, studies, jobs=5)
     with pytest.raises(ConfigError, match="duplicate tenant name 'pets'"):
         tenant_config(tiny_archive, [{"name": "pets"}, {"name": "pets"}], jobs=2)
+    with pytest.raises(ConfigError, match="not 'average'"):
+        tenant_config(tiny_archive, [{"name": "average"}], jobs=1)

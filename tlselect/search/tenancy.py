@@ -77,8 +77,9 @@ def check(config: dict, validate: Callable[[dict, str], None], schema_path: str)
     for i, study in enumerate(studies(config)):
         name, tenant = study["name"], tenant_config(config, study)
         key = f"tenants.studies[{i}] ({name})"
-        if name in seen:
-            raise ConfigError(f"{key}: duplicate tenant name {name!r}; tenant names must be unique")
+        if name in seen or name == "average":
+            what = "duplicate tenant name" if name in seen else "the global table's name for the average:"
+            raise ConfigError(f"{key}: {what} {name!r}; tenant names must be unique and not 'average'")
         seen.add(name)
         try:
             validate(tenant, schema_path)

@@ -267,7 +267,8 @@ def reached(trace: list[tuple], target: float) -> float:
 
 
 def replay_table(pools, schedulers, strategy: str, budget: float, seeds: int, shares, delta: float = 0.1,
-                 threshold: float = 0.01, patience: int = 3, weights=None) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+                 threshold: float = 0.01, patience: int = 3,
+                 weights=None) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
     """Every scheduler replayed for ``seeds`` seeds: the anytime table (mean global regret with its
     95% interval at each share of the pools' seconds, ``replay.csv``'s columns) and the summary
     (per scheduler: regret at the budget, the compute to reach round robin's mean final regret, and
