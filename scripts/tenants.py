@@ -71,7 +71,7 @@ def replay(args) -> int:
     shares = sorted({*np.linspace(args.budget / 40, args.budget, 40), args.budget / 4, args.budget / 2})
     curve, summary = tenants.replay_table(
         pools, args.schedulers, args.strategy, args.budget, args.seeds, shares, args.delta, args.threshold,
-        args.patience,
+        args.patience, processes=args.processes,
     )  # fmt: skip
     write_csv(curve, args.out)
     write_csv(summary, args.summary)
@@ -134,6 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--delta", type=float, default=0.1)
     p.add_argument("--threshold", type=float, default=0.01)
     p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--processes", type=int, default=1, help="replay in this many processes")
     p.add_argument("--out", required=True, help="the anytime table (CSV, replay.csv's columns)")
     p.add_argument("--summary", required=True, help="per scheduler: final regret, compute to round robin's final")
     p.add_argument("--figure", required=True)

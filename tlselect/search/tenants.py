@@ -266,22 +266,35 @@ def reached(trace: list[tuple], target: float) -> float:
     return next((step[1] for step in trace if step[2] <= target + 1e-9), math.inf)
 
 
-def replay_table(pools, schedulers, strategy: str, budget: float, seeds: int, shares, delta: float = 0.1,
-                 threshold: float = 0.01, patience: int = 3,
-                 weights=None) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
-    """Every scheduler replayed for ``seeds`` seeds: the anytime table (mean global regret with its
-    95% interval at each share of the pools' seconds, ``replay.csv``'s columns) and the summary
-    (per scheduler: regret at the budget, the compute to reach round robin's mean final regret, and
-    its ratio to round robin's budget, each with its 95% interval)."""
+def _replays(args) -> list:
     from threadpoolctl import threadpool_limits
 
-    traces = {}
-    with threadpool_limits(1):
-        for scheduler in schedulers:
-            traces[scheduler] = [
-                replay_run(pools, scheduler, strategy, budget, seed, delta, threshold, patience, weights)
-                for seed in range(seeds)
-            ]
+    pools, scheduler, strategy, budget, seeds, how = args
+    with threadpool_limits(1):  # the GP's solves are tiny: threads only add overhead
+        return [replay_run(pools, scheduler, strategy, budget, seed, **how) for seed in seeds]
+
+
+def replay_table(pools, schedulers, strategy: str, budget: float, seeds: int, shares, delta: float = 0.1,
+                 threshold: float = 0.01, patience: int = 3, weights=None,
+                 processes: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+    """Every scheduler replayed for ``seeds`` seeds (in ``processes`` processes): the anytime table
+    (mean global regret with its 95% interval at each share of the pools' seconds, ``replay.csv``'s
+    columns) and the summary (per scheduler: regret at the budget, the compute to reach round
+    robin's mean final regret, and its ratio to round robin's budget, each with its 95% interval)."""
+    how = {"delta": delta, "threshold": threshold, "patience": patience, "weights": weights}
+    parts = range(processes)
+    chunks = [(pools, s, strategy, budget, range(i, seeds, processes), how) for s in schedulers for i in parts]
+    if processes > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(processes) as pool:
+            done = list(pool.map(_replays, chunks))
+    else:
+        done = [_replays(chunk) for chunk in chunks]
+    traces = {s: [] for s in schedulers}
+    for (_, scheduler, _, _, seeds_, _), runs in zip(chunks, done, strict=True):
+        traces[scheduler] += list(zip(seeds_, runs, strict=True))
+    traces = {s: [run for _, run in sorted(runs, key=lambda pair: pair[0])] for s, runs in traces.items()}
     rows = []
     for scheduler, runs in traces.items():
         for share in shares:
