@@ -192,3 +192,24 @@ def test_the_budget_and_names_are_checked(tiny_archive):
         tenant_config(tiny_archive, [{"name": "pets"}, {"name": "pets"}], jobs=2)
     with pytest.raises(ConfigError, match="not 'average'"):
         tenant_config(tiny_archive, [{"name": "average"}], jobs=1)
+
+
+def test_the_global_figure_and_sentence_come_from_the_global_table(tmp_path):
+    from tlselect.report.tenant_plots import draw_tenants, tenants_sentence
+
+    rows = []
+    for scheduler, accuracies in (("round_robin", (0.6, 0.7)), ("greedy", (0.8, 0.7))):
+        for job, seconds in ((1, 2.0), (2, 5.0)):
+            tests = {"a": accuracies[0] if job > 1 else 0.5, "b": accuracies[1]}
+            for tenant, test in tests.items():
+                rows.append({"scheduler": scheduler, "job": job, "compute_seconds": seconds, "tenant": tenant,
+                             "jobs": 1, "candidate": "c", "val_accuracy": test, "test_accuracy": test})  # fmt: skip
+            rows.append({"scheduler": scheduler, "job": job, "compute_seconds": seconds, "tenant": "average",
+                         "jobs": job, "candidate": "", "val_accuracy": None,
+                         "test_accuracy": sum(tests.values()) / 2})  # fmt: skip
+    table = pd.DataFrame(rows)
+    sentence = tenants_sentence(table)
+    assert sentence.startswith("After 2 jobs shared by 2 tenants")
+    assert sentence.index("greedy 0.750 in 5 s") < sentence.index("round_robin 0.650 in 5 s")  # best first
+    draw_tenants(table, tmp_path / "tenants.png")
+    assert (tmp_path / "tenants.png").read_bytes()[:4] == b"\x89PNG"
