@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tlselect.core.files import write_json, write_text
+from tlselect.core.files import atomic_path, write_json, write_text
 from tlselect.core.registry import RegistryError, rank, read_record
 from tlselect.report.tables import markdown_table, runs_table, write_csv
 from tlselect.runs import candidate_spec
@@ -144,7 +144,8 @@ def write_tables(contexts: dict, assigned: dict[str, list[str]], records: dict[s
             mine = [record for trial, record in done if trial["tenant"] == name]
             for record in mine:
                 source = Path(record["_path"])
-                shutil.copyfile(source, registry / f"{scheduler}-{source.parent.name}-{source.name}")
+                with atomic_path(registry / f"{scheduler}-{source.parent.name}-{source.name}") as tmp:
+                    shutil.copyfile(source, tmp)
             if mine:
                 frame = runs_table([{k: v for k, v in r.items() if k != "_path"} for r in mine])
                 frames.append(frame.assign(scheduler=scheduler))
