@@ -77,9 +77,10 @@ def load_and_check(config: dict, schema_path: str | Path, validate: Callable[[di
     In order: type the strings of ``--config`` values (:func:`coerce_cli_values`), refuse keys of
     earlier versions (:func:`check_renamed`), validate against the schema at ``schema_path`` with
     ``validate`` (Snakemake's ``snakemake.utils.validate``, which also fills in the defaults), then
-    :func:`check` and the model search's :func:`tlselect.search.brackets.check`. A problem these
-    checks find raises :class:`ConfigError` ``invalid configuration: <key>: <what to fix>``; a schema
-    violation raises what ``validate`` raises. Returns ``config``.
+    :func:`check`, the model search's :func:`tlselect.search.brackets.check` and every tenant's
+    :func:`tlselect.search.tenancy.check`. A problem these checks find raises :class:`ConfigError`
+    ``invalid configuration: <key>: <what to fix>``; a schema violation raises what ``validate``
+    raises. Returns ``config``.
     """
     from tlselect.search import brackets, tenancy  # they import this module
 

@@ -185,7 +185,7 @@ def gp_ucb(
     ``costs`` are c_k (:func:`relative_costs`); None is plain GP-UCB (c_k = 1). ``available``: the
     arms that still have an untried configuration (default all). Ties go to the first arm.
     """
-    scores = ucb_scores(arms, observations, t, costs=costs, delta=delta, kernel=kernel)
+    scores = ucb_bound(arms, *posterior(arms, observations, kernel), t, costs=costs, delta=delta)
     best, choice = -math.inf, None
     for arm, score in zip(arms, scores, strict=True):
         if available is not None and arm not in available:
@@ -193,15 +193,6 @@ def gp_ucb(
         if score > best:
             best, choice = score, arm
     return choice
-
-
-def ucb_scores(
-    arms: list[tuple], observations: list[tuple[tuple, float]], t: int, *, costs: dict | None = None,
-    delta: float = 0.1, kernel=None, normalize: bool = True,
-) -> np.ndarray:  # fmt: skip
-    """mu(k) + sqrt(beta_t / c_k) sigma(k) of every arm at step ``t`` (c_k = 1 when ``costs`` is None;
-    ``normalize``: :func:`posterior`'s)."""
-    return ucb_bound(arms, *posterior(arms, observations, kernel, normalize), t, costs=costs, delta=delta)
 
 
 def ucb_bound(arms: list[tuple], mu, sigma, t: int, *, costs: dict | None = None, delta: float = 0.1) -> np.ndarray:
