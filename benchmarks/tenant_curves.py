@@ -2,11 +2,11 @@
 
 Each task is a disjoint set of CIFAR-10 classes read from the offline image-folder archive. Every
 candidate of a task's pool is a probe trained on fixed features of the images: a feature set (the
-candidate's ``init``: 8x8 colour pixels, or a seeded random convolution layer with ReLU and
-pooling), a head (its ``backbone``: linear or a one-hidden-layer MLP), a learning rate and a
-weight decay, trained with SGD (momentum 0.9, batch 64, constant rate) for ``--epochs`` epochs.
-The pools differ in difficulty: two tasks search well-behaved learning rates, two a wide range
-in which most candidates are poor or diverge.
+candidate's ``init``: 8x8 colour pixels, or a seeded random 5x5 convolution layer with ReLU, of
+64 filters pooled to 2x2 or 128 filters pooled to 4x4), a head (its ``backbone``: linear or a
+128-unit MLP), a learning rate and a weight decay, trained with SGD (momentum 0.9, batch 64,
+constant rate) for ``--epochs`` epochs, one thread. The pools differ in difficulty: two tasks
+search well-behaved learning rates, two a wide range whose largest diverge.
 
 Writes one row per candidate and epoch in the tabular pool format of the search replay
 (:func:`tlselect.search.tenants.read_pools`): task, candidate, its parameters, epoch, validation
