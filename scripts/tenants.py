@@ -5,7 +5,6 @@ schedule  a scheduling round: which tenant's candidate each of its jobs trains
 job       train an assigned job on its tenant's data (other flags go to scripts/train.py's)
 tables    each tenant's runs.csv, summary.md and registry/, and the global table
 figure    the global figure: every tenant's best accuracy against the compute spent on all
-replay    every scheduler replayed on recorded learning curves (a pool table)
 """
 
 import argparse
@@ -61,25 +60,6 @@ def figure(args) -> int:
     return 0
 
 
-def replay(args) -> int:
-    import numpy as np
-
-    from tlselect.report.tables import write_csv
-    from tlselect.report.tenant_plots import draw_replay
-
-    pools = tenants.read_pools(args.pools)
-    shares = sorted({*np.linspace(args.budget / 40, args.budget, 40), args.budget / 4, args.budget / 2})
-    curve, summary = tenants.replay_table(
-        pools, args.schedulers, args.strategy, args.budget, args.seeds, shares, args.delta, args.threshold,
-        args.patience, processes=args.processes,
-    )  # fmt: skip
-    write_csv(curve, args.out)
-    write_csv(summary, args.summary)
-    draw_replay(curve, summary, Path(args.figure))
-    print(summary.to_string(index=False))
-    return 0
-
-
 @cli
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,21 +104,6 @@ def main(argv=None) -> int:
     p.add_argument("--table", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(run=figure)
-
-    p = commands.add_parser("replay", help="every scheduler replayed on a pool table")
-    p.add_argument("--pools", required=True, help="pool table (CSV; benchmarks/tenant_curves.py)")
-    p.add_argument("--schedulers", nargs="+", default=list(tenants.SCHEDULERS), choices=tenants.SCHEDULERS)
-    p.add_argument("--strategy", default="cost_gp_ucb", choices=tenants.STRATEGIES)
-    p.add_argument("--budget", type=float, default=0.25, help="share of all pools' seconds each scheduler spends")
-    p.add_argument("--seeds", type=int, default=200)
-    p.add_argument("--delta", type=float, default=0.1)
-    p.add_argument("--threshold", type=float, default=0.01)
-    p.add_argument("--patience", type=int, default=3)
-    p.add_argument("--processes", type=int, default=1, help="replay in this many processes")
-    p.add_argument("--out", required=True, help="the anytime table (CSV, replay.csv's columns)")
-    p.add_argument("--summary", required=True, help="per scheduler: final regret, compute to round robin's final")
-    p.add_argument("--figure", required=True)
-    p.set_defaults(run=replay)
 
     args, rest = parser.parse_known_args(argv)
     if args.run is job:
