@@ -18,6 +18,7 @@ include: "rules/join.smk"
 include: "rules/speedups.smk"
 include: "rules/search.smk"
 include: "rules/mop.smk"
+include: "rules/tenants.smk"
 include: "rules/report.smk"
 # After every rule: what this run does with what an earlier one left (rule all's corrupt files).
 include: "rules/recovery.smk"
@@ -32,4 +33,5 @@ rule all:
         expand("results/report/{report}.html", report=REPORTS),
         SEARCH_OUTPUTS.values(),
         MOP_OUTPUTS,
+        TENANT_OUTPUTS,
         corrupt_files,

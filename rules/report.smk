@@ -125,6 +125,7 @@ rule notebook:
                 "proxy_tau",
                 "replay",
                 "shift",
+                "tenants",
             )
         ),
     # The HTML shows no code (--no-input) and no parameter or setup cell: the .ipynb keeps them.

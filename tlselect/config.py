@@ -78,11 +78,12 @@ def load_and_check(config: dict, schema_path: str | Path, validate: Callable[[di
     In order: type the strings of ``--config`` values (:func:`coerce_cli_values`), refuse keys of
     earlier versions (:func:`check_renamed`), validate against the schema at ``schema_path`` with
     ``validate`` (Snakemake's ``snakemake.utils.validate``, which also fills in the defaults), then
-    :func:`check` and the model search's :func:`tlselect.search.brackets.check`. A problem these
-    checks find raises :class:`ConfigError` ``invalid configuration: <key>: <what to fix>``; a schema
-    violation raises what ``validate`` raises. Returns ``config``.
+    :func:`check`, the model search's :func:`tlselect.search.brackets.check` and every tenant's
+    :func:`tlselect.search.tenancy.check`. A problem these checks find raises :class:`ConfigError`
+    ``invalid configuration: <key>: <what to fix>``; a schema violation raises what ``validate``
+    raises. Returns ``config``.
     """
-    from tlselect.search import brackets  # it imports this module
+    from tlselect.search import brackets, tenancy  # they import this module
 
     coerce_cli_values(config, yaml.safe_load(Path(schema_path).read_text()))  # --config 'search={enabled: true}'
     try:
@@ -90,6 +91,7 @@ def load_and_check(config: dict, schema_path: str | Path, validate: Callable[[di
         validate(config, str(schema_path))
         check(config)
         brackets.check(config)
+        tenancy.check(config, validate, str(schema_path))
     except ConfigError as error:
         raise ConfigError(f"invalid configuration: {error}") from None
     return config

@@ -1,8 +1,9 @@
 # The input and params functions and paths of rules/data.smk, included by it before its rules.
 def checkpoints():
     """Every checkpoint the current config's training jobs write (their resume files sit beside).
-    It reads the search's and the model hopper's path functions (rules/search.smk, rules/mop.smk),
-    included later: it runs when the DAG is built, after every rule file is read."""
+    It reads the search's, the model hopper's and the tenants' path functions (rules/search.smk,
+    rules/mop.smk, rules/tenants.smk), included later: it runs when the DAG is built, after every
+    rule file is read."""
     specs = [*RUNS.values(), *PROBES.values(), *POOL.values()]
     paths = [f"results/models/{run_id}.pt" for run_id in [*RUNS, *PROBES]]
     paths += [source_model(b) for b in runs.source_backbones(specs)]
@@ -11,6 +12,12 @@ def checkpoints():
         jobs = [*grid_jobs("random"), *(j for m in BRACKETS for j in search_jobs(m))]
         jobs += [j for m in brackets.MODEL_BASED for j in round_jobs(m)]
         paths += [record.replace(".json", ".pt") for record, _ in jobs]
+    paths += [
+        record.replace(".json", ".pt")
+        for scheduler in config["tenants"]["schedulers"]
+        for _, records in schedule_jobs(scheduler)
+        for record in records
+    ]
     paths += [
         MOP_STEP.format(run_id=r, step=k) + ".pt"
         for r, spec in MOP_RUNS.items()

@@ -56,4 +56,7 @@ def notebook_inputs(wildcards):
     }
     if full and SPEEDUPS:
         inputs["optimizations"] = OPTIMIZATIONS
+    if full and TENANTS:  # rules/tenants.smk
+        inputs["tenants"] = TENANT_TABLE
+        inputs["figures"].append(TENANT_FIGURE)
     return inputs | (SEARCH_OUTPUTS if full else {})

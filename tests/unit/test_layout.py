@@ -57,7 +57,8 @@ def test_table_figure_and_search_bookkeeping_modules_import_without_torch(tmp_pa
     light = ["tlselect.config", "tlselect.runs", "tlselect.report.tables", "tlselect.report.plots",
              "tlselect.search.brackets", "tlselect.search.compare", "tlselect.search.replay",
              "tlselect.search.strategies", "tlselect.search.jobs", "tlselect.core.registry",
-             "tlselect.training.forkserver"]  # fmt: skip
+             "tlselect.training.forkserver", "tlselect.search.tenants", "tlselect.search.tenancy",
+             "tlselect.search.tenant_jobs", "tlselect.report.tenant_plots"]  # fmt: skip
     code = f"import sys; sys.path.insert(0, {str(tmp_path)!r}); sys.path.insert(1, {str(REPO)!r}); "
     code += "; ".join(f"import {m}" for m in light)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -155,17 +155,19 @@ def default_kernel():
     return RBF(2.0, "fixed") + WhiteKernel(0.3, "fixed")
 
 
-def posterior(arms: list[tuple], observations: list[tuple[tuple, float]], kernel=None) -> tuple[np.ndarray, np.ndarray]:
-    """mu(k) and sigma(k) of every arm from a GP fitted on ``(arm, validation accuracy)`` observations."""
+def posterior(arms: list[tuple], observations: list[tuple[tuple, float]], kernel=None,
+              normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """mu(k) and sigma(k) of every arm from a GP fitted on ``(arm, validation accuracy)`` observations
+    (``normalize``: on the observations standardized; else as given, prior mean 0)."""
     features = arm_features(arms)
     index = {arm: i for i, arm in enumerate(arms)}
-    gp = GaussianProcessRegressor(kernel or default_kernel(), normalize_y=True, random_state=0)
+    gp = GaussianProcessRegressor(kernel or default_kernel(), normalize_y=normalize, random_state=0)
     if observations:
         with warnings.catch_warnings():  # a noise level at its bound is expected for near-exact repeats
             warnings.simplefilter("ignore", ConvergenceWarning)
             gp.fit(features[[index[a] for a, _ in observations]], np.array([v for _, v in observations]))
     mu, sigma = gp.predict(features, return_std=True)
-    return mu, sigma
+    return np.atleast_1d(mu), np.atleast_1d(sigma)  # one arm: scikit-learn squeezes to 0-d
 
 
 def gp_ucb(
@@ -183,16 +185,20 @@ def gp_ucb(
     ``costs`` are c_k (:func:`relative_costs`); None is plain GP-UCB (c_k = 1). ``available``: the
     arms that still have an untried configuration (default all). Ties go to the first arm.
     """
-    mu, sigma = posterior(arms, observations, kernel)
-    beta = ucb_beta(t, len(arms), delta)
+    scores = ucb_bound(arms, *posterior(arms, observations, kernel), t, costs=costs, delta=delta)
     best, choice = -math.inf, None
-    for k, arm in enumerate(arms):
+    for arm, score in zip(arms, scores, strict=True):
         if available is not None and arm not in available:
             continue
-        score = mu[k] + math.sqrt(beta / (costs[arm] if costs else 1.0)) * sigma[k]
         if score > best:
             best, choice = score, arm
     return choice
+
+
+def ucb_bound(arms: list[tuple], mu, sigma, t: int, *, costs: dict | None = None, delta: float = 0.1) -> np.ndarray:
+    """mu(k) + sqrt(beta_t / c_k) sigma(k) of every arm, given its posterior (c_k = 1 when ``costs`` is None)."""
+    beta = ucb_beta(t, len(arms), delta)
+    return np.array([mu[k] + math.sqrt(beta / (costs[arm] if costs else 1.0)) * sigma[k] for k, arm in enumerate(arms)])
 
 
 def relative_costs(arms: list[tuple], seconds: dict[tuple, list[float]]) -> dict[tuple, float]:
