@@ -128,7 +128,8 @@ def fit_fused(runs: list[PreparedRun], log) -> list[dict]:
         survivors = []
         for run, result in zip(active, results, strict=True):
             t0 = time.perf_counter()
-            val_acc, val_loss, _ = evaluate(run.state.model, run.forward, run.batches("val"), config, run.device)
+            model, own = run.state.model, run.state.config
+            val_acc, val_loss, _ = evaluate(model, run.forward, run.batches("val"), own, run.device)
             seconds = (share, time.perf_counter() - t0)
             if record_epoch(run.state, epoch, result, (val_acc, val_loss), seconds, log):
                 survivors.append(run)
