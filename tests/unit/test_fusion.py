@@ -142,7 +142,7 @@ def group(data, folder, backbone, weights) -> list[TrainConfig]:
             label_smoothing=0.1,
             seed=3,
         ),  # fmt: skip
-        run_config(data, folder, "c", backbone=backbone, batch_size=4, optimizer="adamw", lr=1e-3),
+        run_config(data, folder, "c", backbone=backbone, batch_size=16, optimizer="adamw", lr=1e-3),
     ]
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from tlselect.core.files import CorruptFile, load_torch
-from tlselect.core.registry import read_record, write_record
+from tlselect.core.registry import RegistryError, read_record, write_record
 from tlselect.training.fusion import FusedStagedNet, FusionError
 from tlselect.training.loop import autocast, evaluate, lr_at, prepare_input
 from tlselect.training.options import TrainConfig, TrainingError, check_settings
@@ -87,7 +87,7 @@ def finished_record(config: TrainConfig, log) -> dict | None:
         return None
     try:
         record, checkpoint = read_record(config.record), load_torch(config.out)
-    except (CorruptFile, ValueError):
+    except (CorruptFile, RegistryError):  # retrained
         return None
     if record["run_id"] != config.run_id or checkpoint.get("run_id") != config.run_id:
         return None
