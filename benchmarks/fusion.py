@@ -8,7 +8,9 @@ model, optimizer, plan knobs as given) and its epochs: ``fit_epoch`` for a run a
 order, augmentation) and learning rate. The data is random images of 10 classes, ``--steps`` batches
 an epoch; each timing is one epoch after a warm-up epoch, the median of ``--repeats``. What it
 prints, a Markdown table per backbone, is what the execution plan needs to choose a group size and
-whether to fuse on a device. Example: ``python benchmarks/fusion.py --device cpu --threads 2``.
+whether to fuse on a device. Each cell is images per wall second, and in brackets images per
+second of the process's CPU time (on a CPU shared with other work the steadier figure; on a GPU
+meaningless). Example: ``python benchmarks/fusion.py --device cpu --threads 2``.
 """
 
 from __future__ import annotations
@@ -58,33 +60,41 @@ def cpu_model() -> str:
     return f"{names[0]}, {len(names)} CPUs" if names else platform.processor() or platform.machine()
 
 
-def synchronized(device: str) -> float:
+def clocks(device: str) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds), the device's queued work done."""
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter()
+    return time.perf_counter(), time.process_time()
 
 
-def alone_epochs(runs: list, args) -> list[float]:
-    """Seconds of each timed epoch of ``runs`` trained one after another (after a warm-up epoch each)."""
-    seconds = []
-    for epoch in range(args.repeats + 1):
-        t0 = synchronized(args.device)
+def timed(device: str, work, *args) -> tuple[float, float]:
+    """Wall and CPU seconds of ``work(*args)``."""
+    wall, cpu = clocks(device)
+    work(*args)
+    end_wall, end_cpu = clocks(device)
+    return end_wall - wall, end_cpu - cpu
+
+
+def alone_epochs(runs: list, args) -> list[tuple[float, float]]:
+    """Wall and CPU seconds of each timed epoch of ``runs`` trained one after another (after a warm-up epoch)."""
+
+    def epoch_of_each(epoch: int) -> None:
         for run in runs:
             fit_epoch(run.state, run.forward, run.batches, epoch, args.steps, run.scaler, run.device)
-        seconds.append(synchronized(args.device) - t0)
-    return seconds[1:]
+
+    return [timed(args.device, epoch_of_each, epoch) for epoch in range(args.repeats + 1)][1:]
 
 
-def fused_epochs(runs: list, args) -> list[float]:
+def fused_epochs(runs: list, args) -> list[tuple[float, float]]:
     fused = FusedStagedNet(
         [run.state.model for run in runs], [torch.Generator().manual_seed(i) for i in range(len(runs))]
     )
-    seconds = []
-    for epoch in range(args.repeats + 1):
-        t0 = synchronized(args.device)
-        fused_epoch(fused, runs, epoch, args.steps)
-        seconds.append(synchronized(args.device) - t0)
-    return seconds[1:]
+    return [timed(args.device, fused_epoch, fused, runs, epoch, args.steps) for epoch in range(args.repeats + 1)][1:]
+
+
+def rates(images: int, seconds: list[tuple[float, float]]) -> tuple[float, float]:
+    """Images per wall second and per CPU second, from the median timing of each."""
+    return images / statistics.median(w for w, _ in seconds), images / statistics.median(c for _, c in seconds)
 
 
 def main(argv=None) -> int:
@@ -107,22 +117,16 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = write_data(Path(tmp) / "data", images, args.resolution)
         for backbone in args.backbones:
-            one = images / statistics.median(alone_epochs(prepared_runs(args, data, backbone, 1, Path(tmp)), args))
+            one = rates(images, alone_epochs(prepared_runs(args, data, backbone, 1, Path(tmp)), args))
             print(f"### {backbone}\n")
-            print("| B | one run (images/s) | B runs in turn (images/s) | B runs fused (images/s) | fused / in turn |")
+            print("| B | one run | B runs in turn | B runs fused | fused / in turn |")
             print("|---:|---:|---:|---:|---:|")
             for size in args.sizes:
-                in_turn = (
-                    size
-                    * images
-                    / statistics.median(alone_epochs(prepared_runs(args, data, backbone, size, Path(tmp)), args))
-                )
-                fused = (
-                    size
-                    * images
-                    / statistics.median(fused_epochs(prepared_runs(args, data, backbone, size, Path(tmp)), args))
-                )
-                print(f"| {size} | {one:.0f} | {in_turn:.0f} | {fused:.0f} | {fused / in_turn:.2f}x |", flush=True)
+                in_turn = rates(size * images, alone_epochs(prepared_runs(args, data, backbone, size, Path(tmp)), args))
+                fused = rates(size * images, fused_epochs(prepared_runs(args, data, backbone, size, Path(tmp)), args))
+                cells = [f"{wall:.1f} ({cpu:.1f})" for wall, cpu in (one, in_turn, fused)]
+                gain = f"{fused[0] / in_turn[0]:.2f}x ({fused[1] / in_turn[1]:.2f}x)"
+                print(f"| {size} | {' | '.join(cells)} | {gain} |", flush=True)
             print()
     return 0
 
