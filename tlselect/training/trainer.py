@@ -181,6 +181,9 @@ class TrainingState:
     generator: torch.Generator
     images: int  # training images (or cached activations) per epoch
     curves: list[dict] = field(default_factory=list)
+    # What the run's dropout draws from: torch's global generator, or, for a run trained fused with
+    # others (tlselect.training.groups), a generator of its own holding what the global one would.
+    rng: torch.Generator = torch.default_generator
 
     def snapshot(self) -> dict:
         cuda = torch.cuda.is_initialized()  # a CPU run never starts CUDA here: its file has no cuda_rng
@@ -189,7 +192,7 @@ class TrainingState:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": self.rng.get_state(),
             **({"cuda_rng": torch.cuda.get_rng_state_all()} if cuda else {}),
             "curves": self.curves,
         }
@@ -199,7 +202,7 @@ class TrainingState:
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.generator.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])  # dropout (e.g. mobilenet's head) draws from it
+        self.rng.set_state(saved["torch_rng"])  # dropout (e.g. mobilenet's head) draws from it
         if "cuda_rng" in saved and torch.cuda.is_initialized():  # dropout on the GPU draws from CUDA's
             for index, rng in enumerate(saved["cuda_rng"][: torch.cuda.device_count()]):
                 torch.cuda.set_rng_state(rng, index)
@@ -311,46 +314,68 @@ def make_record(
 RESUME_EVERY_WRITE_TIMES = 10
 
 
+def record_epoch(state: TrainingState, epoch: int, train: tuple, val: tuple, seconds: tuple, log) -> bool:
+    """Append an epoch's curve (``train``: loss, accuracy, images; ``val``: accuracy, loss; ``seconds``:
+    training, evaluation) and log it; False when its training loss is not finite (the run diverged)."""
+    config = state.config
+    (train_loss, train_acc, seen), (val_acc, val_loss), (train_seconds, eval_seconds) = train, val, seconds
+    state.curves.append(
+        {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "train_accuracy": train_acc,
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "lr": state.optimizer.param_groups[0]["lr"],
+            "train_seconds": train_seconds,
+            "eval_seconds": eval_seconds,
+            "images": seen,
+        }
+    )
+    log(
+        f"[{config.run_id}] epoch {epoch + 1}/{config.epochs} loss {train_loss:.4f} "
+        f"val_acc {val_acc:.4f} ({train_seconds:.1f}s train, {eval_seconds:.1f}s eval)"
+    )
+    if not math.isfinite(train_loss):
+        log(f"[{config.run_id}] training loss is {train_loss}: the run diverged; lower the learning rate")
+        return False
+    return True
+
+
+class ResumeFiles:
+    """When resume files are written: after the first epoch, then after any epoch that ends at least
+    :data:`RESUME_EVERY_WRITE_TIMES` times the last write's seconds after it; never after the last."""
+
+    def __init__(self):
+        self.since_last, self.write_seconds = 0.0, 0.0
+
+    def after_epoch(self, states: list[TrainingState], epoch: int, seconds: float) -> None:
+        self.since_last += seconds
+        if epoch + 1 >= states[0].config.epochs or self.since_last < RESUME_EVERY_WRITE_TIMES * self.write_seconds:
+            return  # after the last epoch, the checkpoint follows at once
+        t0 = time.perf_counter()
+        for state in states:
+            save_torch(resume_path(state.config), state.snapshot())
+        self.write_seconds, self.since_last = time.perf_counter() - t0, 0.0
+
+
 def fit(state: TrainingState, forward, batches, first_epoch: int, scaler, device, log) -> str:
     """Train from ``first_epoch`` to the last epoch, validating each, with resume files; the run's status."""
     config = state.config
     # Full batches only (the remainder is reshuffled into later epochs): uniform shapes, and no
     # single-image batch for BatchNorm to choke on.
     steps_per_epoch = max(1, state.images // config.batch_size)
-    since_resume_file, write_seconds = 0.0, 0.0
+    resume_files = ResumeFiles()
     for epoch in range(first_epoch, config.epochs):
         t0 = time.perf_counter()
-        train_loss, train_acc, seen = fit_epoch(state, forward, batches, epoch, steps_per_epoch, scaler, device)
+        train = fit_epoch(state, forward, batches, epoch, steps_per_epoch, scaler, device)
         train_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         val_acc, val_loss, _ = evaluate(state.model, forward, batches("val"), config, device)
         eval_seconds = time.perf_counter() - t0
-        state.curves.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": train_loss,
-                "train_accuracy": train_acc,
-                "val_loss": val_loss,
-                "val_accuracy": val_acc,
-                "lr": state.optimizer.param_groups[0]["lr"],
-                "train_seconds": train_seconds,
-                "eval_seconds": eval_seconds,
-                "images": seen,
-            }
-        )
-        log(
-            f"[{config.run_id}] epoch {epoch + 1}/{config.epochs} loss {train_loss:.4f} "
-            f"val_acc {val_acc:.4f} ({train_seconds:.1f}s train, {eval_seconds:.1f}s eval)"
-        )
-        if not math.isfinite(train_loss):
-            log(f"[{config.run_id}] training loss is {train_loss}: the run diverged; lower the learning rate")
+        if not record_epoch(state, epoch, train, (val_acc, val_loss), (train_seconds, eval_seconds), log):
             return "diverged"
-        since_resume_file += train_seconds + eval_seconds
-        # after the last epoch, the checkpoint follows at once
-        if epoch + 1 < config.epochs and since_resume_file >= RESUME_EVERY_WRITE_TIMES * write_seconds:
-            t0 = time.perf_counter()
-            save_torch(resume_path(config), state.snapshot())
-            write_seconds, since_resume_file = time.perf_counter() - t0, 0.0
+        resume_files.after_epoch([state], epoch, train_seconds + eval_seconds)
     return "completed"
 
 
@@ -367,8 +392,26 @@ def save_checkpoint(state: TrainingState, status: str, test_predictions) -> None
     remove(resume_path(config))
 
 
-def train(config: TrainConfig, log=print) -> dict:
-    """Run one training run to completion (or divergence); write its checkpoint; return its record."""
+@dataclass
+class PreparedRun:
+    """A run set up to train (its data, model, optimizer, resumed state) and what its record needs."""
+
+    state: TrainingState
+    splits: Splits
+    forward: object  # the model's forward pass (compiled, past a cached prefix)
+    batches: object  # batch_source's batches(split, shuffled)
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    first_epoch: int
+    resumed_from: int | None
+    init_note: dict
+    plan_note: dict
+    cache_seconds: float
+    wall_start: float
+
+
+def prepare(config: TrainConfig, log=print) -> PreparedRun:
+    """Every step of a run before its epochs: settings, data, plan, model, optimizer, resume."""
     wall_start = time.perf_counter()
     check_settings(config)
     device = resolve_device(config.device)
@@ -391,7 +434,16 @@ def train(config: TrainConfig, log=print) -> dict:
     scaler = execution(config).grad_scaler(device)
     first_epoch, resumed_from = resume_or_continue(state, log)
     log(f"[{config.run_id}] {describe(config, splits, model)} on {device}")
-    status = fit(state, forward, batches, first_epoch, scaler, device, log)
+    return PreparedRun(
+        state, splits, forward, batches, scaler, device, first_epoch, resumed_from, init_note, plan_note,
+        cache_seconds, wall_start,
+    )  # fmt: skip
+
+
+def finish(run: PreparedRun, status: str, log=print) -> dict:
+    """Every step of a run after its epochs: test and validation predictions, record, checkpoint."""
+    state, splits, forward, batches, device = run.state, run.splits, run.forward, run.batches, run.device
+    config, model = state.config, state.model
     test, val_correct = (None, None, None), None
     if "test" in splits.tensors and status == "completed":
         test = evaluate(model, forward, batches("test"), config, device)
@@ -399,16 +451,24 @@ def train(config: TrainConfig, log=print) -> dict:
         val_predictions = evaluate(model, forward, batches("val"), config, device)[2]
         hits = (val_predictions == splits.tensors["val"][1].cpu()).tolist()
         val_correct = "".join("1" if hit else "0" for hit in hits)
-    timings = {"data_seconds": splits.seconds, "cache_seconds": cache_seconds, "plan_seconds": plan_note["seconds"]}
-    timings["wall_seconds"] = time.perf_counter() - wall_start
-    record = make_record(state, status, splits, init_note, test[:2], timings, device, resumed_from)
-    record["plan"] = {k: v for k, v in plan_note.items() if k != "seconds"}
+    timings = {"data_seconds": splits.seconds, "cache_seconds": run.cache_seconds}
+    timings["plan_seconds"] = run.plan_note["seconds"]
+    timings["wall_seconds"] = time.perf_counter() - run.wall_start
+    record = make_record(state, status, splits, run.init_note, test[:2], timings, device, run.resumed_from)
+    record["plan"] = {k: v for k, v in run.plan_note.items() if k != "seconds"}
     if val_correct is not None:
         record["metrics"]["val_correct"] = val_correct
     save_checkpoint(state, status, test[2])
     log(f"[{config.run_id}] {status}: val_acc {record['metrics']['val_accuracy']} test_acc {test[0]} "
         f"in {timings['wall_seconds']:.1f}s")  # fmt: skip
     return record
+
+
+def train(config: TrainConfig, log=print) -> dict:
+    """Run one training run to completion (or divergence); write its checkpoint; return its record."""
+    run = prepare(config, log)
+    status = fit(run.state, run.forward, run.batches, run.first_epoch, run.scaler, run.device, log)
+    return finish(run, status, log)
 
 
 def training_images(config: TrainConfig, splits: Splits) -> int:

@@ -1,0 +1,182 @@
+"""Run groups: several runs trained in one process, runs of one shape fused into one network.
+
+:func:`train_group` takes the runs' trainer settings (:class:`TrainConfig`, one per run spec) and
+trains them all. Runs of the same shape (:func:`fusion_key`: backbone, resolution, freeze depth,
+batch size, epochs, data, device and execution plan, and the epoch they resume after) train as one
+:class:`~tlselect.training.fusion.FusedStagedNet`; they may differ in everything else a run
+sets: learning rate and schedule, optimizer, momentum, weight decay, label smoothing, init and seed
+(each run's batches, in its own data order and augmentation, are stacked along the channels).
+The other runs (probes, cached prefixes, compiled models, the naive data path, a shape of their
+own) train one after another through the trainer itself.
+
+Each run goes through the trainer's own steps (:func:`~tlselect.training.trainer.prepare` before
+its epochs, :func:`~tlselect.training.trainer.finish` after: the same checkpoint, record and
+curves a job of its own writes) and writes its own resume files, so a killed group resumes every
+run from its own; a run whose checkpoint and record are already written is not trained again. A
+run that diverges (a non-finite training loss) is finished as diverged after that epoch, and the
+others train on, fused without it. A fused run's ``train_seconds`` are its share of the fused
+epochs (their seconds over the runs in them); its record names the runs it was fused with.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tlselect.core.files import CorruptFile, load_torch
+from tlselect.core.registry import RegistryError, read_record, write_record
+from tlselect.training.fusion import FusedStagedNet, FusionError
+from tlselect.training.loop import autocast, evaluate, lr_at, prepare_input
+from tlselect.training.options import TrainConfig, TrainingError, check_settings
+from tlselect.training.trainer import PreparedRun, ResumeFiles, finish, fit, prepare, record_epoch, train
+
+# What runs fused together share: the network's shape, the steps, the data, the device and plan.
+SHAPE = ("backbone", "resolution", "freeze", "batch_size", "epochs", "data", "partition", "device", "precision",
+         "channels_last", "threads")  # fmt: skip
+
+
+def fusible(config: TrainConfig) -> bool:
+    """Whether a run can train fused at all: an image model on in-memory batches, uncompiled,
+    without a cached prefix (those train one after another)."""
+    return config.kind != "probe" and config.data_path == "memory" and not config.cache_features and not config.compile
+
+
+def fusion_key(run: PreparedRun) -> tuple | None:
+    """Runs with the same key train fused; None: the run trains alone."""
+    config = run.state.config
+    if not fusible(config):
+        return None
+    return (*(getattr(config, name) for name in SHAPE), run.first_epoch, run.state.images)
+
+
+def train_group(configs: list[TrainConfig], log=print, fuse: bool = True) -> list[dict]:
+    """Train every run of ``configs`` in this process (``fuse``: runs of one shape fused) and write
+    each one's checkpoint and record; returns the records in the order of ``configs``."""
+    for config in configs:
+        check_settings(config)
+    outs = [config.out for config in configs]
+    if len(set(outs)) < len(outs):
+        raise TrainingError("two runs of the group write the same checkpoint; give each run its own --out")
+    records = {config.out: done for config in configs if (done := finished_record(config, log))}
+    todo = [config for config in configs if config.out not in records]
+    prepared = []
+    for config in todo:
+        if fuse and fusible(config):
+            run = prepare(config, log)
+            run.state.rng = torch.Generator()  # its dropout's draws, from where the global generator stands
+            run.state.rng.set_state(torch.get_rng_state())
+            prepared.append(run)
+    sets: dict[tuple, list[PreparedRun]] = {}
+    for index, run in enumerate(prepared):
+        sets.setdefault(fusion_key(run) or ("alone", index), []).append(run)
+    for runs in sets.values():
+        for record in fit_fused(runs, log) if len(runs) > 1 else [fit_alone(runs[0], log)]:
+            records[record["config"]["out"]] = record
+    for config in todo:
+        if config.out not in records:
+            records[config.out] = write(config, train(config, log))
+    return [records[config.out] for config in configs]
+
+
+def finished_record(config: TrainConfig, log) -> dict | None:
+    """The record of a run of the group that already finished (its checkpoint and record written), or None."""
+    if not (config.record and Path(config.record).is_file() and Path(config.out).is_file()):
+        return None
+    try:
+        record, checkpoint = read_record(config.record), load_torch(config.out)
+    except (CorruptFile, RegistryError):  # retrained
+        return None
+    if record["run_id"] != config.run_id or checkpoint.get("run_id") != config.run_id:
+        return None
+    log(f"[{config.run_id}] already trained: {config.out}")
+    return record
+
+
+def write(config: TrainConfig, record: dict) -> dict:
+    if config.record:
+        write_record(config.record, record)
+    return record
+
+
+def fit_alone(run: PreparedRun, log) -> dict:
+    """A prepared run with a shape of its own: the trainer's epochs, then its files."""
+    status = fit(run.state, run.forward, run.batches, run.first_epoch, run.scaler, run.device, log)
+    return write(run.state.config, finish(run, status, log))
+
+
+def fit_fused(runs: list[PreparedRun], log) -> list[dict]:
+    """Train runs of one shape fused, validating each after every epoch, with resume files; a
+    diverged run is finished at once and the rest fused again without it. Their records."""
+    try:
+        fused = FusedStagedNet([run.state.model for run in runs], [run.state.rng for run in runs])
+    except FusionError as error:
+        log(f"training {len(runs)} runs one after another: {error}")
+        return [fit_alone(run, log) for run in runs]
+    names = [run.state.config.run_id for run in runs]
+    log(f"fused {len(runs)} runs: {', '.join(names)}")
+    records, active = [], list(runs)
+    first, config = runs[0], runs[0].state.config
+    steps_per_epoch = max(1, first.state.images // config.batch_size)
+    resume_files = ResumeFiles()
+    for epoch in range(first.first_epoch, config.epochs):
+        epoch_start = time.perf_counter()
+        results = fused_epoch(fused, active, epoch, steps_per_epoch)
+        share = (time.perf_counter() - epoch_start) / len(active)
+        survivors = []
+        for run, result in zip(active, results, strict=True):
+            t0 = time.perf_counter()
+            model, own = run.state.model, run.state.config
+            val_acc, val_loss, _ = evaluate(model, run.forward, run.batches("val"), own, run.device)
+            seconds = (share, time.perf_counter() - t0)
+            if record_epoch(run.state, epoch, result, (val_acc, val_loss), seconds, log):
+                survivors.append(run)
+            else:
+                records.append(finish_fused(run, "diverged", names, log))
+        if not survivors:
+            return records
+        if len(survivors) < len(active):
+            active = survivors
+            fused = FusedStagedNet([run.state.model for run in active], [run.state.rng for run in active])
+        resume_files.after_epoch([run.state for run in active], epoch, time.perf_counter() - epoch_start)
+    return records + [finish_fused(run, "completed", names, log) for run in active]
+
+
+def finish_fused(run: PreparedRun, status: str, names: list[str], log) -> dict:
+    record = finish(run, status, log)
+    record["fused_with"] = [name for name in names if name != run.state.config.run_id]
+    return write(run.state.config, record)
+
+
+def fused_epoch(fused: FusedStagedNet, runs: list[PreparedRun], epoch: int, steps_per_epoch: int) -> list[tuple]:
+    """One epoch of fused optimizer steps, each run on its own batches with its own loss, learning
+    rate and optimizer; per run (mean training loss, training accuracy, images), as ``fit_epoch``'s."""
+    config, device = runs[0].state.config, runs[0].device
+    fused.train()
+    loss_sums, corrects, seen = [0.0] * len(runs), [0] * len(runs), 0
+    streams = [run.batches("train", shuffled=True) for run in runs]
+    for step, batches in enumerate(zip(*streams, strict=True)):
+        x = prepare_input(torch.cat([x for x, _ in batches], 1).to(device, non_blocking=True), config)
+        labels = [y.to(device, non_blocking=True) for _, y in batches]
+        for run in runs:
+            for group in run.state.optimizer.param_groups:
+                group["lr"] = lr_at(run.state.config, epoch * steps_per_epoch + step, steps_per_epoch)
+        with autocast(config, device):
+            logits = fused.split(fused(x))
+        losses = [
+            nn.functional.cross_entropy(logits[:, b].float(), y, label_smoothing=run.state.config.label_smoothing)
+            for b, (run, y) in enumerate(zip(runs, labels, strict=True))
+        ]
+        for run in runs:
+            run.state.optimizer.zero_grad(set_to_none=True)
+        # one backward for all: each run's loss reaches only its own weights
+        sum(run.scaler.scale(loss) for run, loss in zip(runs, losses, strict=True)).backward()
+        for b, run in enumerate(runs):
+            run.scaler.step(run.state.optimizer)
+            run.scaler.update()
+            loss_sums[b] += losses[b].detach() * len(labels[b])
+            corrects[b] += (logits[:, b].detach().argmax(1) == labels[b]).sum()
+        seen += len(labels[0])
+    return [(float(loss) / seen, int(correct) / seen, seen) for loss, correct in zip(loss_sums, corrects, strict=True)]
