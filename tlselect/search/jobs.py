@@ -273,7 +273,7 @@ def run_shift(
     seed: int = 0,
     resolution: int = 32,
     neighbors: int = 5,
-    grid: list[str] = (),
+    grid: list[str] | None = None,
     seeds: int = 1,
 ) -> shift.Result:
     """SHiFT's successive halving over data on ``arms`` (``(backbone, init, weights file or "")``),
@@ -306,7 +306,7 @@ def run_shift(
     results = [result] + [halving(s) for s in range(seed + 1, seed + seeds)]
     write_csv(pd.DataFrame(result.rows), out)
     full = len(embedders) * (len(train_x) + len(val_x))
-    against = finetune_tau(results, arms, [read_record(path) for path in grid])
+    against = finetune_tau(results, arms, [read_record(path) for path in grid or []])
     write_json(
         summary,
         {
