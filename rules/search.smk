@@ -252,6 +252,7 @@ rule search_proxies:
 # SHiFT's successive halving over data: each round reads one more chunk of training images per
 # surviving model; features come from the content-keyed store under results/cache/features, so a
 # grown data set extracts only its new images (tlselect.search.shift, tlselect.training.store).
+# Repeated over search.shift.seeds orders of the images, against the grid's fine-tuned accuracy.
 rule search_shift:
     input:
         unpack(shift_inputs),
@@ -275,12 +276,13 @@ rule search_shift:
         store=FEATURE_STORE,
         settings=(
             f"--eta {config['search']['shift']['eta']} --proxy {config['search']['shift']['proxy']} "
-            f"--seed {config['seed']} --resolution {config['resolution']} "
+            f"--seed {config['seed']} --seeds {config['search']['shift']['seeds']} "
+            f"--resolution {config['resolution']} "
             f"--neighbors {config['search']['neighbors']}"
         ),
     shell:
         "python {params.script} shift --data {params.data} --arms {params.arms} "
-        "--store {params.store} {params.settings} --out {output.table} "
+        "--store {params.store} --grid {input.grid} {params.settings} --out {output.table} "
         "--summary {output.summary} 2>&1 | tee {log}"
 
 

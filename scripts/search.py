@@ -83,7 +83,7 @@ def shift(args) -> int:
     arms = [tuple(arm.split(",", 2)) for arm in args.arms]
     result = jobs.run_shift(
         args.data, arms, args.store, args.out, args.summary, args.eta, args.proxy, args.seed, args.resolution,
-        args.neighbors,
+        args.neighbors, args.grid, args.seeds,
     )  # fmt: skip
     print(f"SHiFT successive halving over data: {result.winner}", flush=True)
     return 0
@@ -156,12 +156,14 @@ def main(argv=None) -> int:
     p.add_argument("--arms", nargs="+", required=True, help="backbone,init,weights-file-or-empty per model")
     p.add_argument("--store", required=True, help="the content-keyed feature store's folder")
     p.add_argument("--out", required=True, help="shift.csv")
-    p.add_argument("--summary", required=True, help="the winner and the images computed (JSON)")
+    p.add_argument("--summary", required=True, help="the winner, the images computed, each seed's winner, tau (JSON)")
     p.add_argument("--eta", type=int, default=2)
     p.add_argument("--proxy", choices=("knn", "linear"), default="knn")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--neighbors", type=int, default=5)
+    p.add_argument("--grid", nargs="*", default=[], help="grid records (fine-tuned validation accuracy)")
+    p.add_argument("--seeds", type=int, default=1, help="orders of the training images: --seed, --seed + 1, ...")
     p.set_defaults(run=shift)
 
     p = commands.add_parser("compare", help="search.csv: one row per method")

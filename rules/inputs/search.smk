@@ -157,6 +157,7 @@ def shift_arms():
 def shift_inputs(wildcards):
     return {
         "weights": sorted({w for _, _, w in shift_arms() if w}),
+        "grid": [record for record, _ in grid_jobs()],
         **subset_files(splits=["train", "val"]),
     }
 

@@ -39,6 +39,7 @@ def test_schema_fills_defaults():
         (lambda c: c.update(device="tpu"), "device"),
         (lambda c: c["train"].update(optimizer="lbfgs"), "optimizer"),
         (lambda c: c["policies"][1].update(name="has space"), "name"),
+        (lambda c: c.update(search={"shift": {"seeds": 0}}), "seeds"),
     ],
 )
 def test_schema_rejects_bad_values_naming_the_key(change, key):

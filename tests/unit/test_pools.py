@@ -152,6 +152,31 @@ def test_weighted_tau_interval_over_seeds():
     assert shift.tau_interval(results, {"zzz": 0.1})["tau"] is None
 
 
+def grid_record(backbone, init, lr, val):
+    """A grid run's record with what :func:`jobs.best_finetuned` reads."""
+    config = {"backbone": backbone, "init": init, "freeze": "none", "lr": lr}
+    return {"name": f"{backbone}-{init}-{lr}", "status": "completed", "config": config,
+            "metrics": {"val_accuracy": val, "test_accuracy": 1 - val}}  # fmt: skip
+
+
+def test_shifts_ranking_is_compared_with_the_best_fine_tuned_run_of_each_arm():
+    arms = [("a", "scratch", ""), ("b", "scratch", ""), ("c", "source", "")]
+    reached = (("a/scratch", 0, 0.2), ("b/scratch", 0, 0.5), ("c/source", 1, 0.1))  # c: the later round ranks first
+    ranked = shift.Result("c", [{"model": m, "round": r, "images": 1, "score": s} for m, r, s in reached])
+    # the best run of each arm by validation accuracy: a 0.3, b 0.5, c 0.9; the worse ones must not count
+    agree = [grid_record(b, i, lr, v) for b, i, lr, v in
+             (("a", "scratch", 0.1, 0.3), ("a", "scratch", 0.2, 0.1), ("b", "scratch", 0.1, 0.05),
+              ("b", "scratch", 0.2, 0.5), ("c", "source", 0.1, 0.9), ("c", "source", 0.2, 0.0))]  # fmt: skip
+    against = jobs.finetune_tau([ranked] * 3, arms, agree)
+    assert against["finetuned"] == {"a/scratch": 0.3, "b/scratch": 0.5, "c/source": 0.9}
+    assert against["tau"]["tau"] == pytest.approx(1.0) and against["tau"]["seeds"] == 3
+    reverse = [grid_record(b, i, 0.1, v) for b, i, v in (("a", "scratch", 0.9), ("b", "scratch", 0.5),
+                                                          ("c", "source", 0.1))]  # fmt: skip
+    against = jobs.finetune_tau([ranked], arms, reverse)
+    assert against["tau"]["tau"] == pytest.approx(-1.0) and against["tau"]["high"] == pytest.approx(-1.0)
+    assert jobs.finetune_tau([ranked], arms, [])["tau"]["tau"] is None  # no grid: nothing to compare
+
+
 # ---------------------------------------------------------------------------------------------
 # Features keyed by image content
 
@@ -193,14 +218,17 @@ def test_run_shift_reads_chunks_and_counts_what_each_model_computed(tmp_path, te
     arms = [(name, "scratch", "") for name in ("resnet10t", "mobilenetv3_small_050", "regnetx_002")]
     for name, _, _ in arms:
         backbones._RESOLVED[name] = discovered(name)
-    result = jobs.run_shift(tensor_data, arms, tmp_path / "store", tmp_path / "shift.csv", tmp_path / "s.json")
+    result = jobs.run_shift(tensor_data, arms, tmp_path / "store", tmp_path / "shift.csv", tmp_path / "s.json",
+                            seeds=2)  # fmt: skip
     summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["seeds"][0] == {"seed": 0, "winner": result.winner} and summary["seeds"][1]["seed"] == 1
     rounds = shift.schedule(3, 2)
     chunk = shift.chunk_size(96, rounds)
     assert summary["winner"] == result.winner and summary["full_proxy_images"] == 3 * (96 + 32)
     computed = sorted(summary["computed"].values())
     assert computed[0] == rounds[0].chunks * chunk + 32 < 96 + 32  # dropped after round 0, val read once
     assert computed[-1] == 96 + 32
+    assert max(summary["computed_all_seeds"].values()) == 96 + 32  # the second order reuses the store
     table = pd.read_csv(tmp_path / "shift.csv")  # what the report shows
     assert answer.shift_rounds(table)["model"].iloc[0] == result.winner
     assert f"picks **{result.winner}** from 3 models after 2 rounds" in answer.shift_sentence(table)

@@ -32,7 +32,7 @@ def search_study(tmp_path_factory, tiny_archive):
                 "inits": ["pretrained", "scratch"], "freezes": ["none"], "lrs": [0.05], "random_samples": 2,
                 "rounds": 2, "q": 2, "distributions": {"batch_sizes": [8]},
                 "eta": 2, "min_epochs": 1, "max_epochs": 2, "brackets": 2,
-                "replay": {"seeds": 3, "q": 2, "startup": 2}},
+                "replay": {"seeds": 3, "q": 2, "startup": 2}, "shift": {"seeds": 3}},
     )  # fmt: skip
     write_study(workdir, tiny)
     snakemake(workdir)
@@ -81,6 +81,15 @@ def test_search_compares_every_method(search_study):
     summary = json.loads((search_study / "results/search/shift/summary.json").read_text())
     assert "Successive halving over data picks" in outputs and summary["winner"] in outputs
     assert min(summary["computed"].values()) < summary["full_proxy_images"] / 4  # dropped early
+    # against fine-tuning: each arm's best grid run, as in proxies.csv, over search.shift.seeds orders
+    finetuned = {f"{b}/{i}": v for b, i, v in zip(proxies["backbone"], proxies["init"],
+                                                  proxies["finetune_val_accuracy"], strict=True)}  # fmt: skip
+    assert summary["finetune_val_accuracy"] == pytest.approx(finetuned)
+    seed = merged(default_config(validated=False), yaml.safe_load((search_study / "tiny.yaml").read_text()))["seed"]
+    assert [s["seed"] for s in summary["seeds"]] == [seed, seed + 1, seed + 2]  # search.shift.seeds: 3
+    assert summary["seeds"][0]["winner"] == summary["winner"]
+    tau = summary["finetune_tau"]
+    assert tau["seeds"] == 0 if tau["tau"] is None else -1 <= tau["low"] <= tau["tau"] <= tau["high"] <= 1
 
 
 def test_random_search_and_every_round_train_what_was_drawn_or_suggested(search_study):

@@ -162,6 +162,14 @@ def trial(
     return result
 
 
+def best_finetuned(records: list[dict]) -> dict[tuple[str, str], dict]:
+    """The best of the grid's ``records`` (by :func:`rank`) of each backbone and init label."""
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        runs.setdefault((record["config"]["backbone"], init_label(record["config"]["init"])), []).append(record)
+    return {key: rank(group)[0] for key, group in runs.items()}
+
+
 def proxy_tables(
     features: list[str], data: str | Path, grid: list[str], pool: int = 1, neighbors: int = 5
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -175,14 +183,13 @@ def proxy_tables(
     from tlselect.data.tensors import load_split  # torch: only for this step
     from tlselect.training.features import load_features
 
-    records = [read_record(path) for path in grid]
+    finetuned = best_finetuned([read_record(path) for path in grid])
     labels = {split: load_split(Path(data) / f"{split}.pt")[1].numpy() for split in ("train", "val")}
     rows = []
     for folder in map(Path, features):
         layer, init, backbone = folder.parts[-1], folder.parts[-2], folder.parts[-3]
         x = {split: load_features(folder / f"{split}.npy", pool).flatten(1).numpy() for split in labels}
-        runs = [r for r in records if r["config"]["backbone"] == backbone and init_label(r["config"]["init"]) == init]
-        best = rank(runs)[0] if runs else None
+        best = finetuned.get((backbone, init))
         rows.append(
             {
                 "backbone": backbone,
@@ -242,6 +249,19 @@ def arm_name(backbone: str, init: str) -> str:
     return f"{backbone}/{init_label(init)}"
 
 
+def finetune_tau(results: list[shift.Result], arms: list[tuple[str, str, str]], records: list[dict]) -> dict:
+    """Each arm's fine-tuned validation accuracy (the best of the grid's ``records`` of its backbone and
+    init, as in :func:`proxy_tables`) and the weighted Kendall tau of successive halving's rankings
+    against it, its mean and interval over the seeds' ``results`` (:func:`shift.tau_interval`)."""
+    best = best_finetuned(records)
+    finetuned = {
+        arm_name(b, i): best[(b, init_label(i))]["metrics"]["val_accuracy"]
+        for b, i, _ in arms
+        if (b, init_label(i)) in best
+    }
+    return {"finetuned": finetuned, "tau": shift.tau_interval(results, finetuned)}
+
+
 def run_shift(
     data: str | Path,
     arms: list[tuple[str, str, str]],
@@ -253,11 +273,16 @@ def run_shift(
     seed: int = 0,
     resolution: int = 32,
     neighbors: int = 5,
+    grid: list[str] | None = None,
+    seeds: int = 1,
 ) -> shift.Result:
-    """SHiFT's successive halving over data on ``arms`` (``(backbone, init, weights file or "")``):
-    ``out`` (shift.csv) has a row per arm and round (images read, score), ``summary`` (JSON) the
-    winner and the images each arm ran through its model against the full proxy's count. Features
-    come from the content-keyed ``store`` (:mod:`tlselect.training.store`), chunk by chunk."""
+    """SHiFT's successive halving over data on ``arms`` (``(backbone, init, weights file or "")``),
+    with the training images in ``seeds`` orders (``seed``, ``seed + 1``, ...; the models' own seed
+    stays ``seed``): ``out`` (shift.csv) has a row per arm and round of the first (images read,
+    score), ``summary`` (JSON) its winner and the images each arm ran through its model against the
+    full proxy's count, each seed's winner, and :func:`finetune_tau` against the ``grid`` records.
+    Features come from the content-keyed ``store`` (:mod:`tlselect.training.store`), chunk by chunk,
+    so the later seeds compute only the images the earlier ones had not read. Returns the first."""
     from tlselect.data.tensors import load_split  # torch: only for this step
     from tlselect.training.store import Embedder, image_hashes
 
@@ -271,11 +296,17 @@ def run_shift(
     def validation(arm):
         return embedders[arm](val_x, hashes["val"]), val_y.numpy()
 
-    result = shift.successive_halving(
-        list(embedders), train_y.numpy(), features, validation, eta, proxy, seed, neighbors
-    )
+    def halving(order_seed):
+        return shift.successive_halving(
+            list(embedders), train_y.numpy(), features, validation, eta, proxy, order_seed, neighbors
+        )
+
+    result = halving(seed)
+    computed = {arm: e.computed for arm, e in embedders.items()}
+    results = [result] + [halving(s) for s in range(seed + 1, seed + seeds)]
     write_csv(pd.DataFrame(result.rows), out)
     full = len(embedders) * (len(train_x) + len(val_x))
+    against = finetune_tau(results, arms, [read_record(path) for path in grid or []])
     write_json(
         summary,
         {
@@ -284,8 +315,12 @@ def run_shift(
             "eta": eta,
             "rounds": [vars(r) for r in shift.schedule(len(embedders), eta)],
             "chunk": shift.chunk_size(len(train_x), shift.schedule(len(embedders), eta)),
-            "computed": {arm: e.computed for arm, e in embedders.items()},
+            "computed": computed,
+            "computed_all_seeds": {arm: e.computed for arm, e in embedders.items()},
             "full_proxy_images": full,
+            "seeds": [{"seed": seed + k, "winner": r.winner} for k, r in enumerate(results)],
+            "finetune_val_accuracy": against["finetuned"],
+            "finetune_tau": against["tau"],
         },
     )
     return result
