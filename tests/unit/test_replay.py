@@ -16,7 +16,8 @@ from tlselect.search import brackets, replay
 sys.path.insert(0, str(REPO / "scripts"))
 import replay as replay_cli  # noqa: E402
 
-SEARCH = {"eta": 3, "min_epochs": 1, "max_epochs": 9, "brackets": 3, "q": 3, "startup": 4, "delta": 0.1}
+SEARCH = {"eta": 3, "min_epochs": 1, "max_epochs": 9, "brackets": 3, "q": 3, "startup": 4, "delta": 0.1, "workers": 3,
+          "rho": 1 / 3}  # fmt: skip
 
 
 def synthetic_records(config, seed=0, epochs=9):
@@ -66,11 +67,11 @@ def test_every_method_is_seeded_and_within_the_grid_budget(config, method):
     first, again = replay.run(method, rows, settings, 3), replay.run(method, rows, settings, 3)
     assert first.trace == again.trace
     grid_epochs = sum(len(r.val) for r in rows.values())
-    if method == "hb":
+    if method in ("hb", "bohb"):
         assert first.epochs >= grid_epochs and first.trace[0][0] < first.trace[-1][0]
     else:
         assert first.epochs <= grid_epochs
-    if method in ("random", "tpe", "gp_ucb", "cost_gp_ucb"):  # they end having trained every grid point
+    if method in ("grid", "random", "tpe", "gp_ucb", "cost_gp_ucb"):  # they end having trained every grid point
         assert first.epochs == grid_epochs and len(first.trace) == len(rows)
         chosen = rows[first.trace[-1][2]]
         assert chosen.val[-1] == max(r.val[-1] for r in rows.values())
@@ -118,10 +119,10 @@ def test_the_script_writes_the_table_and_the_figure(config, tmp_path):
     assert replay_cli.main([*args, "--seeds", "5", "--q", "3", "--out", str(out), "--figure", str(figure)]) == 0
     table = pd.read_csv(out)
     assert len(table) == len(replay.METHODS) * 2 * 4 and set(table["method"]) == set(replay.METHODS)
-    full = table[(table["share"] == 1.0) & (table["method"] != "hb")]
+    full = table[(table["share"] == 1.0) & ~table["method"].isin(["hb", "bohb"])]
     best_by_val = max(synthetic_records(config), key=lambda r: r["metrics"]["val_accuracy"])
     best_test = max(r["metrics"]["test_accuracy"] for r in synthetic_records(config))
     random_regret = 100 * (best_test - best_by_val["metrics"]["test_accuracy"])
-    rows = full[full["method"].isin(["random", "tpe", "gp_ucb", "cost_gp_ucb"])]
+    rows = full[full["method"].isin(["grid", "random", "tpe", "gp_ucb", "cost_gp_ucb"])]
     assert rows["regret_points"].to_numpy() == pytest.approx(random_regret) and (rows["seeds"] == 5).all()
     assert (table["ci95_low"] <= table["regret_points"]).all() and figure.read_bytes()[:4] == b"\x89PNG"
