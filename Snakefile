@@ -30,5 +30,6 @@ rule all:
         expand("results/figures/{figure}.png", figure=FIGURES),
         expand("results/report/{report}.html", report=REPORTS),
         SEARCH_OUTPUTS.values(),
+        BENCHMARK_OUTPUTS.values(),
         MOP_OUTPUTS,
         corrupt_files,

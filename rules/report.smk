@@ -121,6 +121,8 @@ rule notebook:
                 "proxies",
                 "proxy_tau",
                 "replay",
+                "replay_benchmark",
+                "replay_benchmark_goals",
             )
         ),
     # The HTML shows no code (--no-input) and no parameter or setup cell: the .ipynb keeps them.

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     pool.add_argument("--pool", help="a pool table (benchmarks/pools/*.csv) instead of the grid's records")
     parser.add_argument("--eta", type=int, required=True)
     parser.add_argument("--min-epochs", type=int, required=True)
-    parser.add_argument("--max-epochs", type=int, required=True)
+    parser.add_argument("--max-epochs", type=int, help="the grid's epochs (default with --pool: the pool's)")
     parser.add_argument("--brackets", type=int, required=True, help="Hyperband brackets")
     parser.add_argument("--seeds", type=int, default=100)
     parser.add_argument("--q", type=int, default=4, help="TPE trials per round")
@@ -39,14 +39,18 @@ def main(argv=None) -> int:
     parser.add_argument("--figure", required=True, help="the anytime figure (PNG)")
     parser.add_argument("--goals", help="also write the goals table here (tlselect.search.replay.goals)")
     args = parser.parse_args(argv)
+    if args.max_epochs is None and not args.pool:
+        parser.error("--max-epochs is required with --grid")
     keys = ("eta", "min_epochs", "max_epochs", "brackets", "q", "startup", "delta", "workers", "rho")
-    settings = {k: getattr(args, k) for k in keys}
     rows = replay.read_pool(args.pool) if args.pool else replay.table([read_record(path) for path in args.grid])
+    if args.max_epochs is None:
+        args.max_epochs = max(len(row.val) for row in rows.values())
+    settings = {k: getattr(args, k) for k in keys}
     curve, table = replay.anytime(rows, settings, args.seeds)
     write_csv(table, args.out)
     if args.goals:
         write_csv(replay.goals(curve), args.goals)
-    draw_replay(curve, Path(args.figure))
+    draw_replay(curve, Path(args.figure), f"the pool {Path(args.pool).name}" if args.pool else "the grid's records")
     print(table.to_string(index=False))
     return 0
 

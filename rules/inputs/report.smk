@@ -52,4 +52,4 @@ def notebook_inputs(wildcards):
     }
     if full and SPEEDUPS:
         inputs["optimizations"] = OPTIMIZATIONS
-    return inputs | (SEARCH_OUTPUTS if full else {})
+    return inputs | ((SEARCH_OUTPUTS | BENCHMARK_OUTPUTS) if full else {})

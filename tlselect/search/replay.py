@@ -121,6 +121,7 @@ class Replay:
         self.epochs, self.seconds = 0, 0.0
         self.level, self.best = 0, None  # the incumbent: best record at the most epochs so far
         self.trace = []  # (epochs, seconds, incumbent name) after every job
+        self.results = []  # (candidate, epochs) of every job, in the order its result came
 
     def charge(self, name: str, epochs: int, start: int = 0) -> None:
         """Pay for training ``name`` from ``start`` (a checkpoint) to ``epochs``."""
@@ -139,6 +140,7 @@ class Replay:
         elif epochs == self.level:
             self.best = rank([self.best, record])[0]
         self.trace.append((self.epochs, self.seconds, self.best["name"]))
+        self.results.append((name, epochs))
         return record
 
     def train(self, name: str, epochs: int, start: int = 0) -> dict:
