@@ -348,7 +348,7 @@ rule replay_benchmark:
         "results/logs/search/replay_benchmark.log",
     conda:
         "../envs/torch.yaml"
-    threads: 1
+    threads: config["threads"]
     resources:
         mem_mb=memory_mb(2000),
         runtime=120,
@@ -366,5 +366,5 @@ rule replay_benchmark:
         )
         + f" --delta {config['search']['delta']}",
     shell:
-        "python {params.script} --pool {input} {params.settings} --out {output.table} "
+        "python {params.script} --pool {input} {params.settings} --processes {threads} --out {output.table} "
         "--goals {output.goals} --figure {output.figure} 2>&1 | tee {log}"

@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("--delta", type=float, default=0.1, help="GP-UCB's beta_t confidence")
     parser.add_argument("--workers", type=int, default=4, help="ASHA's simulated workers")
     parser.add_argument("--rho", type=float, default=1 / 3, help="BOHB's share of random configurations")
+    parser.add_argument("--processes", type=int, default=1, help="processes the seeds' replays spread over")
     parser.add_argument("--out", required=True, help="replay.csv")
     parser.add_argument("--figure", required=True, help="the anytime figure (PNG)")
     parser.add_argument("--goals", help="also write the goals table here (tlselect.search.replay.goals)")
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     if args.max_epochs is None:
         args.max_epochs = max(len(row.val) for row in rows.values())
     settings = {k: getattr(args, k) for k in keys}
-    curve, table = replay.anytime(rows, settings, args.seeds)
+    curve, table = replay.anytime(rows, settings, args.seeds, args.processes)
     write_csv(table, args.out)
     if args.goals:
         write_csv(replay.goals(curve), args.goals)

@@ -248,3 +248,10 @@ def test_every_method_replays_a_slice_of_the_shipped_pool():
     exhaustive = 100 * (max(r.test for r in part.values()) - chosen.test)
     final = curve[(curve["share"] == 1.0) & curve["method"].isin(["grid", "random", "tpe", "gp_ucb"])]
     assert final["regret_points"].to_numpy() == pytest.approx(exhaustive)
+
+
+def test_the_seeds_spread_over_processes_give_the_same_curves():
+    rng = np.random.RandomState(1)
+    rows = hand_pool({f"c{i}": list(rng.rand(9)) for i in range(9)})
+    one, two = (replay.curves(rows, SEARCH, 4, (0.2, 1.0), ("random", "asha"), processes=p) for p in (1, 2))
+    pd.testing.assert_frame_equal(one, two)

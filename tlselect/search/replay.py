@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import multiprocessing
 from dataclasses import dataclass
 
 import numpy as np
@@ -321,8 +322,18 @@ def summarize(values: np.ndarray) -> tuple[float, float, float, int]:
     return mean, mean - half, mean + half, len(values)
 
 
-def curves(rows: dict[str, Candidate], settings: dict, seeds: int, shares, methods=METHODS) -> pd.DataFrame:
-    """Mean regret with its 95% interval per method, axis (epochs, seconds) and share of the grid's compute."""
+def _regrets_of_seed(job: tuple) -> list[list[float]]:
+    """:func:`regrets` on both axes of one replay: ``job`` is (method, rows, settings, seed, shares)."""
+    method, rows, settings, seed, shares = job
+    with threadpool_limits(1):  # the GP's solves are tiny: threads only add overhead
+        done = run(method, rows, settings, seed)
+    return [regrets(done, rows, shares, axis) for axis in ("epochs", "seconds")]
+
+
+def curves(rows: dict[str, Candidate], settings: dict, seeds: int, shares, methods=METHODS,
+           processes: int = 1) -> pd.DataFrame:  # fmt: skip
+    """Mean regret with its 95% interval per method, axis (epochs, seconds) and share of the grid's
+    compute; the seeds' replays spread over ``processes`` (the same numbers for any count)."""
     if not rows:
         raise RegistryError("the replay needs the grid's records; none were given")
     short = sorted(name for name, row in rows.items() if len(row.val) < settings["max_epochs"])
@@ -331,12 +342,16 @@ def curves(rows: dict[str, Candidate], settings: dict, seeds: int, shares, metho
             f"{len(short)} candidates (first {short[0]}) have fewer than max_epochs = {settings['max_epochs']} "
             "epochs recorded; set max_epochs to the epochs the pool was trained for"
         )
+    jobs = [(method, rows, settings, seed, shares) for method in methods for seed in range(seeds)]
+    if processes > 1:
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            results = pool.map(_regrets_of_seed, jobs, chunksize=max(1, seeds // (4 * processes)))
+    else:
+        results = [_regrets_of_seed(job) for job in jobs]
     out = []
-    for method in methods:
-        with threadpool_limits(1):  # the GP's solves are tiny: threads only add overhead
-            replays = [run(method, rows, settings, seed) for seed in range(seeds)]
-        for axis in ("epochs", "seconds"):
-            matrix = np.array([regrets(r, rows, shares, axis) for r in replays])
+    for m, method in enumerate(methods):
+        for a, axis in enumerate(("epochs", "seconds")):
+            matrix = np.array([result[a] for result in results[m * seeds : (m + 1) * seeds]])
             for j, share in enumerate(shares):
                 mean, low, high, n = summarize(matrix[:, j])
                 out.append({"method": method, "axis": axis, "share": share, "regret_points": mean,
@@ -344,13 +359,15 @@ def curves(rows: dict[str, Candidate], settings: dict, seeds: int, shares, metho
     return pd.DataFrame(out)
 
 
-def anytime(rows: dict[str, Candidate], settings: dict, seeds: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def anytime(
+    rows: dict[str, Candidate], settings: dict, seeds: int, processes: int = 1
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every method replayed on the pool ``rows`` (:func:`table` of the grid's records, or
     :func:`read_pool`) for ``seeds`` seeds: its anytime :func:`curves` (41 shares of the grid's
     compute from 1/100 to 1, plus :data:`SHARES`, for the figure and :func:`goals`) and
     ``replay.csv``'s rows (the curves at :data:`SHARES`). ``settings``: as :func:`run` takes them."""
     shares = sorted({*np.geomspace(1 / 100, 1, 41), *SHARES})
-    curve = curves(rows, settings, seeds, shares)
+    curve = curves(rows, settings, seeds, shares, processes=processes)
     return curve, curve[curve["share"].isin(SHARES)]
 
 
