@@ -300,8 +300,13 @@ def goals_sentence(goals: pd.DataFrame) -> str:
     c = goals[goals["goal"] == "c"]
     if len(c):
         c = c.iloc[0]
-        reached = "never" if pd.isna(c.share) else f"at {c.share:.3f} of the grid's seconds"
-        parts.append(f"Cost-aware GP-UCB reaches plain GP-UCB's final regret {reached} ({c.reference}).")
+        if pd.isna(c.share):
+            parts.append(f"Cost-aware GP-UCB never reaches plain GP-UCB's final regret ({c.reference}).")
+        else:
+            parts.append(
+                f"Cost-aware GP-UCB reaches plain GP-UCB's final regret at {c.share:.3f} of the grid's seconds "
+                f"({c.reference}): {'half or less' if c.met else 'more than half'} of plain GP-UCB's."
+            )
     return " ".join(parts)
 
 

@@ -211,7 +211,7 @@ def _asha(replay: Replay, names: list[str], settings: dict, rng: np.random.Rando
 def _bohb_draw(space: Space, pool: list[str], rows: dict[str, Candidate], observed: dict[int, list], n: int,
                settings: dict, rng: np.random.RandomState, seed: int) -> list[str]:  # fmt: skip
     """``n`` distinct candidates for a BOHB bracket (Falkner et al. 2018, "BOHB: Robust and Efficient
-    Hyperparameter Optimization at Scale", Section 3.1 and Algorithm 2): a fraction ``rho`` at
+    Hyperparameter Optimization at Scale", Section 4 and Algorithm 2): a fraction ``rho`` at
     random; the rest from TPE (:func:`tlselect.search.strategies.tpe_suggest`; Optuna's independent
     TPE stands in for BOHB's multivariate KDE) fitted on the validation accuracies ``observed`` at
     the largest number of epochs with at least N_min + 2 of them (N_min = d + 1, d the pool's
