@@ -108,10 +108,13 @@ def candidate_name(backbone, init, depth, lr, weight_decay) -> str:
     return f"{backbone}-{init}-{depth}-lr{lr:g}-wd{weight_decay:g}"
 
 
-def train_candidate(job: dict) -> dict:
-    """Train one candidate (``job``: its parameters and the work folder); its row as a dict."""
+def train_candidate(job: dict) -> dict | None:
+    """Train one candidate (``job``: its parameters and the work folder); its row as a dict (None when
+    another run of this harness on the same work folder has finished it meanwhile)."""
     torch.set_num_threads(1)
     work, p = Path(job["work"]), job["params"]
+    if (work / "candidates" / f"{job['name']}.json").exists():
+        return None
     arm = f"{p['backbone']}-{p['init']}-{p['freeze']}"
     splits = load_torch(work / "arms" / f"{arm}.pt")
     torch.manual_seed(job["seed"])
@@ -146,7 +149,7 @@ def main(argv=None) -> int:
         "--work", type=Path, required=True, help="folder for the data, source models and finished candidates"
     )
     parser.add_argument("--classes", nargs="+", default=["deer", "horse"], help="the target task's classes")
-    parser.add_argument("--train-per-class", type=int, default=100)
+    parser.add_argument("--train-per-class", type=int, default=50)
     parser.add_argument("--val-per-class", type=int, default=500)
     parser.add_argument("--test-per-class", type=int, default=500, help="of the test split's 1,000")
     parser.add_argument(
@@ -159,9 +162,14 @@ def main(argv=None) -> int:
     parser.add_argument("--lrs", nargs="+", type=float, default=[0.002, 0.005, 0.01, 0.02, 0.05, 0.1])
     parser.add_argument("--weight-decays", nargs="+", type=float, default=[1e-5, 1e-3, 3e-2])
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=4, help="the grid's epochs (max_epochs of the replay)")
+    parser.add_argument("--epochs", type=int, default=3, help="the grid's epochs (max_epochs of the replay)")
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--reverse",
+        action="store_true",
+        help="train the most expensive candidates first (a second run on the same --work meets the first halfway)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     began = time.time()
@@ -209,13 +217,21 @@ def main(argv=None) -> int:
                              "epochs": args.epochs, "seed": args.seed})  # fmt: skip
     done_dir = args.work / "candidates"
     todo = [j for j in jobs if not (done_dir / f"{j['name']}.json").exists()]
-    todo.sort(key=lambda j: (j["params"]["freeze"] == "none", j["params"]["backbone"] == "resnet18"))
+    todo.sort(
+        key=lambda j: (j["params"]["freeze"] == "none", j["params"]["backbone"] == "resnet18"), reverse=args.reverse
+    )
     print(f"{len(jobs)} candidates, {len(todo)} to train", flush=True)
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         for i, row in enumerate(pool.imap_unordered(train_candidate, todo), 1):
+            if row is None:
+                continue
             write_json(done_dir / f"{row['name']}.json", row)
             print(f"[{i}/{len(todo)}] {row['name']}: val {row['val'][-1]} test {row['test']} "
                   f"{sum(row['seconds']):.1f} CPU s ({time.time() - began:.0f} s since start)", flush=True)  # fmt: skip
+    missing = [j["name"] for j in jobs if not (done_dir / f"{j['name']}.json").exists()]
+    if missing:
+        print(f"{len(missing)} candidates are still training in another run; it writes {args.out}", flush=True)
+        return 0
     rows = {}
     for job in jobs:
         row = json.loads((done_dir / f"{job['name']}.json").read_text())

@@ -241,7 +241,7 @@ def test_every_method_replays_a_slice_of_the_shipped_pool():
     lrs, wds = (sorted({r.params[k] for r in rows.values()}) for k in ("lr", "weight_decay"))
     part = {n: r for n, r in rows.items() if r.params["lr"] in lrs[-2:] and r.params["weight_decay"] == wds[0]}
     top = len(next(iter(part.values())).val)
-    settings = {**SEARCH, "eta": 2, "max_epochs": top, "brackets": 2, "q": 2, "startup": 3}
+    settings = {**SEARCH, "eta": 3, "max_epochs": top, "brackets": 2, "q": 2, "startup": 3}
     curve = replay.curves(part, settings, seeds=3, shares=(0.5, 1.0))
     assert set(curve["method"]) == set(replay.METHODS) and (curve["regret_points"].dropna() >= 0).all()
     chosen = min(part.values(), key=lambda r: (-(r.val[-1] or 0.0), r.name))  # rank's order: ties by name
