@@ -245,7 +245,7 @@ def test_every_method_replays_a_slice_of_the_shipped_pool():
     curve = replay.curves(part, settings, seeds=3, shares=(0.5, 1.0))
     assert set(curve["method"]) == set(replay.METHODS) and (curve["regret_points"].dropna() >= 0).all()
     chosen = min(part.values(), key=lambda r: (-(r.val[-1] or 0.0), r.name))  # rank's order: ties by name
-    exhaustive = 100 * (max(r.test for r in part.values()) - chosen.test)
+    exhaustive = 100 * (max(r.test or 0.0 for r in part.values()) - (chosen.test or 0.0))
     final = curve[(curve["share"] == 1.0) & curve["method"].isin(["grid", "random", "tpe", "gp_ucb"])]
     assert final["regret_points"].to_numpy() == pytest.approx(exhaustive)
 
