@@ -255,3 +255,12 @@ def test_the_seeds_spread_over_processes_give_the_same_curves():
     rows = hand_pool({f"c{i}": list(rng.rand(9)) for i in range(9)})
     one, two = (replay.curves(rows, SEARCH, 4, (0.2, 1.0), ("random", "asha"), processes=p) for p in (1, 2))
     pd.testing.assert_frame_equal(one, two)
+
+
+def test_a_missing_benchmark_pool_is_a_config_error_naming_the_key(config, tmp_path):
+    config["search"]["replay"]["benchmark"].update(enabled=True, pool=str(tmp_path / "absent.csv"))
+    with pytest.raises(brackets.ConfigError, match=r"search\.replay\.benchmark\.pool: .*absent\.csv does not exist"):
+        brackets.check(config)
+    config["search"]["replay"]["benchmark"]["pool"] = "benchmarks/pools/cifar10-deer-horse.csv"  # the workflow's own
+    brackets.check(config)
+    assert brackets.benchmark_pool(config) == SHIPPED
