@@ -32,6 +32,7 @@ rule all:
         expand("results/figures/{figure}.png", figure=FIGURES),
         expand("results/report/{report}.html", report=REPORTS),
         SEARCH_OUTPUTS.values(),
+        BENCHMARK_OUTPUTS.values(),
         MOP_OUTPUTS,
         TENANT_OUTPUTS,
         corrupt_files,

@@ -74,6 +74,15 @@ SEARCH_FILES = {
     "shift": "results/tables/shift.csv",
 }
 SEARCH_OUTPUTS = SEARCH_FILES if SEARCH else {}
+# Every search method replayed on the pool table shipped with the project (rule replay_benchmark).
+BENCHMARK_FILES = {
+    "replay_benchmark": "results/tables/replay_benchmark.csv",
+    "replay_benchmark_goals": "results/tables/replay_benchmark_goals.csv",
+    "replay_benchmark_anytime": "results/figures/replay_benchmark_anytime.png",
+}
+BENCHMARK_OUTPUTS = (
+    BENCHMARK_FILES if config["search"]["replay"]["benchmark"]["enabled"] else {}
+)
 # Execution plans (tlselect.training.plan, rules/plan.smk): the study's copy of the per-user cache's plan.
 PLANS = "results/plans"
 PLAN_FLAGS = f"{plan_flags(config)} --plans {PLANS}"

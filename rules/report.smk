@@ -126,6 +126,8 @@ rule notebook:
                 "replay",
                 "shift",
                 "tenants",
+                "replay_benchmark",
+                "replay_benchmark_goals",
             )
         ),
     # The HTML shows no code (--no-input) and no parameter or setup cell: the .ipynb keeps them.

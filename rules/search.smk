@@ -363,8 +363,45 @@ rule search_replay:
         )
         + " "
         + " ".join(
-            f"--{key} {value}" for key, value in config["search"]["replay"].items()
+            f"--{key} {value}"
+            for key, value in config["search"]["replay"].items()
+            if key != "benchmark"
         ),
     shell:
         "python {params.script} --grid {input} {params.settings} --out {output.table} "
         "--figure {output.figure} 2>&1 | tee {log}"
+
+
+# The same methods replayed on the pool table shipped with the project (benchmarks/pools/; its
+# rungs and seeds in search.replay.benchmark, TPE's, GP-UCB's, ASHA's and BOHB's settings as above).
+rule replay_benchmark:
+    input:
+        str(brackets.benchmark_pool(config)),
+    output:
+        table=report(BENCHMARK_FILES["replay_benchmark"], category=SEARCHING),
+        goals=report(BENCHMARK_FILES["replay_benchmark_goals"], category=SEARCHING),
+        figure=report(BENCHMARK_FILES["replay_benchmark_anytime"], category=SEARCHING),
+    log:
+        "results/logs/search/replay_benchmark.log",
+    conda:
+        "../envs/torch.yaml"
+    threads: config["threads"]
+    resources:
+        mem_mb=memory_mb(2000),
+        runtime=120,
+    params:
+        script=script("replay.py"),
+        settings=" ".join(
+            f"--{key.replace('_', '-')} {value}"
+            for key, value in config["search"]["replay"]["benchmark"].items()
+            if key not in ("enabled", "pool")
+        )
+        + " "
+        + " ".join(
+            f"--{key} {config['search']['replay'][key]}"
+            for key in ("q", "startup", "workers", "rho")
+        )
+        + f" --delta {config['search']['delta']}",
+    shell:
+        "python {params.script} --pool {input} {params.settings} --processes {threads} --out {output.table} "
+        "--goals {output.goals} --figure {output.figure} 2>&1 | tee {log}"

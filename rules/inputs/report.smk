@@ -59,4 +59,4 @@ def notebook_inputs(wildcards):
     if full and TENANTS:  # rules/tenants.smk
         inputs["tenants"] = TENANT_TABLE
         inputs["figures"].append(TENANT_FIGURE)
-    return inputs | (SEARCH_OUTPUTS if full else {})
+    return inputs | ((SEARCH_OUTPUTS | BENCHMARK_OUTPUTS) if full else {})

@@ -114,3 +114,27 @@ def test_sentences_hold_when_the_tables_have_gaps():
     assert answer.proxies_sentence(taus).startswith("**knn** agrees best")
     replay = pd.DataFrame({"method": ["sh"], "axis": ["epochs"], "share": [1 / 5], "regret_points": [float("nan")]})
     assert answer.replay_sentence(replay).startswith("No method had chosen")
+
+
+def test_the_benchmark_goals_read_as_sentences_and_the_regrets_as_cells():
+    goals = pd.DataFrame([
+        {"goal": "a", "axis": "epochs", "method": "asha", "share": 0.2, "regret_points": 0.8, "ci95_low": 0.6,
+         "ci95_high": 1.0, "reference": "1 point", "met": True},
+        {"goal": "b", "axis": "epochs", "method": "tpe", "share": 1 / 3, "regret_points": 1.0, "ci95_low": 0.8,
+         "ci95_high": 1.2, "reference": "random 2.00 [1.80, 2.20]", "met": True},
+        {"goal": "b", "axis": "epochs", "method": "bohb", "share": 1 / 3, "regret_points": 1.9, "ci95_low": 1.5,
+         "ci95_high": 2.3, "reference": "random 2.00 [1.80, 2.20]", "met": False},
+        {"goal": "c", "axis": "seconds", "method": "cost_gp_ucb", "share": float("nan"), "regret_points": float("nan"),
+         "ci95_low": float("nan"), "ci95_high": float("nan"), "reference": "gp_ucb's final 1.00 first at 0.500",
+         "met": False},
+    ])  # fmt: skip
+    sentence = answer.goals_sentence(goals)
+    assert "**asha** holds the least mean regret, 0.80 points [0.60, 1.00]: within 1 point" in sentence
+    assert "tpe is below random search" in sentence and "bohb" not in sentence.split("random search")[0][-40:]
+    assert "Cost-aware GP-UCB never reaches plain GP-UCB's final regret" in sentence
+    replay = pd.DataFrame({"method": ["sh", "sh", "tpe"], "axis": ["epochs", "epochs", "epochs"],
+                           "share": [0.2, 1.0, 0.2], "regret_points": [2.0, 1.0, 3.0], "ci95_low": [1.5, 1.0, 2.0],
+                           "ci95_high": [2.5, 1.0, 4.0]})  # fmt: skip
+    table = answer.regret_table(replay, "epochs")
+    assert list(table["method"]) == ["sh", "tpe"] and table.iloc[0, 1] == "2.00 [1.50, 2.50]"
+    assert table.iloc[1].isna().sum() == 1  # tpe has no row at the whole grid's compute

@@ -9,14 +9,16 @@ import pandas as pd
 import pytest
 from helpers import REPO
 
-from tlselect.core.registry import write_record
+from tlselect.core.registry import rank, write_record
+from tlselect.report.tables import write_csv
 from tlselect.runs import candidate_runs
 from tlselect.search import brackets, replay
 
 sys.path.insert(0, str(REPO / "scripts"))
 import replay as replay_cli  # noqa: E402
 
-SEARCH = {"eta": 3, "min_epochs": 1, "max_epochs": 9, "brackets": 3, "q": 3, "startup": 4, "delta": 0.1}
+SEARCH = {"eta": 3, "min_epochs": 1, "max_epochs": 9, "brackets": 3, "q": 3, "startup": 4, "delta": 0.1, "workers": 3,
+          "rho": 1 / 3}  # fmt: skip
 
 
 def synthetic_records(config, seed=0, epochs=9):
@@ -66,11 +68,11 @@ def test_every_method_is_seeded_and_within_the_grid_budget(config, method):
     first, again = replay.run(method, rows, settings, 3), replay.run(method, rows, settings, 3)
     assert first.trace == again.trace
     grid_epochs = sum(len(r.val) for r in rows.values())
-    if method == "hb":
+    if method in ("hb", "bohb"):
         assert first.epochs >= grid_epochs and first.trace[0][0] < first.trace[-1][0]
     else:
         assert first.epochs <= grid_epochs
-    if method in ("random", "tpe", "gp_ucb", "cost_gp_ucb"):  # they end having trained every grid point
+    if method in ("grid", "random", "tpe", "gp_ucb", "cost_gp_ucb"):  # they end having trained every grid point
         assert first.epochs == grid_epochs and len(first.trace) == len(rows)
         chosen = rows[first.trace[-1][2]]
         assert chosen.val[-1] == max(r.val[-1] for r in rows.values())
@@ -118,10 +120,147 @@ def test_the_script_writes_the_table_and_the_figure(config, tmp_path):
     assert replay_cli.main([*args, "--seeds", "5", "--q", "3", "--out", str(out), "--figure", str(figure)]) == 0
     table = pd.read_csv(out)
     assert len(table) == len(replay.METHODS) * 2 * 4 and set(table["method"]) == set(replay.METHODS)
-    full = table[(table["share"] == 1.0) & (table["method"] != "hb")]
+    full = table[(table["share"] == 1.0) & ~table["method"].isin(["hb", "bohb"])]
     best_by_val = max(synthetic_records(config), key=lambda r: r["metrics"]["val_accuracy"])
     best_test = max(r["metrics"]["test_accuracy"] for r in synthetic_records(config))
     random_regret = 100 * (best_test - best_by_val["metrics"]["test_accuracy"])
-    rows = full[full["method"].isin(["random", "tpe", "gp_ucb", "cost_gp_ucb"])]
+    rows = full[full["method"].isin(["grid", "random", "tpe", "gp_ucb", "cost_gp_ucb"])]
     assert rows["regret_points"].to_numpy() == pytest.approx(random_regret) and (rows["seeds"] == 5).all()
     assert (table["ci95_low"] <= table["regret_points"]).all() and figure.read_bytes()[:4] == b"\x89PNG"
+
+
+def hand_pool(vals: dict[str, list[float]], seconds: float = 1.0) -> dict[str, replay.Candidate]:
+    """A pool of one arm whose candidates differ in learning rate: ``{name: validation accuracy per epoch}``."""
+    return {
+        name: replay.Candidate(
+            name,
+            {
+                "backbone": "resnet18",
+                "init": "source",
+                "freeze": "none",
+                "lr": 0.01 * (i + 1),
+                "resolution": 32,
+                "weight_decay": 1e-4,
+                "label_smoothing": 0.0,
+                "batch_size": 16,
+            },
+            tuple(val),
+            (seconds,) * len(val),
+            val[-1],
+        )  # fmt: skip
+        for i, (name, val) in enumerate(sorted(vals.items()))
+    }
+
+
+def test_asha_promotes_the_top_of_a_rung_before_it_starts_a_new_candidate():
+    rng = np.random.RandomState(0)
+    rows = hand_pool({f"c{i}": list(rng.rand(9)) for i in range(12)})
+    settings = {**SEARCH, "workers": 1}
+    done = replay.run("asha", rows, settings, seed=4)
+    epochs = (1, 3, 9)
+    results = {e: [] for e in epochs}  # records of each rung, as they came
+    promoted = set()
+    for name, reached in done.results:  # one worker: each job starts when the one before has ended
+        tops = {e: [r["name"] for r in rank(results[e])[: len(results[e]) // 3]] for e in epochs[:-1]}
+        waiting = [(n, epochs[epochs.index(e) + 1]) for e, top in tops.items() for n in top]
+        waiting = [job for job in waiting if job not in promoted]
+        if reached == 1:  # a new candidate only when nothing can be promoted
+            assert not waiting
+        else:  # the best waiting candidate of the highest rung
+            assert (name, reached) == max(waiting, key=lambda job: job[1])
+            promoted.add((name, reached))
+        val = rows[name].val[reached - 1]
+        results[reached].append({"name": name, "status": "completed", "metrics": {"val_accuracy": val}})
+    assert done.epochs <= 12 * 9 and len(results[9]) >= 1
+    # compute: each promotion continues its checkpoint
+    assert done.epochs == sum(len(results[e]) * (e - p) for e, p in zip(epochs, (0, 1, 3), strict=True))
+
+
+def test_asha_on_several_workers_charges_each_job_when_it_starts():
+    rows = hand_pool({f"c{i}": [0.1 * (i % 5) + 0.01 * e for e in range(9)] for i in range(15)}, seconds=2.0)
+    one, four = (replay.run("asha", rows, {**SEARCH, "workers": w}, seed=1) for w in (1, 4))
+    assert one.results != four.results and four.epochs <= 15 * 9
+    # with 4 workers the first result arrives when 4 one-epoch jobs have started
+    assert four.trace[0][:2] == (4, 8.0) and one.trace[0][:2] == (1, 2.0)
+
+
+def test_bohb_draws_at_random_until_a_budget_has_enough_observations_then_from_tpe_on_the_largest():
+    rng = np.random.RandomState(0)
+    vals = {f"c{i}": list(rng.rand(9)) for i in range(30)}
+    pool = hand_pool(vals)
+    names = sorted(pool)
+    space = replay._space(pool, names)
+    few = {1: [(pool[n].params, 0.5) for n in names[:2]]}  # d = 1 varying parameter (lr): the model needs 4
+    drawn = replay._bohb_draw(space, names, pool, few, 5, {"rho": 0.0}, np.random.RandomState(3), seed=7)
+    assert len(set(drawn)) == 5 and set(drawn) <= set(names)
+    observed = {1: [(pool[n].params, vals[n][0]) for n in names[:20]],
+                3: [(pool[n].params, vals[n][2]) for n in names[:6]],
+                9: [(pool[n].params, vals[n][8]) for n in names[:3]]}  # fmt: skip
+    drawn = replay._bohb_draw(space, names, pool, observed, 4, {"rho": 0.0}, np.random.RandomState(3), seed=7)
+    asked = replay.strategies.tpe_suggest(space, observed[3], 4, 7, discrete=True, startup=4)
+    assert drawn == [n for p in asked for n in names if pool[n].params == p]
+
+
+def test_goals_read_the_anytime_curve():
+    shares = [0.1, 0.2, 1 / 3, 0.5, 1.0]
+    regret = {  # method -> mean regret at each share; the same on both axes
+        "random": [9, 6, 5, 3, 2], "tpe": [9, 5, 2, 2, 2], "bohb": [8, 0.8, 4.5, 3, 2],
+        "gp_ucb": [9, 6, 4, 2, 2], "cost_gp_ucb": [8, 2, 2, 2, 2],
+    }  # fmt: skip
+    curve = pd.DataFrame([
+        {"method": m, "axis": axis, "share": s, "regret_points": r, "ci95_low": r - 0.5, "ci95_high": r + 0.5,
+         "seeds": 10}
+        for axis in ("epochs", "seconds") for m, values in regret.items() for s, r in zip(shares, values, strict=True)
+    ])  # fmt: skip
+    goals = replay.goals(curve).set_index(["goal", "axis", "method"])
+    assert goals.loc[("a", "epochs", "bohb"), "met"] and goals.loc[("a", "epochs", "bohb"), "regret_points"] == 0.8
+    assert goals.loc[("b", "seconds", "tpe"), "met"] and not goals.loc[("b", "seconds", "bohb"), "met"]
+    # plain GP-UCB first reaches its final 2 at half the seconds, cost-aware at a fifth
+    c = goals.loc[("c", "seconds", "cost_gp_ucb")]
+    assert c["met"] and c["share"] == 0.2 and "0.500" in c["reference"]
+
+
+SHIPPED = REPO / "benchmarks" / "pools" / "cifar10-deer-horse.csv"
+
+
+def test_the_shipped_pool_is_a_product_with_every_epoch_and_reads_back_as_written(tmp_path):
+    rows = replay.read_pool(SHIPPED)
+    assert len(rows) >= 100
+    (epochs,) = {len(r.val) for r in rows.values()}  # every candidate trained to the same last epoch
+    assert all(len(r.seconds) == epochs and r.test is not None for r in rows.values())
+    replay._space(rows, sorted(rows))  # a product of its own values, or an error
+    assert {"backbone", "init", "freeze", "lr", "weight_decay"} <= {
+        k for k in replay.POOL_COLUMNS[1:9] if len({r.params[k] for r in rows.values()}) > 1
+    }
+    write_csv(replay.pool_frame(rows), tmp_path / "again.csv")
+    assert replay.read_pool(tmp_path / "again.csv") == rows
+
+
+def test_every_method_replays_a_slice_of_the_shipped_pool():
+    rows = replay.read_pool(SHIPPED)
+    lrs, wds = (sorted({r.params[k] for r in rows.values()}) for k in ("lr", "weight_decay"))
+    part = {n: r for n, r in rows.items() if r.params["lr"] in lrs[-2:] and r.params["weight_decay"] == wds[0]}
+    top = len(next(iter(part.values())).val)
+    settings = {**SEARCH, "eta": 3, "max_epochs": top, "brackets": 2, "q": 2, "startup": 3}
+    curve = replay.curves(part, settings, seeds=3, shares=(0.5, 1.0))
+    assert set(curve["method"]) == set(replay.METHODS) and (curve["regret_points"].dropna() >= 0).all()
+    chosen = min(part.values(), key=lambda r: (-(r.val[-1] or 0.0), r.name))  # rank's order: ties by name
+    exhaustive = 100 * (max(r.test or 0.0 for r in part.values()) - (chosen.test or 0.0))
+    final = curve[(curve["share"] == 1.0) & curve["method"].isin(["grid", "random", "tpe", "gp_ucb"])]
+    assert final["regret_points"].to_numpy() == pytest.approx(exhaustive)
+
+
+def test_the_seeds_spread_over_processes_give_the_same_curves():
+    rng = np.random.RandomState(1)
+    rows = hand_pool({f"c{i}": list(rng.rand(9)) for i in range(9)})
+    one, two = (replay.curves(rows, SEARCH, 4, (0.2, 1.0), ("random", "asha"), processes=p) for p in (1, 2))
+    pd.testing.assert_frame_equal(one, two)
+
+
+def test_a_missing_benchmark_pool_is_a_config_error_naming_the_key(config, tmp_path):
+    config["search"]["replay"]["benchmark"].update(enabled=True, pool=str(tmp_path / "absent.csv"))
+    with pytest.raises(brackets.ConfigError, match=r"search\.replay\.benchmark\.pool: .*absent\.csv does not exist"):
+        brackets.check(config)
+    config["search"]["replay"]["benchmark"]["pool"] = "benchmarks/pools/cifar10-deer-horse.csv"  # the workflow's own
+    brackets.check(config)
+    assert brackets.benchmark_pool(config) == SHIPPED

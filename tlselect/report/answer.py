@@ -421,6 +421,49 @@ def replay_sentence(replay: pd.DataFrame) -> str:
     return f"At a fifth of the grid's epochs the lowest mean regret is **{fifth.min():.2f}** points ({fifth.idxmin()})."
 
 
+def regret_table(replay: pd.DataFrame, axis: str) -> pd.DataFrame:
+    """replay.csv's mean regrets on one compute ``axis`` as "mean [low, high]" cells, a method per row
+    and a share of the grid's compute per column."""
+    rows = replay[replay["axis"] == axis].assign(
+        cell=lambda f: [f"{r.regret_points:.2f} [{r.ci95_low:.2f}, {r.ci95_high:.2f}]" for r in f.itertuples()]
+    )
+    table = rows.pivot(index="method", columns="share", values="cell").loc[rows["method"].unique()]
+    table.columns = [f"{share:.3g} of the {axis}" for share in table.columns]
+    return table.reset_index()
+
+
+def goals_sentence(goals: pd.DataFrame) -> str:
+    """What the replay on the shipped pool says of its three goals (tlselect.search.replay.goals)."""
+    parts = []
+    best = goals[(goals["goal"] == "a") & (goals["axis"] == "epochs")]
+    if len(best):
+        a = best.iloc[0]
+        parts.append(
+            f"At a fifth of the grid's epochs **{a.method}** holds the least mean regret, {a.regret_points:.2f} "
+            f"points [{a.ci95_low:.2f}, {a.ci95_high:.2f}]: {'within' if a.met else 'not within'} 1 point of the "
+            "pool's best."
+        )
+    b = goals[(goals["goal"] == "b") & (goals["axis"] == "epochs")]
+    below = b[b["met"].astype(bool)]["method"].tolist()
+    parts.append(
+        f"At a third of them {' and '.join(below)} {'is' if len(below) == 1 else 'are'} below random search, "
+        "intervals apart."
+        if below
+        else "At a third of them neither TPE nor BOHB is below random search with intervals apart."
+    )
+    c = goals[goals["goal"] == "c"]
+    if len(c):
+        c = c.iloc[0]
+        if pd.isna(c.share):
+            parts.append(f"Cost-aware GP-UCB never reaches plain GP-UCB's final regret ({c.reference}).")
+        else:
+            parts.append(
+                f"Cost-aware GP-UCB reaches plain GP-UCB's final regret at {c.share:.3f} of the grid's seconds "
+                f"({c.reference}): {'half or less' if c.met else 'more than half'} of plain GP-UCB's."
+            )
+    return " ".join(parts)
+
+
 def proxies_sentence(taus: pd.DataFrame) -> str:
     known = taus.dropna(subset=["weighted_kendall_tau"])
     if known.empty:

@@ -250,22 +250,24 @@ def draw_search(name: str, table_csv: Path, out: Path, tau_csv: Path | None = No
     plt.close(fig)
 
 
-def draw_replay(curve: pd.DataFrame, out: Path) -> None:
-    """Anytime regret of every replayed method: mean and 95% interval against the share of the grid's
-    compute, in epochs (left) and seconds (right); drawn where every seed has chosen a model."""
+def draw_replay(curve: pd.DataFrame, out: Path, pool: str = "the grid's records") -> None:
+    """Anytime regret of every replayed method on ``pool``: mean and 95% interval against the share of
+    the grid's compute, in epochs (left) and seconds (right); drawn where every seed of the method has
+    chosen a model."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120, sharey=True)
-    seeds = curve["seeds"].max()
     for ax, axis in zip(axes, ("epochs", "seconds"), strict=True):
-        for method, rows in curve[(curve["axis"] == axis) & (curve["seeds"] == seeds)].groupby("method", sort=False):
-            line = ax.plot(rows["share"], rows["regret_points"], label=method)[0]
+        for i, (method, rows) in enumerate(curve[curve["axis"] == axis].groupby("method", sort=False)):
+            rows = rows[rows["seeds"] == rows["seeds"].max()]  # where every seed of the method has chosen
+            label = f"{method} ({rows['seeds'].max()} seeds)"
+            line = ax.plot(rows["share"], rows["regret_points"], label=label, ls="-" if i < 6 else "--")[0]
             ax.fill_between(rows["share"], rows["ci95_low"], rows["ci95_high"], color=line.get_color(), alpha=0.2)
         ax.set_xscale("log")
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
         ax.set_xlabel(f"share of the grid's compute ({axis})")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"mean regret (test points), {seeds} seeds")
+    axes[0].set_ylabel("mean regret (test points)")
     axes[0].legend(fontsize=8)
-    fig.suptitle("Replayed model search on the grid's records: regret of the model chosen on validation")
+    fig.suptitle(f"Replayed model search on {pool}: regret of the model chosen on validation")
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")

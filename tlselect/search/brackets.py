@@ -40,6 +40,12 @@ def check(config: dict) -> None:
         raise ConfigError(
             f"search.min_epochs ({search['min_epochs']}) must not exceed search.max_epochs ({search['max_epochs']})"
         )
+    pool = benchmark_pool(config)
+    if search["replay"]["benchmark"]["enabled"] and not pool.is_file():
+        raise ConfigError(
+            f"search.replay.benchmark.pool: {pool} does not exist; give a pool table such as "
+            "benchmarks/pools/cifar10-deer-horse.csv (docs/model-search.md), or set enabled: false"
+        )
     if not search["enabled"]:
         return
     pool = len(candidate_runs(config))
@@ -50,6 +56,12 @@ def check(config: dict) -> None:
             f"search.rounds x search.q ({search['rounds']} x {search['q']}) exceeds the pool's {pool} candidates: "
             "GP-UCB trains each grid point at most once"
         )
+
+
+def benchmark_pool(config: dict) -> Path:
+    """The pool table the benchmark replay reads: a relative path is the workflow's own (its repository)."""
+    path = Path(config["search"]["replay"]["benchmark"]["pool"])
+    return path if path.is_absolute() else Path(__file__).resolve().parents[2] / path
 
 
 def sample(candidates: list[str], count: int, seed: int, stream: str) -> list[str]:

@@ -15,7 +15,7 @@ when the Snakefile is parsed). :func:`tlselect.runs.candidate_spec` turns either
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,6 +39,7 @@ class Space:
     label_smoothing: tuple[float, float]  # uniform bounds
     batch_sizes: tuple[int, ...]
     defaults: dict  # the grid's weight_decay, label_smoothing and batch_size
+    choices: dict = field(default_factory=dict)  # those of them a replayed grid varies: {key: values}
 
     @classmethod
     def from_config(cls, config: dict) -> Space:
@@ -60,12 +61,14 @@ class Space:
 
     @classmethod
     def of_grid(cls, points: list[dict]) -> Space:
-        """The discrete space whose grid holds ``points`` (a replayed grid's candidates), in their order."""
+        """The discrete space whose grid holds ``points`` (a replayed grid's candidates), in their order;
+        a parameter of :data:`SAMPLED` with several values among them is one of its ``choices``."""
 
         def values(key):
             return tuple(dict.fromkeys(p[key] for p in points))
 
         lrs = values("lr")
+        choices = {k: tuple(sorted(values(k))) for k in SAMPLED if len(values(k)) > 1}
         return cls(
             backbones=values("backbone"),
             inits=values("init"),
@@ -77,6 +80,7 @@ class Space:
             label_smoothing=(min(values("label_smoothing")), max(values("label_smoothing"))),
             batch_sizes=values("batch_size"),
             defaults={k: points[0][k] for k in SAMPLED},
+            choices=choices,
         )
 
     def freeze_choices(self, init: str) -> tuple[str, ...]:
@@ -88,10 +92,12 @@ class Space:
         return [(b, i, d) for b in self.backbones for i in self.inits for d in self.freeze_choices(i)]
 
     def grid(self) -> list[dict]:
-        """Every grid point, in the pool's order (backbone, init, depth, lr, resolution)."""
+        """Every grid point, in the pool's order (backbone, init, depth, lr, resolution, then ``choices``)."""
+        extra = [dict(zip(self.choices, v, strict=True)) for v in itertools.product(*self.choices.values())]
         return [
-            {"backbone": b, "init": i, "freeze": d, "lr": lr, "resolution": r, **self.defaults}
+            {"backbone": b, "init": i, "freeze": d, "lr": lr, "resolution": r, **self.defaults, **e}
             for (b, i, d), lr, r in itertools.product(self.arms(), self.lrs, self.resolutions)
+            for e in extra
         ]
 
     def distributions(self) -> dict:

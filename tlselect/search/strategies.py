@@ -39,7 +39,8 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 def _define(trial, space: Space, discrete: bool) -> dict:
     """The define-by-run space: suggest a candidate's parameters on ``trial``, return them.
 
-    ``discrete``: the grid's values only (lr from the grid's list, the sampled ones at their defaults).
+    ``discrete``: the grid's values only (lr from the grid's list, the sampled ones at their defaults
+    or, where the grid varies them, from its ``choices``).
     """
     backbone = trial.suggest_categorical("backbone", space.backbones)
     init = trial.suggest_categorical("init", space.inits)
@@ -51,7 +52,8 @@ def _define(trial, space: Space, discrete: bool) -> dict:
     params = {"backbone": backbone, "init": init, "freeze": depth}
     params["resolution"] = trial.suggest_categorical("resolution", space.resolutions)
     if discrete:
-        return {**params, "lr": trial.suggest_categorical("lr", space.lrs), **space.defaults}
+        chosen = {k: trial.suggest_categorical(k, v) for k, v in space.choices.items()}
+        return {**params, "lr": trial.suggest_categorical("lr", space.lrs), **space.defaults, **chosen}
     return {
         **params,
         "lr": trial.suggest_float("lr", *space.lr, log=True),
