@@ -34,6 +34,12 @@ def chunk_rows(memory_mb: float, in_shape: tuple, out_shape: tuple) -> int:
     return max(1, int(memory_mb * 2**20) // per_image)
 
 
+def run_stages(model: StagedNet, chunk, start: int, stop: int, device: torch.device | str) -> np.ndarray:
+    """Stages ``start..stop-1`` over one chunk: uint8 images at ``start`` 0, else cached activations."""
+    x = chunk if start == 0 else torch.from_numpy(np.asarray(chunk, dtype=np.float32))
+    return model(x.to(device), start=start, stop=stop).float().cpu().numpy()
+
+
 @torch.no_grad()
 def extract_range(
     model: StagedNet,
@@ -53,8 +59,7 @@ def extract_range(
     model.eval()
 
     def run(chunk):
-        x = chunk if start == 0 else torch.from_numpy(np.asarray(chunk, dtype=np.float32))
-        return model(x.to(device), start=start, stop=stop).float().cpu().numpy()
+        return run_stages(model, chunk, start, stop, device)
 
     out_shape = run(inputs[:1]).shape[1:]
     rows = chunk_rows(memory_mb, tuple(inputs.shape[1:]), out_shape)
@@ -87,8 +92,7 @@ def extract_by_content(
     model.eval()
 
     def run(chunk):
-        x = chunk if start == 0 else torch.from_numpy(np.asarray(chunk, dtype=np.float32))
-        return model(x.to(device), start=start, stop=stop).float().cpu().numpy()
+        return run_stages(model, chunk, start, stop, device)
 
     out_shape = run(inputs[:1]).shape[1:]
     rows = chunk_rows(memory_mb, tuple(inputs.shape[1:]), out_shape)
