@@ -194,9 +194,20 @@ def leftovers(workdir: Path) -> list[str]:
     return sorted(str(path.relative_to(workdir)) for path in (workdir / "results").rglob(".*"))
 
 
+STORE = "results/cache/features"  # the content-keyed feature store: its shards follow the chunks a job got to
+
+
 def files(workdir: Path) -> list[str]:
-    """Every file under results/, hidden ones included."""
-    return sorted(str(path.relative_to(workdir)) for path in (workdir / "results").rglob("*") if path.is_file())
+    """Every file under results/, hidden ones included; the feature store as the set of images it holds
+    (a killed extraction keeps the shards it wrote, so the shards differ, not what they hold)."""
+    listed = sorted(str(path.relative_to(workdir)) for path in (workdir / "results").rglob("*") if path.is_file())
+    held = {
+        f"{Path(name).parent}: {line}"
+        for name in listed
+        if name.startswith(STORE) and name.endswith(".hashes")
+        for line in (workdir / name).read_text().split()
+    }
+    return [name for name in listed if not name.startswith(STORE)] + sorted(held)
 
 
 def comparable(workdir: Path) -> dict:
