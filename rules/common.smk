@@ -4,6 +4,7 @@
 import inspect
 import os
 import re
+import shlex
 import sys
 
 from snakemake.utils import min_version, validate
@@ -13,7 +14,7 @@ min_version("9.0")
 sys.path.insert(0, workflow.basedir)
 
 from tlselect import runs  # noqa: E402
-from tlselect.config import load_and_check, plan_flags  # noqa: E402
+from tlselect.config import load_and_check, plan_flags, run_group_settings  # noqa: E402
 from tlselect.core import settings  # noqa: E402
 from tlselect.core.backbones import BACKBONES  # noqa: E402
 from tlselect.search import brackets  # noqa: E402
@@ -182,6 +183,41 @@ def spec_args(specs, key, **overrides):
             specs[getattr(wildcards, key)], input, **overrides
         )
     )
+
+
+# Run groups (docs/execution-plans.md#run-groups): up to GROUP_SIZE runs of one shape per job, FUSE:
+# trained as one fused network. A group job keeps its finished runs' files in RUN_STORE (hard links,
+# by run id and settings) and restores them when Snakemake runs the group again.
+GROUP_SIZE, FUSE = run_group_settings(config)
+RUN_STORE = "results/cache/runs"
+
+
+def group_inputs(specs, members):
+    """What a run group reads: the decoded subset and its runs' pretrained weights."""
+    inputs = subset_files()
+    inputs["weights"] = sorted(
+        {weights_file(*specs[m].weights) for m in members if specs[m].weights}
+    )
+    return inputs
+
+
+def group_args(specs, members, files, **overrides):
+    """scripts/train.py's arguments for a run group: one --run with each run's flags and its files
+    (``files(member)``: checkpoint, record, run id), then what every run shares."""
+    runs = []
+    for member in members:
+        spec, (model, record, run_id) = specs[member], files(member)
+        flags = f"{spec.flags(**overrides)} --out {model} --record {record} --run-id {run_id}"
+        if spec.weights:
+            flags += f" --weights {weights_file(*spec.weights)}"
+        runs.append(f"--run {shlex.quote(flags)}")
+    fuse = " --fuse" if FUSE else ""
+    return f"{PLAN_FLAGS} --data {os.path.dirname(SUBSET)} {' '.join(runs)}{fuse} --keep {RUN_STORE}"
+
+
+def grouped(groups):
+    """The run ids of ``groups`` (runs that the per-run rule must not train)."""
+    return {member for members in groups.values() for member in members}
 
 
 # Resources of every job that trains; rules that differ say so.

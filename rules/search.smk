@@ -29,11 +29,55 @@ use rule train as search_grid with:
     benchmark:
         "results/benchmarks/search/grid/{candidate}.tsv"
     wildcard_constraints:
-        candidate=r"[^/]+",  # only this rule writes results/search/grid/; one_of(POOL) would slow large pools
+        # only this rule and the groups' write results/search/grid/; one_of(POOL) would slow large pools
+        candidate=(
+            one_of(sorted(set(POOL) - grouped(GRID_GROUPS)))
+            if GRID_GROUPS
+            else r"[^/]+"
+        ),
     priority: 0
     params:
         args=spec_args(POOL, "candidate", epochs=config["search"]["max_epochs"]),
         run_id="grid-{candidate}",
+
+
+for group, members in GRID_GROUPS.items():
+
+    rule:
+        name:
+            f"search_grid_group_{group}"
+        input:
+            **group_inputs(POOL, members),
+        output:
+            models=[f"results/search/grid/{m}.pt" for m in members],
+            records=[f"results/search/grid/{m}.json" for m in members],
+        log:
+            f"results/logs/search/grid/group_{group}.log",
+        benchmark:
+            f"results/benchmarks/search/grid/group_{group}.tsv"
+        priority: 0
+        conda:
+            "../envs/torch.yaml"
+        threads: config["threads"]
+        resources:
+            **TRAINING_RESOURCES | {"runtime": 120 * len(members)},
+        params:
+            gpus=gpu_flags,
+            script=script("train.py"),
+            args=group_args(
+                POOL,
+                members,
+                lambda m: (
+                    f"results/search/grid/{m}.pt",
+                    f"results/search/grid/{m}.json",
+                    f"grid-{m}",
+                ),
+                epochs=config["search"]["max_epochs"],
+            ),
+            device=config["device"],
+        shell:
+            "python {params.script} {params.args} --device {params.device} {params.gpus} "
+            "--threads {threads} 2>&1 | tee {log}"
 
 
 use rule train as search_random with:

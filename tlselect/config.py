@@ -9,6 +9,9 @@ Plain Python without torch, so it is testable without Snakemake and quick to imp
 from __future__ import annotations
 
 import copy
+import importlib.metadata
+import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -88,6 +91,7 @@ def load_and_check(config: dict, schema_path: str | Path, validate: Callable[[di
     coerce_cli_values(config, yaml.safe_load(Path(schema_path).read_text()))  # --config 'search={enabled: true}'
     try:
         check_renamed(config)
+        check_run_groups(config)
         validate(config, str(schema_path))
         check(config)
         brackets.check(config)
@@ -341,3 +345,58 @@ def uses_source(config: dict) -> bool:
     """Whether a policy or probe starts from the source model the workflow pretrains."""
     specs = [*policy_runs(config).values(), *probe_runs(config).values(), *join_runs(config).values()]
     return bool(source_backbones(specs))
+
+
+# Run groups (docs/execution-plans.md#run-groups): what ``auto`` means where no plan file says.
+GROUP_SIZE_DEFAULT = {"cpu": 1, "cuda": 8}  # to be replaced by the plan's measurement (plan.group_size)
+PLAN_CACHE_ENV = "TLSELECT_PLAN_CACHE"  # tlselect.training.plan.plan_cache_dir's, which imports torch
+
+
+def check_run_groups(config: dict) -> None:
+    """``run_groups`` before the schema: a size or fuse it cannot take, named with what it takes."""
+    groups = config.get("run_groups") or {}
+    size, fuse = groups.get("size", "auto"), groups.get("fuse", "auto")
+    if size != "auto" and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ConfigError(f"run_groups.size: {size!r}; give an integer >= 1 (1: a job per run) or auto")
+    if fuse not in ("auto", True, False):
+        raise ConfigError(f"run_groups.fuse: {fuse!r}; give true, false or auto (fused where the plan says so)")
+
+
+def planning_device(config: dict) -> str:
+    """The device the training jobs will run on, as parsing the workflow sees it (without torch):
+    ``device``, where auto is cuda when an NVIDIA driver is visible here."""
+    if config["device"] != "auto":
+        return config["device"]
+    return "cuda" if Path("/dev/nvidiactl").exists() else "cpu"
+
+
+def planned(config: dict, knob: str, plans: str = "results/plans"):
+    """``knob`` of the plan chosen for this study's device, or None: the study's plan file under
+    ``plans``, else the per-user cache's (tlselect.training.plan), for this device type, torch version
+    and, on a CPU, core count and threads. Read without importing torch."""
+    device = planning_device(config)
+    try:
+        torch_version = importlib.metadata.version("torch").split("+")[0]
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    machine = f"-{os.cpu_count()}cpu-{config['threads']}t" if device == "cpu" else ""
+    cache = Path(os.environ.get(PLAN_CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                 / "tlselect" / "plans")  # fmt: skip
+    for folder in (Path(plans), cache):
+        for path in sorted(folder.glob(f"{device}-*{machine}-torch{torch_version}.json")):
+            try:
+                value = json.loads(path.read_text()).get("plan", {}).get(knob)
+            except (OSError, ValueError, AttributeError):
+                continue  # the training job reports an unreadable plan
+            if value is not None:
+                return value
+    return None
+
+
+def run_group_settings(config: dict) -> tuple[int, bool]:
+    """``(size, fuse)`` of ``run_groups`` with auto resolved: from this device's plan
+    (``plan.group_size``, ``plan.fuse``), else :data:`GROUP_SIZE_DEFAULT` and fusing on CUDA only."""
+    groups, device = config["run_groups"], planning_device(config)
+    size = groups["size"] if groups["size"] != "auto" else planned(config, "group_size") or GROUP_SIZE_DEFAULT[device]
+    fuse = groups["fuse"] if groups["fuse"] != "auto" else planned(config, "fuse")
+    return int(size), bool(device == "cuda" if fuse is None else fuse)

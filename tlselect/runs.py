@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shlex
 from dataclasses import dataclass
 
@@ -73,6 +74,36 @@ class RunSpec:
             else:
                 flags += [flag, shlex.quote(str(value))]
         return " ".join(flags)
+
+
+# What runs trained fused share (tlselect.training.groups): the network's shape, the steps, the
+# data, the device and the plan. Runs of a run group (:func:`run_groups`) share the ones a spec sets.
+SHAPE = ("backbone", "resolution", "freeze", "batch_size", "epochs", "data", "partition", "device", "precision",
+         "channels_last", "threads")  # fmt: skip
+
+
+def run_groups(specs: dict[str, RunSpec], size: int) -> dict[str, list[str]]:
+    """``{group: [run_id, ...]}``: the runs of ``specs`` that can train as one job, in groups of up
+    to ``size``; with ``size`` 1, none (every run is a job of its own).
+
+    Runs of one kind and one :data:`SHAPE` (as far as their settings give it; a probe or a cached
+    prefix never fuses, so it is grouped with none) are taken in the order of ``specs`` and cut into
+    groups of ``size``; a last group of one run is no group. A group is named after its backbone and
+    a digest of its runs' ids (a name Snakemake takes for a rule), so changing one run's settings
+    renames its own group only.
+    """
+    shapes: dict[tuple, list[str]] = {}
+    for run_id, spec in specs.items():
+        if size > 1 and spec.kind != "probe" and not spec.settings.get("cache_features"):
+            shapes.setdefault((spec.kind, *(str(spec.settings.get(key)) for key in SHAPE)), []).append(run_id)
+    groups = {}
+    for members in shapes.values():
+        for start in range(0, len(members), size):
+            chunk = members[start : start + size]
+            if len(chunk) > 1:
+                backbone = re.sub(r"\W+", "_", specs[chunk[0]].settings["backbone"])
+                groups[f"{backbone}_{_digest({'runs': chunk})}"] = chunk
+    return groups
 
 
 def _digest(identity: dict) -> str:

@@ -28,13 +28,24 @@ def search_jobs(method, last_only=False):
     ]
 
 
+# The grid's candidates trained by one job per group (tlselect.runs.run_groups), and each one's group.
+GRID_GROUPS = runs.run_groups(POOL, GROUP_SIZE)
+GRID_GROUP_OF = {m: group for group, members in GRID_GROUPS.items() for m in members}
+
+
 def grid_jobs(method="grid"):
-    """``(record, benchmark file)`` of the grid's runs, or random search's (``method="random"``)."""
+    """``(record, benchmark file)`` of the grid's runs, or random search's (``method="random"``);
+    a grouped run names its group's benchmark file."""
     candidates = sorted(POOL) if method == "grid" else list(RANDOM)
+    groups = GRID_GROUP_OF if method == "grid" else {}
     return [
         (
             f"results/search/{method}/{c}.json",
-            f"results/benchmarks/search/{method}/{c}.tsv",
+            (
+                f"results/benchmarks/search/grid/group_{groups[c]}.tsv"
+                if c in groups
+                else f"results/benchmarks/search/{method}/{c}.tsv"
+            ),
         )
         for c in candidates
     ]

@@ -1,5 +1,8 @@
 # The input and params functions and paths of rules/train.smk, included by it before its rules.
 
+# The policies (and repeats) trained by one job per group (tlselect.runs.run_groups).
+RUN_GROUPS = runs.run_groups(RUNS, GROUP_SIZE)
+
 # With k-fold validation (validation.folds), the selected policy or probe is retrained on every
 # fold once per seed (rule refit); the tables read these records.
 REFIT_SEEDS = (

@@ -32,7 +32,8 @@ def benchmark_seconds(path: str | Path) -> float:
 
 @dataclass
 class Job:
-    """One search job: its record, the epochs it continued from, its Snakemake benchmark file."""
+    """One search run: its record, the epochs it continued from, its job's Snakemake benchmark file
+    (the runs of a run group name the group's: its seconds count once)."""
 
     record: dict
     first_epoch: int
@@ -56,10 +57,10 @@ def compare(jobs: dict[str, list[Job]], finals: dict[str, list[dict]]) -> list[d
             {
                 "method": method,
                 "candidates": len({j.record["name"] for j in method_jobs}),
-                "jobs": len(method_jobs),
+                "jobs": len({j.benchmark for j in method_jobs}),  # a run group's runs share one job
                 "epochs": sum(e for e, _ in costs),
                 "train_seconds": sum(s for _, s in costs),
-                "wall_seconds": sum(benchmark_seconds(j.benchmark) for j in method_jobs),
+                "wall_seconds": sum(benchmark_seconds(b) for b in {j.benchmark for j in method_jobs}),
                 "chosen": chosen["name"],
                 "val_accuracy": chosen["metrics"]["val_accuracy"],
                 "test_accuracy": chosen["metrics"]["test_accuracy"],

@@ -20,22 +20,23 @@ epochs (their seconds over the runs in them); its record names the runs it was f
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from tlselect.core.files import CorruptFile, load_torch
+from tlselect.core.files import CorruptFile, checksum_path, load_torch
 from tlselect.core.registry import RegistryError, read_record, write_record
+from tlselect.runs import SHAPE
 from tlselect.training.fusion import FusedStagedNet, FusionError
 from tlselect.training.loop import autocast, evaluate, lr_at, prepare_input
 from tlselect.training.options import TrainConfig, TrainingError, check_settings
 from tlselect.training.trainer import PreparedRun, ResumeFiles, finish, fit, prepare, record_epoch, train
-
-# What runs fused together share: the network's shape, the steps, the data, the device and plan.
-SHAPE = ("backbone", "resolution", "freeze", "batch_size", "epochs", "data", "partition", "device", "precision",
-         "channels_last", "threads")  # fmt: skip
 
 
 def fusible(config: TrainConfig) -> bool:
@@ -52,14 +53,19 @@ def fusion_key(run: PreparedRun) -> tuple | None:
     return (*(getattr(config, name) for name in SHAPE), run.first_epoch, run.state.images)
 
 
-def train_group(configs: list[TrainConfig], log=print, fuse: bool = True) -> list[dict]:
+def train_group(configs: list[TrainConfig], log=print, fuse: bool = True, keep: str = "") -> list[dict]:
     """Train every run of ``configs`` in this process (``fuse``: runs of one shape fused) and write
-    each one's checkpoint and record; returns the records in the order of ``configs``."""
+    each one's checkpoint and record; returns the records in the order of ``configs``. ``keep``: a
+    folder where each finished run's files are kept (hard links, keyed by its settings), restored
+    instead of trained again when the group runs again (Snakemake deletes a job's outputs first)."""
     for config in configs:
         check_settings(config)
     outs = [config.out for config in configs]
     if len(set(outs)) < len(outs):
         raise TrainingError("two runs of the group write the same checkpoint; give each run its own --out")
+    if keep:
+        for config in configs:
+            restore(config, keep, log)
     records = {config.out: done for config in configs if (done := finished_record(config, log))}
     todo = [config for config in configs if config.out not in records]
     prepared = []
@@ -78,7 +84,41 @@ def train_group(configs: list[TrainConfig], log=print, fuse: bool = True) -> lis
     for config in todo:
         if config.out not in records:
             records[config.out] = write(config, train(config, log))
+    if keep:
+        for config in todo:
+            link_files(config_files(config), kept_files(config, keep))
     return [records[config.out] for config in configs]
+
+
+def config_files(config: TrainConfig) -> list[Path]:
+    """A run's files: its checkpoint, the checkpoint's checksum, its record."""
+    return [Path(config.out), checksum_path(config.out), Path(config.record)]
+
+
+def kept_files(config: TrainConfig, keep: str) -> list[Path]:
+    """Where ``keep`` holds a finished run's :func:`config_files`: named by its id and its settings."""
+    digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:12]
+    base = Path(keep) / f"{config.run_id}-{digest}"
+    return [base.with_name(base.name + suffix) for suffix in (".pt", ".pt.crc32", ".json")]
+
+
+def link_files(sources: list[Path], targets: list[Path]) -> None:
+    """Hard-link each of ``sources`` (those that exist) to its target, replacing it atomically."""
+    for source, target in zip(sources, targets, strict=True):
+        if source.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = target.with_name(f".{target.name}.link")
+            temporary.unlink(missing_ok=True)
+            os.link(source, temporary)
+            os.replace(temporary, target)
+
+
+def restore(config: TrainConfig, keep: str, log) -> None:
+    """Link a run's kept files back where a job wants them (checked as any finished run's are)."""
+    kept = kept_files(config, keep)
+    if config.record and all(path.is_file() for path in kept) and not Path(config.out).is_file():
+        link_files(kept, config_files(config))
+        log(f"[{config.run_id}] restored from {kept[0].parent}")
 
 
 def finished_record(config: TrainConfig, log) -> dict | None:

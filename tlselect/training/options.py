@@ -5,6 +5,7 @@ change on resume, and the checks a run passes before it starts.
 from __future__ import annotations
 
 import argparse
+import shlex
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -200,10 +201,31 @@ def job_config(argv=None, description: str = "") -> TrainConfig:
     ``--gpus N`` (the scheduler's gpu resource; 0 hides every GPU) and ``--gpu-jobs-per-device M``
     (at most M jobs share one GPU; :func:`tlselect.training.gpus.assign`), then every
     :class:`TrainConfig` flag."""
-    gpus = argparse.ArgumentParser(add_help=False)
-    gpus.add_argument("--gpus", type=int, default=None)
-    gpus.add_argument("--gpu-jobs-per-device", type=int, default=1, help="jobs sharing one GPU at most")
-    known, rest = gpus.parse_known_args(argv)
-    config = config_from_args(rest, description)
-    assign(known.gpus, config.device, per_device=known.gpu_jobs_per_device)
-    return config
+    return group_job(argv, description).runs[0]
+
+
+@dataclass
+class GroupJob:
+    """A training job's runs (one, or a run group's) and how the group trains."""
+
+    runs: list[TrainConfig]
+    fuse: bool = False
+    keep: str = ""
+
+
+def group_job(argv=None, description: str = "") -> GroupJob:
+    """A training job of one run (:func:`job_config`'s flags) or of a run group: ``--run "FLAGS"``
+    once per run (its own flags: settings, --out, --record, --run-id, ...), the other flags shared
+    by every run, plus ``--fuse`` (runs of one shape fused) and ``--keep FOLDER`` (finished runs
+    kept by run id, for a rerun of the group). The GPUs it was given are claimed before CUDA starts."""
+    job = argparse.ArgumentParser(add_help=False)
+    job.add_argument("--gpus", type=int, default=None)
+    job.add_argument("--gpu-jobs-per-device", type=int, default=1, help="jobs sharing one GPU at most")
+    job.add_argument("--run", action="append", default=[], help="a run group's member: its own flags, quoted")
+    job.add_argument("--fuse", action="store_true", help="train a group's runs of one shape fused")
+    job.add_argument("--keep", default="", help="folder keeping a group's finished runs by run id")
+    known, rest = job.parse_known_args(argv)
+    members = [shlex.split(run) for run in known.run] or [[]]
+    runs = [config_from_args(rest + member, description) for member in members]
+    assign(known.gpus, runs[0].device, per_device=known.gpu_jobs_per_device)
+    return GroupJob(runs, known.fuse, known.keep)
