@@ -27,12 +27,14 @@ from tlselect.core.files import write_text
 REPO = Path(__file__).resolve().parent.parent
 
 
-def overlay(candidates: int) -> dict:
-    """A search pool of exactly ``candidates`` (a multiple of 10): 10 (backbone, init, freeze) per learning rate."""
+def overlay(candidates: int, group_size: int = 1) -> dict:
+    """A search pool of exactly ``candidates`` (a multiple of 10): 10 (backbone, init, freeze) per learning
+    rate; the grid's candidates of one shape train ``group_size`` to a job (``run_groups.size``)."""
     if candidates % 10:
         raise SystemExit(f"pool sizes must be multiples of 10, not {candidates}")
     lrs = [round(0.0001 * (i + 1), 6) for i in range(candidates // 10)]
     return {
+        "run_groups": {"size": group_size, "fuse": False},
         "search": {
             "enabled": True,
             "backbones": ["resnet18", "mobilenet_v3_small"],
@@ -40,15 +42,15 @@ def overlay(candidates: int) -> dict:
             "freezes": ["none", "early"],
             "lrs": lrs,
             "resolutions": [32],
-        }
+        },
     }
 
 
-def dry_run(workdir: Path, candidates: int, repo: Path = REPO) -> dict:
+def dry_run(workdir: Path, candidates: int, repo: Path = REPO, group_size: int = 1) -> dict:
     """Wall and CPU seconds, peak RSS (MB), jobs of ``snakemake -n`` for ``candidates`` (0: a one-rule workflow)."""
     command = [sys.executable, "-m", "snakemake", "-n", "--directory", str(workdir)]
     if candidates:
-        write_text(workdir / "scale.yaml", yaml.safe_dump(overlay(candidates)))
+        write_text(workdir / "scale.yaml", yaml.safe_dump(overlay(candidates, group_size)))
         command += ["--snakefile", str(repo / "Snakefile"), "--configfile", str(repo / "config.yaml")]
         command += [str(workdir / "scale.yaml")]
     else:
@@ -77,15 +79,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000], help="candidates per pool")
     parser.add_argument("--repo", type=Path, default=REPO, help="the workflow to measure (another checkout of it)")
+    parser.add_argument("--group-sizes", type=int, nargs="+", default=[1], help="run_groups.size values to plan with")
     args = parser.parse_args(argv)
-    print("| candidates | jobs | `snakemake -n` wall s | CPU s | peak RSS MB |")
-    print("|---:|---:|---:|---:|---:|")
-    for size in [0, *args.sizes]:
+    print("| candidates | run_groups.size | jobs | `snakemake -n` wall s | CPU s | peak RSS MB |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for size, group_size in [(0, 1), *((s, g) for s in args.sizes for g in args.group_sizes)]:
         with tempfile.TemporaryDirectory(prefix=f"dag-scale-{size}-") as folder:
-            row = dry_run(Path(folder), size, args.repo.resolve())
+            row = dry_run(Path(folder), size, args.repo.resolve(), group_size)
         name = f"{size:,}" if size else "Snakemake's start (one-rule workflow)"
         print(
-            f"| {name} | {row['jobs']:,} | {row['wall_s']:.1f} | {row['cpu_s']:.1f} | {row['peak_rss_mb']:.0f} |",
+            f"| {name} | {group_size} | {row['jobs']:,} | {row['wall_s']:.1f} | {row['cpu_s']:.1f} | "
+            f"{row['peak_rss_mb']:.0f} |",
             flush=True,
         )
     return 0

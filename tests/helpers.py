@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -247,3 +249,34 @@ def job_counts(dry_run_output: str) -> dict[str, int]:
     """``{rule: jobs}`` from the "Job stats" table of a (dry) run's output."""
     table = dry_run_output.split("Job stats:")[-1]
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}
+
+
+def study_processes(session: int, workdir: Path) -> dict[int, list[str]]:
+    """Live processes of ``session`` or working in ``workdir`` (a notebook kernel has its own session)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            state, _ppid, _group, sid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+            if state != "Z" and (int(sid) == session or os.readlink(entry / "cwd").startswith(str(workdir))):
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except (OSError, ValueError):  # gone meanwhile, or a kernel thread
+            continue
+    return found
+
+
+def kill_session(process: subprocess.Popen, workdir: Path) -> None:
+    """SIGKILL a snakemake started with ``new_session`` (:func:`start_snakemake`) and all its jobs at
+    once, as a crash of the machine would; wait until none is left."""
+    os.killpg(process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while left := study_processes(process.pid, workdir):
+        assert time.monotonic() < deadline, f"still alive after SIGKILL: {left}"
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    process.wait()

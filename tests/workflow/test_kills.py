@@ -16,14 +16,13 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from helpers import snakemake_command, start_snakemake, tiny_study, write_study
+from helpers import kill_session, snakemake_command, start_snakemake, study_processes, tiny_study, write_study
 
 KILLS = int(os.environ.get("TLSELECT_KILLS", "5"))
 SEED = int(os.environ.get("TLSELECT_KILL_SEED") or random.randrange(10**6))
@@ -143,35 +142,10 @@ def wait_for(place: Place, process: subprocess.Popen, out: Path, before: set) ->
     raise AssertionError(f"no sign of {place.name} after {LIMIT_S} s")
 
 
-def study_processes(session: int, workdir: Path) -> dict[int, list[str]]:
-    """Live processes of ``session`` or working in ``workdir`` (a notebook kernel has its own session)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            state, _ppid, _group, sid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:4]
-            if state != "Z" and (int(sid) == session or os.readlink(entry / "cwd").startswith(str(workdir))):
-                found[int(entry.name)] = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except (OSError, ValueError):  # gone meanwhile, or a kernel thread
-            continue
-    return found
-
-
 def kill_study(process: subprocess.Popen, workdir: Path) -> list[str]:
     """SIGKILL snakemake and all its jobs at once; return what those processes were doing."""
     doing = study_processes(process.pid, workdir)
-    os.killpg(process.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while left := study_processes(process.pid, workdir):
-        assert time.monotonic() < deadline, f"still alive after SIGKILL: {left}"
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.05)
-    process.wait()
+    kill_session(process, workdir)
     return sorted({label for argv in doing.values() if (label := what(argv))})
 
 

@@ -1,0 +1,112 @@
+"""Run groups in the workflow: the tiny study's policies trained by one job per group give the runs,
+files and results of one job per run (identical one after another, to float rounding fused); a killed
+group job resumes every run; a diverging run is marked so while the others finish."""
+
+import json
+import time
+
+import pytest
+import torch
+import yaml
+from helpers import TIMING_KEYS, job_counts, kill_session, make_study, snakemake, snakemake_command, start_snakemake
+
+POLICIES = [{"name": "a", "init": "scratch", "freeze": "none"},
+            {"name": "b", "init": "scratch", "freeze": "none", "lr": 0.01, "weight_decay": 0.0},
+            {"name": "c", "init": "scratch", "freeze": "none", "lr": 0.02, "label_smoothing": 0.0}]  # fmt: skip
+WILD = {"name": "wild", "init": "scratch", "freeze": "none", "lr": 1e8}  # diverges in its second epoch
+TABLE = "results/tables/runs.csv"
+# What differs between two runs of the same spec: timings, and where a run resumed or whom it fused with.
+VARYING = {"timings", "throughput_images_per_second", "wall_seconds", "resumed_from_epoch", "fused_with"}
+
+
+def study(workdir, archive, policies, run_groups, epochs=3, **blocks) -> dict:
+    """Write the tiny study of ``policies`` with ``run_groups``; its runs."""
+    runs = make_study(workdir, archive, policies, epochs=epochs)
+    overlay = yaml.safe_load((workdir / "tiny.yaml").read_text())
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump({**overlay, "run_groups": run_groups, **blocks}))
+    return runs
+
+
+def results(workdir, runs) -> dict:
+    """Each run's record (timings aside), and its checkpoint's weights and test predictions."""
+    out = {}
+    for run_id in runs:
+        record = json.loads((workdir / f"results/registry/{run_id}.json").read_text())
+        record = {k: v for k, v in record.items() if k not in VARYING}
+        record["curves"] = [{k: v for k, v in c.items() if k not in TIMING_KEYS} for c in record["curves"]]
+        checkpoint = torch.load(workdir / f"results/models/{run_id}.pt", weights_only=True)
+        out[run_id] = (record, {"test_predictions": checkpoint["test_predictions"], **checkpoint["model"]})
+    return out
+
+
+def assert_same(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for run_id, (record, weights) in got.items():
+        assert record == expected[run_id][0], run_id
+        assert all(torch.equal(weights[k], v) for k, v in expected[run_id][1].items()), run_id
+
+
+def training_jobs(output: str) -> dict[str, int]:
+    return {rule: n for rule, n in job_counts(output).items() if rule.startswith("train")}
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory, tiny_archive):
+    """The study with a job per run: its runs, results and training jobs."""
+    workdir = tmp_path_factory.mktemp("alone")
+    runs = study(workdir, tiny_archive, POLICIES, {"size": 1})
+    output = snakemake(workdir, TABLE).stdout
+    return runs, results(workdir, runs), training_jobs(output)
+
+
+def test_one_job_per_group_trains_what_a_job_per_run_trains(tmp_path, tiny_archive, alone):
+    runs, expected, jobs = alone
+    assert jobs == {"train": 3}
+    workdir = tmp_path / "grouped"
+    assert study(workdir, tiny_archive, POLICIES, {"size": 2, "fuse": False}) == runs  # the same run ids
+    output = snakemake(workdir, TABLE).stdout
+    assert sorted(training_jobs(output).values()) == [1, 1] and "train" in training_jobs(output)  # a pair, one alone
+    assert_same(results(workdir, runs), expected)
+    assert "Nothing to be done" in snakemake(workdir, TABLE, "-n").stdout
+
+
+def test_a_killed_group_job_resumes_every_run(tmp_path, tiny_archive, alone):
+    runs, expected, _ = alone
+    workdir = tmp_path / "killed"
+    study(workdir, tiny_archive, POLICIES, {"size": 3, "fuse": False}, fork_server=False)
+    first, second = list(runs)[:2]
+    out = workdir / "killed.out"
+    process = start_snakemake(snakemake_command(workdir, TABLE), workdir, out, new_session=True)
+    resume = workdir / f"results/models/{second}.resume.pt"  # the first run has finished by then
+    deadline = time.monotonic() + 600
+    while not resume.is_file():
+        assert process.poll() is None and time.monotonic() < deadline, out.read_text()[-3000:]
+        time.sleep(0.05)
+    kill_session(process, workdir)
+    snakemake(workdir, "--unlock")
+    snakemake(workdir, TABLE, "--rerun-incomplete")
+    log = next((workdir / "results/logs/train").glob("group_*.log")).read_text()
+    assert f"[{first}] restored from" in log and f"[{second}] resuming after epoch" in log
+    assert_same(results(workdir, runs), expected)
+    assert not list(workdir.glob("results/models/*.resume.pt"))
+
+
+def test_fused_runs_agree_and_a_diverging_run_leaves_the_others(tmp_path, tiny_archive, alone):
+    """Fused in float32, the runs' first epoch agrees with training alone to float rounding (the
+    tiny batches' BatchNorm amplifies the fused convolution's other summation order after that;
+    tests/unit/test_fusion.py checks fused training exactly in float64)."""
+    runs, expected, _ = alone
+    workdir = tmp_path / "fused"
+    fused_runs = study(workdir, tiny_archive, [*POLICIES, WILD], {"size": 4, "fuse": True}, epochs=3)
+    output = snakemake(workdir, TABLE).stdout
+    assert list(training_jobs(output).values()) == [1]
+    got = results(workdir, fused_runs)
+    for run_id, (record, weights) in got.items():
+        if run_id not in runs:
+            assert record["status"] == "diverged" and len(record["curves"]) == 2
+            continue
+        reference = expected[run_id][0]
+        assert record["status"] == "completed" and len(record["curves"]) == 3
+        assert record["curves"][0]["train_loss"] == pytest.approx(reference["curves"][0]["train_loss"], rel=1e-4)
+        assert record["curves"][0]["val_accuracy"] == reference["curves"][0]["val_accuracy"]
+        assert weights.keys() == expected[run_id][1].keys()
