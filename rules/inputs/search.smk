@@ -13,13 +13,43 @@ def rung_slots(method, bracket, rung, suffix=".json"):
     return [f"{path}/slot{slot}{suffix}" for slot in range(keep)]
 
 
+# Rung 0 of every bracket, ``{"<method>/b<bracket>/rung0/slot<slot>": spec}`` (its candidate's spec
+# with the rung's epochs): known when the Snakefile is parsed, so its slots train in run groups;
+# with run groups on, every slot is a group's (a slot of a shape of its own: a group of one).
+FIRST_RUNG = {
+    f"{method}/b{b}/rung0/slot{slot}": runs.RunSpec(
+        f"{method}-b{b}-rung0-slot{slot}",
+        {**POOL[c].settings, "epochs": bracket.epochs[0], "keep_state": True},
+        weights=POOL[c].weights,
+    )
+    for method, method_brackets in BRACKETS.items()
+    for b, bracket in enumerate(method_brackets)
+    for slot, c in enumerate(bracket.candidates)
+}
+FIRST_RUNG_GROUPS = runs.run_groups(FIRST_RUNG, GROUP_SIZE)
+if FIRST_RUNG_GROUPS:
+    FIRST_RUNG_GROUPS |= {
+        re.sub(r"\W+", "_", slot): [slot]
+        for slot in sorted(set(FIRST_RUNG) - grouped(FIRST_RUNG_GROUPS))
+    }
+FIRST_RUNG_GROUP_OF = {
+    m: group for group, members in FIRST_RUNG_GROUPS.items() for m in members
+}
+
+
 def search_jobs(method, last_only=False):
-    """``(record, benchmark file)`` of every job of a method (or only its brackets' last rungs)."""
+    """``(record, benchmark file)`` of every job of a method (or only its brackets' last rungs); a
+    slot trained in a run group names its group's benchmark file."""
     return [
         (
             record,
-            "results/benchmarks/"
-            + record.removeprefix("results/").replace(".json", ".tsv"),
+            (
+                f"results/benchmarks/search/first_rung/group_{FIRST_RUNG_GROUP_OF[slot]}.tsv"
+                if (slot := record.removeprefix("results/search/")[:-5])
+                in FIRST_RUNG_GROUP_OF
+                else "results/benchmarks/"
+                + record.removeprefix("results/").replace(".json", ".tsv")
+            ),
         )
         for b, bracket in enumerate(BRACKETS[method])
         for r in range(bracket.rungs)

@@ -46,8 +46,9 @@ def assert_same(got: dict, expected: dict) -> None:
         assert all(torch.equal(weights[k], v) for k, v in expected[run_id][1].items()), run_id
 
 
-def training_jobs(output: str) -> dict[str, int]:
-    return {rule: n for rule, n in job_counts(output).items() if rule.startswith("train")}
+def training_jobs(run) -> dict[str, int]:
+    """Training jobs per rule of a finished snakemake ``run``."""
+    return {rule: n for rule, n in job_counts(run.stdout + run.stderr).items() if rule.startswith("train")}
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,8 @@ def alone(tmp_path_factory, tiny_archive):
     """The study with a job per run: its runs, results and training jobs."""
     workdir = tmp_path_factory.mktemp("alone")
     runs = study(workdir, tiny_archive, POLICIES, {"size": 1})
-    output = snakemake(workdir, TABLE).stdout
-    return runs, results(workdir, runs), training_jobs(output)
+    jobs = training_jobs(snakemake(workdir, TABLE))
+    return runs, results(workdir, runs), jobs
 
 
 def test_one_job_per_group_trains_what_a_job_per_run_trains(tmp_path, tiny_archive, alone):
@@ -64,8 +65,8 @@ def test_one_job_per_group_trains_what_a_job_per_run_trains(tmp_path, tiny_archi
     assert jobs == {"train": 3}
     workdir = tmp_path / "grouped"
     assert study(workdir, tiny_archive, POLICIES, {"size": 2, "fuse": False}) == runs  # the same run ids
-    output = snakemake(workdir, TABLE).stdout
-    assert sorted(training_jobs(output).values()) == [1, 1] and "train" in training_jobs(output)  # a pair, one alone
+    jobs = training_jobs(snakemake(workdir, TABLE))
+    assert sorted(jobs.values()) == [1, 1] and "train" in jobs  # a group of two, one run alone
     assert_same(results(workdir, runs), expected)
     assert "Nothing to be done" in snakemake(workdir, TABLE, "-n").stdout
 
@@ -98,8 +99,7 @@ def test_fused_runs_agree_and_a_diverging_run_leaves_the_others(tmp_path, tiny_a
     runs, expected, _ = alone
     workdir = tmp_path / "fused"
     fused_runs = study(workdir, tiny_archive, [*POLICIES, WILD], {"size": 4, "fuse": True}, epochs=3)
-    output = snakemake(workdir, TABLE).stdout
-    assert list(training_jobs(output).values()) == [1]
+    assert list(training_jobs(snakemake(workdir, TABLE)).values()) == [1]
     got = results(workdir, fused_runs)
     for run_id, (record, weights) in got.items():
         if run_id not in runs:
