@@ -158,6 +158,15 @@ def test_compare_counts_only_new_epochs_and_chooses_on_validation(tmp_path):
     assert rows["sh"]["test_gap_points"] == pytest.approx(0.0)
 
 
+def test_runs_of_one_group_job_count_its_seconds_and_the_job_once(tmp_path):
+    benchmark = tmp_path / "group.tsv"
+    benchmark.write_text("s\th:m:s\n12.0\t0:00:12\n")
+    records = [{**_record(name, 0.5, 0.5), "curves": [{"train_seconds": 1.0}] * 2} for name in "abc"]
+    jobs = [compare.Job(record, 0, str(benchmark)) for record in records]  # one job trained all three
+    (row,) = compare.compare({"grid": jobs}, {"grid": records})
+    assert (row["jobs"], row["candidates"], row["epochs"], row["wall_seconds"]) == (1, 3, 6, 12.0)
+
+
 def test_a_missing_benchmark_file_is_an_error_not_zero_seconds(tmp_path):
     record = {**_record("a", 0.5, 0.5), "curves": [{"train_seconds": 1.0}]}
     with pytest.raises(RegistryError, match="benchmark file"):

@@ -79,14 +79,11 @@ def train_group(configs: list[TrainConfig], log=print, fuse: bool = True, keep: 
     for index, run in enumerate(prepared):
         sets.setdefault(fusion_key(run) or ("alone", index), []).append(run)
     for runs in sets.values():
-        for record in fit_fused(runs, log) if len(runs) > 1 else [fit_alone(runs[0], log)]:
+        for record in fit_fused(runs, log, keep) if len(runs) > 1 else [fit_alone(runs[0], log, keep)]:
             records[record["config"]["out"]] = record
     for config in todo:
         if config.out not in records:
-            records[config.out] = write(config, train(config, log))
-    if keep:
-        for config in todo:
-            link_files(config_files(config), kept_files(config, keep))
+            records[config.out] = write(config, train(config, log), keep)
     return [records[config.out] for config in configs]
 
 
@@ -135,26 +132,29 @@ def finished_record(config: TrainConfig, log) -> dict | None:
     return record
 
 
-def write(config: TrainConfig, record: dict) -> dict:
+def write(config: TrainConfig, record: dict, keep: str = "") -> dict:
+    """Write a finished run's record (its checkpoint is written); ``keep``: link both into that folder at once."""
     if config.record:
         write_record(config.record, record)
+        if keep:
+            link_files(config_files(config), kept_files(config, keep))
     return record
 
 
-def fit_alone(run: PreparedRun, log) -> dict:
+def fit_alone(run: PreparedRun, log, keep: str = "") -> dict:
     """A prepared run with a shape of its own: the trainer's epochs, then its files."""
     status = fit(run.state, run.forward, run.batches, run.first_epoch, run.scaler, run.device, log)
-    return write(run.state.config, finish(run, status, log))
+    return write(run.state.config, finish(run, status, log), keep)
 
 
-def fit_fused(runs: list[PreparedRun], log) -> list[dict]:
+def fit_fused(runs: list[PreparedRun], log, keep: str = "") -> list[dict]:
     """Train runs of one shape fused, validating each after every epoch, with resume files; a
     diverged run is finished at once and the rest fused again without it. Their records."""
     try:
         fused = FusedStagedNet([run.state.model for run in runs], [run.state.rng for run in runs])
     except FusionError as error:
         log(f"training {len(runs)} runs one after another: {error}")
-        return [fit_alone(run, log) for run in runs]
+        return [fit_alone(run, log, keep) for run in runs]
     names = [run.state.config.run_id for run in runs]
     log(f"fused {len(runs)} runs: {', '.join(names)}")
     records, active = [], list(runs)
@@ -174,20 +174,20 @@ def fit_fused(runs: list[PreparedRun], log) -> list[dict]:
             if record_epoch(run.state, epoch, result, (val_acc, val_loss), seconds, log):
                 survivors.append(run)
             else:
-                records.append(finish_fused(run, "diverged", names, log))
+                records.append(finish_fused(run, "diverged", names, log, keep))
         if not survivors:
             return records
         if len(survivors) < len(active):
             active = survivors
             fused = FusedStagedNet([run.state.model for run in active], [run.state.rng for run in active])
         resume_files.after_epoch([run.state for run in active], epoch, time.perf_counter() - epoch_start)
-    return records + [finish_fused(run, "completed", names, log) for run in active]
+    return records + [finish_fused(run, "completed", names, log, keep) for run in active]
 
 
-def finish_fused(run: PreparedRun, status: str, names: list[str], log) -> dict:
+def finish_fused(run: PreparedRun, status: str, names: list[str], log, keep: str = "") -> dict:
     record = finish(run, status, log)
     record["fused_with"] = [name for name in names if name != run.state.config.run_id]
-    return write(run.state.config, record)
+    return write(run.state.config, record, keep)
 
 
 def fused_epoch(fused: FusedStagedNet, runs: list[PreparedRun], epoch: int, steps_per_epoch: int) -> list[tuple]:
