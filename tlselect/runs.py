@@ -1,7 +1,8 @@
 """Run specs: every kind of run the workflow trains, from the config, in one place.
 
-A run is one training job. Its :class:`RunSpec` holds a stable id, the trainer settings (the
-fields of ``tlselect.training.options.TrainConfig``, so :meth:`RunSpec.flags` are ``scripts/train.py``'s
+A run is one training job (or one run of a job's run group, :func:`run_groups`). Its
+:class:`RunSpec` holds a stable id, the trainer settings (the fields of
+``tlselect.training.options.TrainConfig``, so :meth:`RunSpec.flags` are ``scripts/train.py``'s
 flags) and what the job needs besides the decoded subset: the source model of a backbone, or a
 cached feature layer. Kinds of run:
 

@@ -35,7 +35,8 @@ def results(workdir, runs) -> dict:
         record = {k: v for k, v in record.items() if k not in VARYING}
         record["curves"] = [{k: v for k, v in c.items() if k not in TIMING_KEYS} for c in record["curves"]]
         checkpoint = torch.load(workdir / f"results/models/{run_id}.pt", weights_only=True)
-        out[run_id] = (record, {"test_predictions": checkpoint["test_predictions"], **checkpoint["model"]})
+        predictions = checkpoint.get("test_predictions", torch.empty(0))  # none: the run diverged
+        out[run_id] = (record, {"test_predictions": predictions, **checkpoint["model"]})
     return out
 
 

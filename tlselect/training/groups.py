@@ -12,10 +12,12 @@ own) train one after another through the trainer itself.
 Each run goes through the trainer's own steps (:func:`~tlselect.training.trainer.prepare` before
 its epochs, :func:`~tlselect.training.trainer.finish` after: the same checkpoint, record and
 curves a job of its own writes) and writes its own resume files, so a killed group resumes every
-run from its own; a run whose checkpoint and record are already written is not trained again. A
-run that diverges (a non-finite training loss) is finished as diverged after that epoch, and the
-others train on, fused without it. A fused run's ``train_seconds`` are its share of the fused
-epochs (their seconds over the runs in them); its record names the runs it was fused with.
+run from its own; a run whose checkpoint and record are already written is not trained again, nor
+one whose files a keep folder holds (hard links made as each run finishes, keyed by its settings:
+Snakemake deletes a job's outputs before it runs the job again). A run that diverges (a
+non-finite training loss) is finished as diverged after that epoch, and the others train on,
+fused without it. A fused run's ``train_seconds`` are its share of the fused epochs (their
+seconds over the runs in them); its record names the runs it was fused with.
 """
 
 from __future__ import annotations
