@@ -215,6 +215,11 @@ def group_args(specs, members, files, **overrides):
     return f"{PLAN_FLAGS} --data {os.path.dirname(SUBSET)} {' '.join(runs)}{fuse} --keep {RUN_STORE}"
 
 
+def group_benchmark(folder, group):
+    """The benchmark file of a run group's job (rules/groups.smk); its runs' wall time."""
+    return f"results/benchmarks/{folder}/group_{group}.tsv"
+
+
 def grouped(groups):
     """The run ids of ``groups`` (runs that the per-run rule must not train)."""
     return {member for members in groups.values() for member in members}

@@ -41,45 +41,6 @@ use rule train as search_grid with:
         run_id="grid-{candidate}",
 
 
-for group, members in GRID_GROUPS.items():
-
-    rule:
-        name:
-            f"search_grid_group_{group}"
-        input:
-            **group_inputs(POOL, members),
-        output:
-            models=[f"results/search/grid/{m}.pt" for m in members],
-            records=[f"results/search/grid/{m}.json" for m in members],
-        log:
-            f"results/logs/search/grid/group_{group}.log",
-        benchmark:
-            f"results/benchmarks/search/grid/group_{group}.tsv"
-        priority: 0
-        conda:
-            "../envs/torch.yaml"
-        threads: config["threads"]
-        resources:
-            **TRAINING_RESOURCES | {"runtime": 120 * len(members)},
-        params:
-            gpus=gpu_flags,
-            script=script("train.py"),
-            args=group_args(
-                POOL,
-                members,
-                lambda m: (
-                    f"results/search/grid/{m}.pt",
-                    f"results/search/grid/{m}.json",
-                    f"grid-{m}",
-                ),
-                epochs=config["search"]["max_epochs"],
-            ),
-            device=config["device"],
-        shell:
-            "python {params.script} {params.args} --device {params.device} {params.gpus} "
-            "--threads {threads} 2>&1 | tee {log}"
-
-
 use rule train as search_random with:
     input:
         unpack(spec_inputs(RANDOM, "candidate")),
@@ -127,44 +88,6 @@ use rule train as search_first_rung with:
             )
         ),
         run_id="{method}-b{bracket}-rung0-slot{slot}",
-
-
-for group, members in FIRST_RUNG_GROUPS.items():
-
-    rule:
-        name:
-            f"search_first_rung_group_{group}"
-        input:
-            **group_inputs(FIRST_RUNG, members),
-        output:
-            models=[f"results/search/{m}.pt" for m in members],
-            records=[f"results/search/{m}.json" for m in members],
-        log:
-            f"results/logs/search/first_rung/group_{group}.log",
-        benchmark:
-            f"results/benchmarks/search/first_rung/group_{group}.tsv"
-        priority: 0
-        conda:
-            "../envs/torch.yaml"
-        threads: config["threads"]
-        resources:
-            **TRAINING_RESOURCES | {"runtime": 120 * len(members)},
-        params:
-            gpus=gpu_flags,
-            script=script("train.py"),
-            args=group_args(
-                FIRST_RUNG,
-                members,
-                lambda m: (
-                    f"results/search/{m}.pt",
-                    f"results/search/{m}.json",
-                    FIRST_RUNG[m].id,
-                ),
-            ),
-            device=config["device"],
-        shell:
-            "python {params.script} {params.args} --device {params.device} {params.gpus} "
-            "--threads {threads} 2>&1 | tee {log}"
 
 
 rule search_rank:

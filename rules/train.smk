@@ -1,6 +1,6 @@
 # Training: one job per run. Rule `train` (the policies) is the shape of every training job;
 # probes, the source pretraining and the search's jobs reuse it with their own files and flags.
-# With run_groups.size > 1, policies of one shape train in one job per group (train_group_<group>).
+# With run_groups.size > 1, policies of one shape train in one job per group (rules/groups.smk).
 
 
 include: "inputs/train.smk"
@@ -34,40 +34,6 @@ rule train:
         "python {params.script} {params.args} --out {output.model} --record {output.record} "
         "--run-id {params.run_id} --device {params.device} {params.gpus} "
         "--threads {threads} 2>&1 | tee {log}"
-
-
-for group, members in RUN_GROUPS.items():
-
-    rule:
-        name:
-            f"train_group_{group}"
-        input:
-            **group_inputs(RUNS, members),
-        output:
-            models=[f"results/models/{m}.pt" for m in members],
-            records=[f"results/registry/{m}.json" for m in members],
-        log:
-            f"results/logs/train/group_{group}.log",
-        benchmark:
-            f"results/benchmarks/train/group_{group}.tsv"
-        priority: STUDY_FIRST
-        conda:
-            "../envs/torch.yaml"
-        threads: config["threads"]
-        resources:
-            **TRAINING_RESOURCES | {"runtime": 120 * len(members)},
-        params:
-            gpus=gpu_flags,
-            script=script("train.py"),
-            args=group_args(
-                RUNS,
-                members,
-                lambda m: (f"results/models/{m}.pt", f"results/registry/{m}.json", m),
-            ),
-            device=config["device"],
-        shell:
-            "python {params.script} {params.args} --device {params.device} {params.gpus} "
-            "--threads {threads} 2>&1 | tee {log}"
 
 
 use rule train as probe with:

@@ -44,7 +44,7 @@ def search_jobs(method, last_only=False):
         (
             record,
             (
-                f"results/benchmarks/search/first_rung/group_{FIRST_RUNG_GROUP_OF[slot]}.tsv"
+                group_benchmark("search/first_rung", FIRST_RUNG_GROUP_OF[slot])
                 if (slot := record.removeprefix("results/search/")[:-5])
                 in FIRST_RUNG_GROUP_OF
                 else "results/benchmarks/"
@@ -72,7 +72,7 @@ def grid_jobs(method="grid"):
         (
             f"results/search/{method}/{c}.json",
             (
-                f"results/benchmarks/search/grid/group_{groups[c]}.tsv"
+                group_benchmark("search/grid", groups[c])
                 if c in groups
                 else f"results/benchmarks/search/{method}/{c}.tsv"
             ),
