@@ -8,7 +8,17 @@ import time
 import pytest
 import torch
 import yaml
-from helpers import TIMING_KEYS, job_counts, kill_session, make_study, snakemake, snakemake_command, start_snakemake
+from helpers import (
+    TIMING_KEYS,
+    job_counts,
+    kill_session,
+    make_study,
+    snakemake,
+    snakemake_command,
+    start_snakemake,
+    tiny_study,
+    write_study,
+)
 
 POLICIES = [{"name": "a", "init": "scratch", "freeze": "none"},
             {"name": "b", "init": "scratch", "freeze": "none", "lr": 0.01, "weight_decay": 0.0},
@@ -23,7 +33,8 @@ def study(workdir, archive, policies, run_groups, epochs=3, **blocks) -> dict:
     """Write the tiny study of ``policies`` with ``run_groups``; its runs."""
     runs = make_study(workdir, archive, policies, epochs=epochs)
     overlay = yaml.safe_load((workdir / "tiny.yaml").read_text())
-    (workdir / "tiny.yaml").write_text(yaml.safe_dump({**overlay, "run_groups": run_groups, **blocks}))
+    groups = {"run_groups": run_groups} if run_groups else {}  # none: the default (auto)
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump({**overlay, **groups, **blocks}))
     return runs
 
 
@@ -54,9 +65,10 @@ def training_jobs(run) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def alone(tmp_path_factory, tiny_archive):
-    """The study with a job per run: its runs, results and training jobs."""
+    """The study with the default run groups, on a CPU without a plan that says otherwise a job per
+    run: its runs, results and training jobs."""
     workdir = tmp_path_factory.mktemp("alone")
-    runs = study(workdir, tiny_archive, POLICIES, {"size": 1})
+    runs = study(workdir, tiny_archive, POLICIES, None)
     jobs = training_jobs(snakemake(workdir, TABLE))
     return runs, results(workdir, runs), jobs
 
@@ -111,3 +123,21 @@ def test_fused_runs_agree_and_a_diverging_run_leaves_the_others(tmp_path, tiny_a
         assert record["curves"][0]["train_loss"] == pytest.approx(reference["curves"][0]["train_loss"], rel=1e-4)
         assert record["curves"][0]["val_accuracy"] == reference["curves"][0]["val_accuracy"]
         assert weights.keys() == expected[run_id][1].keys()
+
+
+def test_the_search_grid_and_first_rungs_train_in_groups(tmp_path, tiny_archive):
+    """A dry run of a tiny search (2 backbones x 2 inits x 2 learning rates) in groups of 4: the grid's
+    8 candidates in 2 jobs, every first-rung slot of successive halving and Hyperband in a group's job."""
+    search = {"enabled": True, "backbones": ["resnet18", "mobilenet_v3_small"], "inits": ["pretrained", "scratch"],
+              "freezes": ["none"], "lrs": [0.05, 0.01], "random_samples": 2, "rounds": 2, "q": 2, "eta": 2,
+              "distributions": {"batch_sizes": [8]}, "min_epochs": 1, "max_epochs": 2, "brackets": 2}  # fmt: skip
+    overlay = tiny_study(tiny_archive, source_epochs=1, device="cpu", features={"layers": [], "inits": []},
+                         policies=POLICIES[:1], speedups={"enabled": False}, search=search,
+                         run_groups={"size": 4, "fuse": False})  # fmt: skip
+    write_study(tmp_path, overlay)
+    counts = job_counts(snakemake(tmp_path, "results/tables/search.csv", "-n").stdout)
+    grid = [rule for rule in counts if rule.startswith("search_grid")]
+    first_rung = [rule for rule in counts if rule.startswith("search_first_rung")]
+    assert len(grid) == 2 and all(rule.startswith("search_grid_group_") for rule in grid)
+    assert 2 <= len(first_rung) < 12 and all(rule.startswith("search_first_rung_group_") for rule in first_rung)
+    assert all(counts[rule] == 1 for rule in grid + first_rung) and counts["search_next_rung"] > 0
