@@ -1,6 +1,7 @@
 # Run groups (docs/execution-plans.md#run-groups): one job trains a group of runs of one shape
 # (tlselect.runs.run_groups) for the study's policies, the search grid and the first rung of every
-# bracket; the per-run rules (train, search_grid, search_first_rung) leave the grouped runs to these.
+# bracket, and one job a group of a later rung's slots; the per-run rules (train, search_grid,
+# search_first_rung, search_next_rung) leave the grouped runs to these.
 # Each group is a rule of its own, named after its runs, with their usual files as outputs.
 
 # name prefix: (specs, groups, log and benchmark folder, priority, each run's files, settings overridden)
@@ -69,3 +70,43 @@ for prefix, (specs, groups, folder, order, files, overrides) in GROUPED_RULES.it
             shell:
                 "python {params.script} {params.args} --device {params.device} {params.gpus} "
                 "--threads {threads} 2>&1 | tee {log}"
+
+
+for group, (method, b, rung, slots) in NEXT_RUNG_GROUPS.items():
+    path = RUNG.format(method=method, bracket=b, rung=rung)
+
+    rule:
+        name:
+            f"search_next_rung_group_{group}"
+        input:
+            **subset_files(),
+            promoted=f"{path}/promoted.json",
+            weights=bracket_weights(method, b),
+        output:
+            models=[f"{path}/slot{s}.pt" for s in slots],
+            records=[f"{path}/slot{s}.json" for s in slots],
+        log:
+            f"results/logs/search/next_rung/group_{group}.log",
+        benchmark:
+            group_benchmark("search/next_rung", group)
+        priority: 0
+        conda:
+            "../envs/torch.yaml"
+        threads: config["threads"]
+        resources:
+            **TRAINING_RESOURCES | {"runtime": 120 * len(slots)},
+        params:
+            gpus=gpu_flags,
+            script=script("search.py"),
+            args=(
+                f"continue --promoted {path}/promoted.json --slot {' '.join(map(str, slots))} "
+                f"--epochs {BRACKETS[method][b].epochs[rung]} "
+                f"--out {' '.join(f'{path}/slot{s}.pt' for s in slots)} "
+                f"--record {' '.join(f'{path}/slot{s}.json' for s in slots)} "
+                f"--run-id {' '.join(f'{method}-b{b}-rung{rung}-slot{s}' for s in slots)} "
+                f"--keep {RUN_STORE}{' --fuse' if FUSE else ''}"
+            ),
+            device=config["device"],
+        shell:
+            "python {params.script} {params.args} --device {params.device} {params.gpus} "
+            "--threads {threads} 2>&1 | tee {log}"

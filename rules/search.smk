@@ -156,7 +156,7 @@ use rule train as search_next_rung with:
     benchmark:
         "results/benchmarks/search/{method}/b{bracket}/rung{rung}/slot{slot}.tsv"
     wildcard_constraints:
-        method="sh|hb",
+        method="^$" if NEXT_RUNG_GROUPS else "sh|hb",  # with groups, each slot is a group's
         bracket=r"\d+",
         rung=r"[1-9]\d*",
         slot=r"\d+",

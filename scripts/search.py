@@ -3,7 +3,7 @@
 
   rank      rank a rung's records on validation accuracy
   promote   the next rung's promotion file: the top --keep of a rung's ranking
-  continue  train the candidate a promoted slot holds: continue its checkpoint to --epochs
+  continue  train the candidates promoted slots hold: continue their checkpoints to --epochs (a run group)
   suggest   a round of TPE, GP-UCB or cost-aware GP-UCB from the earlier rounds' suggestions and records
   trial     train the candidate a suggested slot holds (other flags go to scripts/train.py's)
   proxies   LogME, kNN and linear-probe accuracy per cached (backbone, init, layer)
@@ -35,10 +35,11 @@ def promote(args) -> int:
     return 0
 
 
-def continue_slot(args) -> int:
-    jobs.continue_slot(
+def continue_slots(args) -> int:
+    jobs.continue_slots(
         args.promoted, args.slot, args.epochs, args.out, args.record, args.run_id, device=args.device,
-        threads=args.threads, gpus=args.gpus, gpu_jobs_per_device=args.gpu_jobs_per_device,
+        threads=args.threads, gpus=args.gpus, gpu_jobs_per_device=args.gpu_jobs_per_device, fuse=args.fuse,
+        keep=args.keep,
     )  # fmt: skip
     return 0
 
@@ -105,18 +106,20 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="promotion file (JSON)")
     p.set_defaults(run=promote)
 
-    p = commands.add_parser("continue", help="continue the checkpoint a promoted slot holds")
+    p = commands.add_parser("continue", help="continue the checkpoints promoted slots hold (several: a run group)")
     p.add_argument("--promoted", required=True)
-    p.add_argument("--slot", type=int, required=True)
+    p.add_argument("--slot", type=int, nargs="+", required=True)
     p.add_argument("--epochs", type=int, required=True, help="total epochs after this rung")
-    p.add_argument("--out", required=True)
-    p.add_argument("--record", required=True)
-    p.add_argument("--run-id", required=True)
+    p.add_argument("--out", nargs="+", required=True, help="one checkpoint per slot")
+    p.add_argument("--record", nargs="+", required=True, help="one record per slot")
+    p.add_argument("--run-id", nargs="+", required=True, help="one run id per slot")
+    p.add_argument("--fuse", action="store_true", help="slots of one shape train fused")
+    p.add_argument("--keep", default="", help="folder keeping finished slots for a rerun (tlselect.training.groups)")
     p.add_argument("--device", default="auto")
     p.add_argument("--gpus", type=int, default=None)
     p.add_argument("--gpu-jobs-per-device", type=int, default=1, help="jobs sharing one GPU at most")
     p.add_argument("--threads", type=int, default=0)
-    p.set_defaults(run=continue_slot)
+    p.set_defaults(run=continue_slots)
 
     p = commands.add_parser("suggest", help="a round of a model-based method's trials (JSON)")
     p.add_argument("--method", required=True, choices=brackets.MODEL_BASED)

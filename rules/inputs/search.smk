@@ -32,8 +32,36 @@ if FIRST_RUNG_GROUPS:
         re.sub(r"\W+", "_", slot): [slot]
         for slot in sorted(set(FIRST_RUNG) - grouped(FIRST_RUNG_GROUPS))
     }
-FIRST_RUNG_GROUP_OF = {
-    m: group for group, members in FIRST_RUNG_GROUPS.items() for m in members
+# The later rungs' slots, ``{group: (method, bracket, rung, slots)}``: which candidate a slot holds
+# is decided at run time, so with run groups on each rung's slots are cut into groups in slot order
+# (the group job fuses those of one shape).
+NEXT_RUNG_GROUPS = {
+    f"{method}_b{b}_rung{rung}_slot{start}": (
+        method,
+        b,
+        rung,
+        list(range(start, min(start + GROUP_SIZE, bracket.keep[rung]))),
+    )
+    for method, method_brackets in BRACKETS.items()
+    for b, bracket in enumerate(method_brackets)
+    for rung in range(1, bracket.rungs)
+    for start in range(0, bracket.keep[rung], GROUP_SIZE)
+    if GROUP_SIZE > 1
+}
+# Each grouped slot ("<method>/b<bracket>/rung<rung>/slot<slot>") and its group job's benchmark file.
+SLOT_BENCHMARKS = {
+    **{
+        m: group_benchmark("search/first_rung", group)
+        for group, members in FIRST_RUNG_GROUPS.items()
+        for m in members
+    },
+    **{
+        f"{method}/b{b}/rung{rung}/slot{slot}": group_benchmark(
+            "search/next_rung", group
+        )
+        for group, (method, b, rung, slots) in NEXT_RUNG_GROUPS.items()
+        for slot in slots
+    },
 }
 
 
@@ -43,12 +71,10 @@ def search_jobs(method, last_only=False):
     return [
         (
             record,
-            (
-                group_benchmark("search/first_rung", FIRST_RUNG_GROUP_OF[slot])
-                if (slot := record.removeprefix("results/search/")[:-5])
-                in FIRST_RUNG_GROUP_OF
-                else "results/benchmarks/"
-                + record.removeprefix("results/").replace(".json", ".tsv")
+            SLOT_BENCHMARKS.get(
+                record.removeprefix("results/search/")[:-5],
+                "results/benchmarks/"
+                + record.removeprefix("results/").replace(".json", ".tsv"),
             ),
         )
         for b, bracket in enumerate(BRACKETS[method])

@@ -11,6 +11,7 @@ import pytest
 from helpers import REPO
 from scipy import optimize, stats
 
+from tlselect.core.files import write_json
 from tlselect.core.registry import RegistryError, read_record, write_record
 from tlselect.runs import candidate_runs, random_runs
 from tlselect.search import brackets, compare, jobs, proxies
@@ -139,6 +140,33 @@ def test_a_promoted_slot_continues_its_checkpoint(tensor_data, tmp_path):
     assert record["curves"][0] == previous["curves"][0]  # the first epoch is the rung-0 run's, not redone
     found = jobs.jobs([f"{out}.json"], [f"{out}.tsv"])
     assert found[0].first_epoch == 1 and compare.job_cost(found[0].record, found[0].first_epoch)[0] == 2
+
+
+def test_promoted_slots_continued_as_a_group_are_the_slots_continued_alone(tensor_data, tmp_path):
+    rung0 = tmp_path / "rung0"
+    for slot, lr in enumerate((0.05, 0.2)):
+        cfg = TrainConfig(
+            data=str(tensor_data), out=str(rung0 / f"slot{slot}.pt"), record=str(rung0 / f"slot{slot}.json"),
+            run_id=f"slot{slot}", kind="candidate", name=f"cand{slot}", epochs=1, batch_size=32, lr=lr,
+            precision="float32", channels_last=False, device="cpu", keep_state=True, eval_batch_size=64, threads=1,
+        )  # fmt: skip
+        write_record(cfg.record, train(cfg, log=lambda _: None))
+    promoted = tmp_path / "promoted.json"
+    write_json(promoted, {"slots": brackets.promote({str(rung0 / f"slot{s}.json"): read_record(rung0 / f"slot{s}.json")
+                                                     for s in (0, 1)}, 2)})  # fmt: skip
+    common = ["continue", "--promoted", str(promoted), "--epochs", "2", "--device", "cpu", "--threads", "1"]
+    for slot in (0, 1):
+        out = tmp_path / f"alone{slot}"
+        search_cli.main(
+            [*common, "--slot", str(slot), "--out", f"{out}.pt", "--record", f"{out}.json", "--run-id", "s"]
+        )
+    group = [tmp_path / f"group{slot}" for slot in (0, 1)]
+    assert search_cli.main([*common, "--slot", "0", "1", "--out", *(f"{g}.pt" for g in group), "--record",
+                            *(f"{g}.json" for g in group), "--run-id", "s", "s"]) == 0  # fmt: skip
+    for slot in (0, 1):
+        alone, grouped = read_record(tmp_path / f"alone{slot}.json"), read_record(tmp_path / f"group{slot}.json")
+        assert grouped["continued_from"] == alone["continued_from"] and grouped["metrics"] == alone["metrics"]
+        assert [c["train_loss"] for c in grouped["curves"]] == [c["train_loss"] for c in alone["curves"]]
 
 
 def test_compare_counts_only_new_epochs_and_chooses_on_validation(tmp_path):

@@ -125,9 +125,9 @@ def test_fused_runs_agree_and_a_diverging_run_leaves_the_others(tmp_path, tiny_a
         assert weights.keys() == expected[run_id][1].keys()
 
 
-def test_the_search_grid_and_first_rungs_train_in_groups(tmp_path, tiny_archive):
+def test_the_search_grid_and_rungs_train_in_groups(tmp_path, tiny_archive):
     """A dry run of a tiny search (2 backbones x 2 inits x 2 learning rates) in groups of 4: the grid's
-    8 candidates in 2 jobs, every first-rung slot of successive halving and Hyperband in a group's job."""
+    8 candidates in 2 jobs, every rung's slots of successive halving and Hyperband in a group's job."""
     search = {"enabled": True, "backbones": ["resnet18", "mobilenet_v3_small"], "inits": ["pretrained", "scratch"],
               "freezes": ["none"], "lrs": [0.05, 0.01], "random_samples": 2, "rounds": 2, "q": 2, "eta": 2,
               "distributions": {"batch_sizes": [8]}, "min_epochs": 1, "max_epochs": 2, "brackets": 2}  # fmt: skip
@@ -140,4 +140,6 @@ def test_the_search_grid_and_first_rungs_train_in_groups(tmp_path, tiny_archive)
     first_rung = [rule for rule in counts if rule.startswith("search_first_rung")]
     assert len(grid) == 2 and all(rule.startswith("search_grid_group_") for rule in grid)
     assert 2 <= len(first_rung) < 12 and all(rule.startswith("search_first_rung_group_") for rule in first_rung)
-    assert all(counts[rule] == 1 for rule in grid + first_rung) and counts["search_next_rung"] > 0
+    later = [rule for rule in counts if rule.startswith("search_next_rung")]
+    assert later and all(rule.startswith("search_next_rung_group_") for rule in later)
+    assert all(counts[rule] == 1 for rule in grid + first_rung + later)

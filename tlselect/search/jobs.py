@@ -2,7 +2,7 @@
 
 - :func:`rank_rung`: a rung's records ranked on validation accuracy (``ranking.json``);
 - :func:`promote`: the next rung's promotion file, the top ``keep`` of that ranking;
-- :func:`continue_slot`: a promoted slot's candidate trained on from its checkpoint;
+- :func:`continue_slots`: promoted slots' candidates trained on from their checkpoints;
 - :func:`suggest`: a round of a model-based method (TPE, GP-UCB, cost-aware GP-UCB);
 - :func:`trial`: one suggested candidate trained (:func:`trial_flags` are its settings);
 - :func:`proxy_tables`: LogME, kNN and linear-probe scores per cached feature folder;
@@ -47,43 +47,54 @@ def promote(ranking: str | Path, keep: int, out: str | Path) -> str:
     return brackets.write_promotion(ranking, keep, out)
 
 
-def continue_slot(
+def continue_slots(
     promoted: str | Path,
-    slot: int,
+    slots: list[int],
     epochs: int,
-    out: str,
-    record: str,
-    run_id: str,
+    outs: list[str],
+    records: list[str],
+    run_ids: list[str],
     device: str = "auto",
     threads: int = 0,
     gpus: int | None = None,
     gpu_jobs_per_device: int = 1,
-) -> dict:
-    """Train the candidate that ``slot`` of a promotion file holds on to ``epochs`` epochs in all,
-    continuing its previous rung's checkpoint with that run's settings; write the checkpoint
-    ``out`` and the record ``record``, and return the record."""
-    from tlselect.training.options import TrainConfig  # torch: only for the training steps
+    fuse: bool = False,
+    keep: str = "",
+) -> list[dict]:
+    """Train the candidate that each of ``slots`` of a promotion file holds on to ``epochs`` epochs in
+    all, continuing its previous rung's checkpoint with that run's settings; write each one's
+    checkpoint (``outs``) and record (``records``), and return the records. Several slots train as a
+    run group (:func:`tlselect.training.groups.train_group`; ``fuse``, ``keep``: as there)."""
+    from tlselect.training.groups import train_group  # torch: only for the training steps
+    from tlselect.training.options import TrainConfig
     from tlselect.training.trainer import train
 
-    chosen = json.loads(Path(promoted).read_text())["slots"][slot]
-    previous = read_record(chosen["record"])["config"]
-    config = TrainConfig(
-        **{
-            **previous,
-            "epochs": epochs,
-            "out": out,
-            "record": record,
-            "run_id": run_id,
-            "continue_from": chosen["checkpoint"],
-            "keep_state": True,
-            "device": device,
-            "threads": threads,
-        }
-    )
-    assign(gpus, config.device, per_device=gpu_jobs_per_device)
-    result = train(config)
-    write_record(config.record, result)
-    return result
+    promotion = json.loads(Path(promoted).read_text())["slots"]
+    configs = []
+    for slot, out, record, run_id in zip(slots, outs, records, run_ids, strict=True):
+        chosen = promotion[slot]
+        previous = read_record(chosen["record"])["config"]
+        configs.append(
+            TrainConfig(
+                **{
+                    **previous,
+                    "epochs": epochs,
+                    "out": out,
+                    "record": record,
+                    "run_id": run_id,
+                    "continue_from": chosen["checkpoint"],
+                    "keep_state": True,
+                    "device": device,
+                    "threads": threads,
+                }
+            )
+        )
+    assign(gpus, configs[0].device, per_device=gpu_jobs_per_device)
+    if len(configs) > 1:
+        return train_group(configs, fuse=fuse, keep=keep)
+    result = train(configs[0])
+    write_record(configs[0].record, result)
+    return [result]
 
 
 def history(suggested: list[str], records: list[str]) -> list[tuple[dict, float | None, float]]:
