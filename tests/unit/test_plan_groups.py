@@ -61,7 +61,7 @@ def fake_groups(monkeypatch, fused_gain: dict, load: float = 0.0, fail_at: int =
         return (1 / 400) / (fused_gain.get(size, 1.0) if fused else 1.0) * (1 + jitter)
 
     FakeGroupTrial.speed, FakeGroupTrial.fail_at, FakeGroupTrial.made = staticmethod(speed), fail_at, []
-    monkeypatch.setattr(plan_module, "_Trial", FakeGroupTrial)
+    monkeypatch.setattr(plan_module, "Trial", FakeGroupTrial)
     monkeypatch.setattr(plan_module, "time_training", lambda trial: trial.next())
     monkeypatch.setattr(plan_module, "other_cores", lambda *samples: load)
     monkeypatch.setattr(plan_module, "QUIET_CHECK_S", 0.0)
@@ -178,7 +178,7 @@ def test_cudnn_autotuning_on_cuda_is_judged_on_a_whole_job(monkeypatch):
         def next(self) -> float:
             return super().next() / (1.1 if self.plan.cudnn_benchmark else 1.0)
 
-    monkeypatch.setattr(plan_module, "_Trial", Tuned)
+    monkeypatch.setattr(plan_module, "Trial", Tuned)
     short = calibrate(work_on("cuda"), threads=2, log=quiet, knobs={"cudnn_benchmark"})
     assert short.plan.cudnn_benchmark is False
     long = calibrate(dataclasses.replace(work_on("cuda"), job_steps=1000), 2, log=quiet, knobs={"cudnn_benchmark"})
@@ -194,7 +194,7 @@ def test_the_trial_and_the_trainer_set_cudnn_autotuning_from_the_plan(monkeypatc
 
     monkeypatch.setattr(plan_module, "training_step", recording)
     before = torch.backends.cudnn.benchmark
-    plan_module._Trial(ExecutionPlan(threads=1, cudnn_benchmark=True), work_on("cpu"), 0.0)
+    plan_module.Trial(ExecutionPlan(threads=1, cudnn_benchmark=True), work_on("cpu"), 0.0)
     assert seen and all(seen) and torch.backends.cudnn.benchmark == before  # set while it steps, then restored
     config = TrainConfig(data=str(tensor_data), out=str(tmp_path / "m.pt"), epochs=1, batch_size=8, device="cpu",
                          threads=1, cudnn_benchmark=True)  # fmt: skip
@@ -235,7 +235,7 @@ def test_the_timed_fused_step_is_the_runs_own_steps():
 def test_a_real_group_trial_times_every_runs_images(size):
     """The real set-up (no fakes): seconds per image of all the group's runs, positive and finite."""
     torch.set_num_threads(1)
-    trial = plan_module._Trial(ExecutionPlan(threads=1), dataclasses.replace(work_on("cpu"), batch_size=4), 0.0,
+    trial = plan_module.Trial(ExecutionPlan(threads=1), dataclasses.replace(work_on("cpu"), batch_size=4), 0.0,
                                size=size, fused=size > 1)  # fmt: skip
     assert trial.size == size and len(trial.models) == size and trial.steps == 1
     assert 0 < plan_module.time_training(trial) < float("inf")

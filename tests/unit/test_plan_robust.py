@@ -61,7 +61,7 @@ def fake_timings(monkeypatch, speed, load=0.0, eval_speed=None):
     """Calibration with ``speed(plan, call) -> seconds per image`` (``call`` -1: the first warm step),
     ``load`` cores of other processes beside every round, and inference at ``eval_speed(size)``."""
     FakeTrial.speed = staticmethod(speed)
-    monkeypatch.setattr(plan_module, "_Trial", FakeTrial)
+    monkeypatch.setattr(plan_module, "Trial", FakeTrial)
     monkeypatch.setattr(plan_module, "time_training", lambda trial: trial.next())
     monkeypatch.setattr(plan_module, "_EvalTrial", lambda plan, work: None)
     monkeypatch.setattr(plan_module, "time_eval", lambda trial, size: (eval_speed or (lambda s: 1e-3))(size))

@@ -230,7 +230,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _Trial:
+class Trial:
     """``size`` runs (models, optimizers, batches; each its own init, batch and learning rate) set up
     for one plan, stepping one after another or, ``fused``, as one fused network; :func:`time_training`
     times their steps. One run (the default) is what the knobs other than the group's are timed on."""
@@ -271,7 +271,7 @@ class _Trial:
             return time.perf_counter() - t0
 
 
-def time_training(trial: _Trial) -> float:
+def time_training(trial: Trial) -> float:
     """One timing: seconds per training image (of all its runs) of ``trial`` over its steps."""
     return trial.run(trial.steps) / (trial.steps * trial.work.batch_size * trial.size)
 
@@ -409,17 +409,17 @@ def _loaded(load: float | None, spare: float) -> bool:
 
 
 def measure_pair(plan: ExecutionPlan, trial: ExecutionPlan, work: Workload, budget: float, cap: float,
-                 spare: float, compile_gain=None, group: int = 1) -> tuple[Rounds, _Trial, _Trial]:  # fmt: skip
+                 spare: float, compile_gain=None, group: int = 1) -> tuple[Rounds, Trial, Trial]:  # fmt: skip
     """Interleaved rounds of ``plan`` and ``trial`` (order alternating), until :func:`_enough`; the
     cap counts from before their set-up (warm-up steps, compilation), whose load counts as a round's.
     ``group`` > 1: ``group`` runs of ``plan`` one after another against the same runs of ``trial`` fused."""
     started, last_round, sample = time.perf_counter(), 0.0, load_sample()
     rounds = Rounds()
 
-    def pair(on: Workload, seconds: float) -> tuple[_Trial, _Trial]:
+    def pair(on: Workload, seconds: float) -> tuple[Trial, Trial]:
         if group == 1:
-            return _Trial(plan, on, seconds), _Trial(trial, on, seconds)
-        return _Trial(plan, on, seconds, size=group), _Trial(trial, on, seconds, size=group, fused=True)
+            return Trial(plan, on, seconds), Trial(trial, on, seconds)
+        return Trial(plan, on, seconds, size=group), Trial(trial, on, seconds, size=group, fused=True)
 
     if compile_gain is None and work.batch_size > PRESCREEN_BATCH:  # a far slower choice costs little to spot
         small = dataclasses.replace(work, batch_size=PRESCREEN_BATCH)
