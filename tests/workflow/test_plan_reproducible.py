@@ -12,7 +12,8 @@ from helpers import snakemake, tiny_study, write_study
 # channels_last changes a run's numbers bit for bit (tlselect.training.plan.RESULT_KNOBS): measured
 # here on purpose, so that only the cache keeps the two folders' tables equal. The evaluation batch is
 # pinned to keep the test quick.
-PLAN = {"precision": "float32", "channels_last": "auto", "threads": "all", "compile": False, "eval_batch_size": 64}
+PLAN = {"precision": "float32", "channels_last": "auto", "threads": "all", "compile": False, "eval_batch_size": 64,
+        "cudnn_benchmark": False}  # fmt: skip
 POLICIES = [
     {"name": "scratch", "init": "scratch", "freeze": "none", "lr": 0.1},
     {"name": "gentle", "init": "scratch", "freeze": "none", "lr": 0.02},
