@@ -58,7 +58,7 @@ rule subset:
             f"--image-size {config['data']['image_size']} --seed {config['seed']}"
         ),
         skip="--skip-unreadable" if config["data"]["skip_unreadable"] else "",
-        root=DATA_ROOT,
+        root=image_root,
         cache=SUBSET_CACHE_FLAGS,
     shell:
         "python {params.script} subset --root {params.root} --out {params.out} "

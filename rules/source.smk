@@ -26,7 +26,7 @@ rule source_data:
             f"--val-per-class {config['source']['val_per_class']} "
             f"--image-size {config['data']['image_size']} --seed {config['seed']}"
         ),
-        root=DATA_ROOT,
+        root=image_root,
         cache=SUBSET_CACHE_FLAGS,
     shell:
         "python {params.script} source --root {params.root} --subset {input.subset} "

@@ -3,6 +3,13 @@
 # What the decoding steps read: the archive when there is one (tlselect.data.subset_cache), else
 # the image folder that fetch_data downloads.
 IMAGES = config["data"]["archive"] or DATA_ROOT
+
+
+def image_root(wildcards, input):
+    """The image folder the decoding steps read: the input one, or where the archive unpacks."""
+    return DATA_ROOT if config["data"]["archive"] else input[0]
+
+
 SUBSET_CACHE_FLAGS = (
     f"--archive {config['data']['archive']} "
     + ("--cache" if config["data"]["subset_cache"] else "--no-cache")
