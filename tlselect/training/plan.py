@@ -642,10 +642,11 @@ def _calibrate_group(plan, work, budget, spare, result: Calibration, knobs: set,
     the largest size measured; on a CPU one run a job."""
     sizes = [size for size in GROUP_SIZES.get(work.device.type, GROUP_SIZES["cpu"]) if size > 1]
     cap = GROUP_CAP_S.get(work.device.type, GROUP_CAP_S["cpu"]) / len(sizes)
-    gains, measured = {}, []
+    eager = dataclasses.replace(plan, compile=False)  # compiled runs never fuse (tlselect.training.groups)
+    gains, measured = {}, []  # measured: the sizes that could be set up (not out of memory)
     for size in sizes:
         try:
-            rounds, _, _ = measure_pair(plan, plan, work, budget, cap, spare, group=size)
+            rounds, _, _ = measure_pair(eager, eager, work, budget, cap, spare, group=size)
         except Exception as error:  # a larger group out of the device's memory: the larger ones too
             log(f"plan: {size} runs fused failed, larger groups left out: {type(error).__name__}: {str(error)[:200]}")
             result.measurements.append(_row("fuse", size, 1, None, False, f"failed: {type(error).__name__}"))
