@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import quiet
 
+from tlselect.report.tables import plan_summary, plan_table
 from tlselect.training import plan as plan_module
 from tlselect.training.fusion import FusedStagedNet
 from tlselect.training.models import StagedNet
@@ -77,7 +78,12 @@ def test_fusion_that_measured_faster_is_kept_with_the_largest_size_near_the_best
     assert calibration.plan.fuse is True and calibration.plan.group_size == 8  # 1.95x: within the margin of 1.9x
     assert not calibration.refused and not calibration.fallback
     rows = [row for row in calibration.measurements if row["knob"] == "fuse"]
-    assert [row["group_size"] for row in rows] == [2, 4, 8] and all(row["kept"] for row in rows)
+    assert [row["group_size"] for row in rows] == [2, 4, 8] and [row["kept"] for row in rows] == [False, False, True]
+    assert all(row["gain"] > 1.3 for row in rows)
+    # The study's plan table and its one-line summary name both knobs (the group size has no gain of its own).
+    table = plan_table([{"plan": {"device_key": "cuda-x", "measurements": calibration.measurements}}])
+    summary = plan_summary(table)
+    assert "fuse=True (1.9" in summary and "group_size=8" in summary
     assert {size for size, _ in FakeGroupTrial.made} == {1, 2, 4, 8} - {1}  # B runs in turn and fused, B > 1
 
     fake_groups(monkeypatch, {2: 1.4, 4: 2.4, 8: 1.6})  # a peak: the size that measured best by the margin
@@ -103,7 +109,9 @@ def test_on_cuda_runs_in_turn_still_group_and_a_group_out_of_memory_stops_the_la
     fake_groups(monkeypatch, {2: 1.5, 4: 2.0, 8: 3.0}, fail_at=8)
     calibration = calibrate(work_on("cuda"), threads=2, log=quiet, knobs=GROUP)
     assert calibration.plan.fuse is True and calibration.plan.group_size == 4
-    assert any(row["note"].startswith("failed") for row in calibration.measurements if row["knob"] == "fuse")
+    assert any(
+        "failed" in row["note"] and row["group_size"] == 8 for row in calibration.measurements if row["knob"] == "fuse"
+    )
 
 
 def test_group_knobs_under_load_are_refused_to_their_defaults(monkeypatch):

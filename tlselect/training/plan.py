@@ -649,7 +649,8 @@ def _calibrate_group(plan, work, budget, spare, result: Calibration, knobs: set,
             rounds, _, _ = measure_pair(eager, eager, work, budget, cap, spare, group=size)
         except Exception as error:  # a larger group out of the device's memory: the larger ones too
             log(f"plan: {size} runs fused failed, larger groups left out: {type(error).__name__}: {str(error)[:200]}")
-            result.measurements.append(_row("fuse", size, 1, None, False, f"failed: {type(error).__name__}"))
+            failed = _row("fuse", True, False, None, False, f"{size} runs: failed: {type(error).__name__}")
+            result.measurements.append(failed | {"group_size": size})
             break
         loads += rounds.load
         if _loaded(rounds.other_load, spare):
@@ -668,8 +669,7 @@ def _calibrate_group(plan, work, budget, spare, result: Calibration, knobs: set,
             note = f"{size} runs fused against in turn, median of {len(rounds)} rounds, spread {rounds.spread:.3f}"
             gains[size] = (rounds.gain, margin)
         measured.append(size)
-        row = _row("fuse", size, 1, rounds, size in gains and rounds.gain > 1 + margin, note, margin)
-        result.measurements.append(row | {"group_size": size})
+        result.measurements.append(_row("fuse", True, False, rounds, False, note, margin) | {"group_size": size})
         log(f"plan: {size} runs fused vs in turn: {note}" + (f", {rounds.gain:.2f}x" if len(rounds) else ""))
     faster = {size: gain for size, (gain, margin) in gains.items() if gain > 1 + margin}
     fuse = bool(faster) if "fuse" in knobs else plan.fuse
@@ -685,8 +685,19 @@ def _calibrate_group(plan, work, budget, spare, result: Calibration, knobs: set,
             group_size = 1
         else:
             group_size = max(measured, default=1) if work.device.type == "cuda" else 1
-        result.measurements.append(_row("group_size", group_size, 1, None, group_size > 1,
-                                        "fused" if fuse else "runs in turn"))  # fmt: skip
+        why = (
+            "fused, the largest size within the margin of the best"
+            if fuse
+            else (
+                "runs in turn: the largest size set up, for the start each job pays"
+                if group_size > 1
+                else "runs in turn"
+            )
+        )
+        result.measurements.append(_row("group_size", group_size, 1, None, group_size > 1, why))
+    for row in result.measurements:  # the fused rounds of the size chosen are the fusion kept
+        if row["knob"] == "fuse" and "group_size" in row:
+            row["kept"] = fuse and row["group_size"] == group_size and row["group_size"] in faster
     log(f"plan: group size {group_size}, fuse {fuse}")
     return dataclasses.replace(plan, group_size=group_size, fuse=fuse)
 
