@@ -115,7 +115,7 @@ def store(entry: Path, out: Path, files: list[str], log) -> None:
                     if source.is_file():
                         shutil.copy2(source, staging / source.name)
             digests = {name: file_digest(staging / name) for name in files}
-            (staging / MANIFEST).write_text(json.dumps({"files": digests}, indent=2) + "\n")
+            write_json(staging / MANIFEST, {"files": digests})
             with contextlib.suppress(FileExistsError, OSError):  # another study wrote it meanwhile: keep theirs
                 os.rename(staging, entry)
         finally:
