@@ -659,8 +659,8 @@ def _calibrate_group(plan, work, budget, spare, result: Calibration, knobs: set,
             )
             return plan
         margin = max(MIN_MARGIN, rounds.spread)
-        if not len(rounds):
-            note = f"refused: no round within the {cap:.0f}s cap"
+        if len(rounds) < 3 and not rounds.screened:
+            note = f"no verdict: {len(rounds)} round(s) within the {cap:.0f}s cap"
         elif rounds.screened:
             note = f"{1 / rounds.gain:.1f}x slower in its first warm step: left out without rounds"
         elif rounds.spread > MAX_SPREAD:
