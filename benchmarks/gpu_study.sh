@@ -9,7 +9,8 @@
 # j<N>-runs.csv, j<N>-search.csv, j<N>-gpu.csv (the samples), j<N>.log, and summary.md. Each
 # setting runs in a fresh working folder (snakemake --directory) under OUT/work/, removed at the
 # end. With N jobs per GPU, Snakemake's gpu resource counts slots: --resources gpu=N.
-# GPU_STUDY_JOBS="1 2" picks other settings. --dry-run prints the commands and runs nothing.
+# GPU_STUDY_JOBS="1 2" picks other settings; GPU_STUDY_CONFIG adds one --config item to every
+# setting (e.g. 'run_groups={size: 1}'). --dry-run prints the commands and runs nothing.
 # With the Python packages installed by `pip install --target DIR`, set JUPYTER_PATH=DIR/share/jupyter
 # (nbconvert's templates live there).
 set -euo pipefail
@@ -38,6 +39,7 @@ for n in ${GPU_STUDY_JOBS:-1 2 4 8}; do
         "$python" -m snakemake --snakefile "$repo/Snakefile" --directory "$work" --cores all
         --resources "gpu=$n" --configfile "$repo/config.yaml" "$repo/studies/cifar10-transfer.yaml"
         --config "search={enabled: true}" "data={archive: $archive}" "gpu_jobs_per_device=$n"
+        ${GPU_STUDY_CONFIG:+"$GPU_STUDY_CONFIG"}
     )
     if ((dry)); then
         run "${command[@]}"

@@ -32,9 +32,11 @@ rule fetch_data:
         "python {params.script} fetch --dest {output} {params.archive} 2>&1 | tee {log}"
 
 
+# With an archive, the decoding steps read it, not the unpacked folder: they restore the decoded
+# subset from the per-user cache, or unpack it themselves where no folder is there yet.
 rule subset:
     input:
-        DATA_ROOT,
+        IMAGES,
     output:
         **subset_files(),
     log:
@@ -56,9 +58,11 @@ rule subset:
             f"--image-size {config['data']['image_size']} --seed {config['seed']}"
         ),
         skip="--skip-unreadable" if config["data"]["skip_unreadable"] else "",
+        root=image_root,
+        cache=SUBSET_CACHE_FLAGS,
     shell:
-        "python {params.script} subset --root {input} --out {params.out} "
-        "--classes {params.classes} {params.sizes} {params.skip} 2>&1 | tee {log}"
+        "python {params.script} subset --root {params.root} --out {params.out} "
+        "--classes {params.classes} {params.sizes} {params.skip} {params.cache} 2>&1 | tee {log}"
 
 
 # ImageNet weights through torchvision's weights API, once, where Snakemake runs (with network);

@@ -4,7 +4,7 @@
 
 rule source_data:
     input:
-        root=DATA_ROOT,
+        root=IMAGES,
         subset=SUBSET,
     output:
         **subset_files(SOURCE_SUBSET, ["train", "val"]),
@@ -26,9 +26,11 @@ rule source_data:
             f"--val-per-class {config['source']['val_per_class']} "
             f"--image-size {config['data']['image_size']} --seed {config['seed']}"
         ),
+        root=image_root,
+        cache=SUBSET_CACHE_FLAGS,
     shell:
-        "python {params.script} source --root {input.root} --subset {input.subset} "
-        "--out {params.out} --classes {params.classes} {params.sizes} 2>&1 | tee {log}"
+        "python {params.script} source --root {params.root} --subset {input.subset} "
+        "--out {params.out} --classes {params.classes} {params.sizes} {params.cache} 2>&1 | tee {log}"
 
 
 use rule train as pretrain_source with:

@@ -3,6 +3,7 @@
 
 prepare_data.py fetch  --dest resources/cifar10 [--archive FILE]
 prepare_data.py subset --root resources/cifar10 --out results/data [sizes, --classes, --seed, --skip-unreadable]
+    [--archive FILE: the per-user subset cache's key; --no-cache]
 prepare_data.py source --root resources/cifar10 --subset results/data/subset.json --out results/source/data
 prepare_data.py partition --split results/data/train.pt --out p0.pt p1.pt p2.pt [--seed 0]
 prepare_data.py weights --backbone resnet18 --out resources/weights/resnet18-imagenet.pth
@@ -14,6 +15,7 @@ import sys
 from _cli import cli
 
 from tlselect.data.fetch import fetch_image_folder
+from tlselect.data.subset_cache import cached_decode, choice_digest
 from tlselect.data.tensors import write_partitions, write_source_task, write_subset
 
 
@@ -32,18 +34,33 @@ def weights(args) -> None:
     print(f"ImageNet weights of {args.backbone} written to {args.out}", flush=True)
 
 
+SETTINGS = ("classes", "train_per_class", "val_per_class", "test_per_class", "image_size", "seed", "skip_unreadable")
+
+
+def settings(args) -> dict:
+    """The step's settings, the subset cache's key with the archive (tlselect.data.subset_cache)."""
+    return {"step": args.command, **{name: getattr(args, name) for name in SETTINGS if hasattr(args, name)}}
+
+
 def subset(args) -> None:
-    write_subset(
-        args.root, args.out, args.classes, args.train_per_class, args.val_per_class, args.test_per_class,
-        args.image_size, args.seed, args.skip_unreadable,
-    )  # fmt: skip
+    def decode():
+        write_subset(
+            args.root, args.out, args.classes, args.train_per_class, args.val_per_class, args.test_per_class,
+            args.image_size, args.seed, args.skip_unreadable,
+        )  # fmt: skip
+
+    cached_decode(args.archive, args.root, settings(args), args.out, decode, enabled=args.cache)
 
 
 def source(args) -> None:
-    write_source_task(
-        args.root, args.subset, args.out, args.classes, args.train_per_class, args.val_per_class, args.image_size,
-        args.seed,
-    )  # fmt: skip
+    def decode():
+        write_source_task(
+            args.root, args.subset, args.out, args.classes, args.train_per_class, args.val_per_class,
+            args.image_size, args.seed,
+        )  # fmt: skip
+
+    target = choice_digest(args.subset)  # the images it leaves out
+    cached_decode(args.archive, args.root, settings(args) | {"target": target}, args.out, decode, enabled=args.cache)
 
 
 @cli
@@ -66,6 +83,12 @@ def main(argv=None) -> int:
         p.add_argument("--val-per-class", type=int, required=True)
         p.add_argument("--image-size", type=int, default=32, help="side of the decoded images")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument(
+            "--archive", default="", help="the archive --root is unpacked from: unpacked here if --root is missing, "
+            "and the key of the per-user subset cache (empty: no cache)"
+        )  # fmt: skip
+        p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                       help="restore the decoded subset from the per-user cache and store it there")  # fmt: skip
         p.set_defaults(func=func)
     commands.choices["subset"].add_argument("--test-per-class", type=int, required=True)
     commands.choices["subset"].add_argument(

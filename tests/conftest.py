@@ -22,6 +22,9 @@ sys.path.insert(0, str(REPO))
 # (_plan_cache below), so that no test finds a plan another one measured.
 os.environ["TLSELECT_PLAN_CACHE"] = tempfile.mkdtemp(prefix="tlselect-plan-cache-")
 atexit.register(shutil.rmtree, os.environ["TLSELECT_PLAN_CACHE"], True)
+# The per-user subset cache (tlselect.data.subset_cache) likewise: never the user's, fresh per test.
+os.environ["TLSELECT_SUBSET_CACHE"] = tempfile.mkdtemp(prefix="tlselect-subset-cache-")
+atexit.register(shutil.rmtree, os.environ["TLSELECT_SUBSET_CACHE"], True)
 
 # ---------------------------------------------------------------------------------------------
 # Tiers: each test's marks come from its folder (and, under cluster/, its file), so that
@@ -131,4 +134,12 @@ def _plan_cache(tmp_path_factory, monkeypatch) -> Path:
     """A fresh, empty per-user plan cache for each test (``$TLSELECT_PLAN_CACHE``)."""
     folder = tmp_path_factory.mktemp("plan-cache")
     monkeypatch.setenv("TLSELECT_PLAN_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _subset_cache(tmp_path_factory, monkeypatch) -> Path:
+    """A fresh, empty per-user subset cache for each test (``$TLSELECT_SUBSET_CACHE``)."""
+    folder = tmp_path_factory.mktemp("subset-cache")
+    monkeypatch.setenv("TLSELECT_SUBSET_CACHE", str(folder))
     return folder

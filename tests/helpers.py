@@ -26,7 +26,7 @@ SCHEMA = str(REPO / "schemas" / "config.schema.yaml")
 CLASSES = ("cat", "dog", "frog")
 # Workflow tests pin the execution plan (no calibration per test); the `study` fixture (conftest.py) measures it.
 PINNED_PLAN = {"precision": "float32", "channels_last": False, "threads": "all", "compile": False,
-               "eval_batch_size": 64}  # fmt: skip
+               "eval_batch_size": 64, "cudnn_benchmark": False}  # fmt: skip
 TIMING_KEYS = {"train_seconds", "eval_seconds"}
 SNAKEMAKE_LIMIT_S = 900  # one snakemake run of a tiny study
 

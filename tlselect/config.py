@@ -133,16 +133,19 @@ def check_renamed(config: dict) -> None:
 
 def plan_flags(config: dict) -> str:
     """scripts/train.py's flags for the ``plan`` block: pinned knobs as flags, the rest as --auto."""
-    plan = config["plan"]
-    auto = [knob for knob in ("precision", "channels_last", "threads", "compile") if plan[knob] == "auto"]
+    plan = {"cudnn_benchmark": "auto", **config["plan"]}
+    knobs = ("precision", "channels_last", "threads", "compile", "cudnn_benchmark")
+    auto = [knob for knob in knobs if plan[knob] == "auto"]
     flags = [f"--precision {plan['precision']}"] if plan["precision"] != "auto" else []
-    for knob in ("channels_last", "compile"):
+    for knob in ("channels_last", "compile", "cudnn_benchmark"):
         if plan[knob] != "auto":
             flags.append(("--" if plan[knob] else "--no-") + knob.replace("_", "-"))
     if plan["eval_batch_size"]:
         flags.append(f"--eval-batch-size {plan['eval_batch_size']}")
     else:
         auto.append("eval_batch_size")
+    groups = config.get("run_groups") or {}  # measured for the run groups' layout, when auto
+    auto += [knob for key, knob in (("size", "group_size"), ("fuse", "fuse")) if groups.get(key) == "auto"]
     return " ".join(flags + ([f"--auto {','.join(auto)}"] if auto else []))
 
 

@@ -1,4 +1,23 @@
 # The input and params functions and paths of rules/data.smk, included by it before its rules.
+
+# What the decoding steps read: the archive when there is one (tlselect.data.subset_cache), else
+# the image folder that fetch_data downloads.
+IMAGES = config["data"]["archive"] or DATA_ROOT
+
+
+def image_root(wildcards, input):
+    """The image folder the decoding steps read: the input one, or where the archive unpacks."""
+    return DATA_ROOT if config["data"]["archive"] else input[0]
+
+
+SUBSET_CACHE_FLAGS = (
+    f"--archive {config['data']['archive']} "
+    + ("--cache" if config["data"]["subset_cache"] else "--no-cache")
+    if config["data"]["archive"]
+    else ""
+)
+
+
 def checkpoints():
     """Every checkpoint the current config's training jobs write (their resume files sit beside).
     It reads the search's, the model hopper's and the tenants' path functions (rules/search.smk,

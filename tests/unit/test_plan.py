@@ -136,11 +136,19 @@ def test_pinned_knobs_win_and_auto_ones_come_from_the_stored_plan(tmp_path):
 
 
 def test_plan_flags_pass_pinned_knobs_and_name_the_auto_ones():
-    auto = {"precision": "auto", "channels_last": "auto", "threads": "auto", "compile": False, "eval_batch_size": 0}
-    assert plan_flags({"plan": auto}) == "--no-compile --auto precision,channels_last,threads,eval_batch_size"
+    auto = {"precision": "auto", "channels_last": "auto", "threads": "auto", "compile": False, "eval_batch_size": 0,
+            "cudnn_benchmark": "auto"}  # fmt: skip
+    flags = "--no-compile --auto precision,channels_last,threads,cudnn_benchmark,eval_batch_size"
+    assert plan_flags({"plan": auto}) == flags
+    # The run groups' size and fusion, when auto, are measured by the plan too (and pinned ones are not).
+    groups = {"plan": auto, "run_groups": {"size": "auto", "fuse": "auto"}}
+    assert plan_flags(groups) == flags + ",group_size,fuse"
+    assert plan_flags(groups | {"run_groups": {"size": 4, "fuse": False}}) == flags
     pinned = {"precision": "bfloat16", "channels_last": True, "threads": "all", "compile": "auto",
-              "eval_batch_size": 512}  # fmt: skip
-    assert plan_flags({"plan": pinned}) == "--precision bfloat16 --channels-last --eval-batch-size 512 --auto compile"
+              "eval_batch_size": 512, "cudnn_benchmark": False}  # fmt: skip
+    assert plan_flags({"plan": pinned}) == (
+        "--precision bfloat16 --channels-last --no-cudnn-benchmark --eval-batch-size 512 --auto compile"
+    )
 
 
 def test_a_run_records_the_plan_it_used(tensor_data, tmp_path):

@@ -61,7 +61,7 @@ def fake_timings(monkeypatch, speed, load=0.0, eval_speed=None):
     """Calibration with ``speed(plan, call) -> seconds per image`` (``call`` -1: the first warm step),
     ``load`` cores of other processes beside every round, and inference at ``eval_speed(size)``."""
     FakeTrial.speed = staticmethod(speed)
-    monkeypatch.setattr(plan_module, "_Trial", FakeTrial)
+    monkeypatch.setattr(plan_module, "Trial", FakeTrial)
     monkeypatch.setattr(plan_module, "time_training", lambda trial: trial.next())
     monkeypatch.setattr(plan_module, "_EvalTrial", lambda plan, work: None)
     monkeypatch.setattr(plan_module, "time_eval", lambda trial, size: (eval_speed or (lambda s: 1e-3))(size))
@@ -229,11 +229,17 @@ def test_a_real_calibration_beside_busy_processes_keeps_the_quiet_plan_or_falls_
 def test_the_knobs_that_change_results_are_pinned_by_default():
     config = default_config()
     assert config["plan"] == {"precision": "float32", "channels_last": False, "threads": "all", "compile": False,
-                              "eval_batch_size": 0}  # fmt: skip
-    assert plan_flags(config) == "--precision float32 --no-channels-last --no-compile --auto eval_batch_size"
+                              "eval_batch_size": 0, "cudnn_benchmark": "auto"}  # fmt: skip
+    # cuDNN's autotuning is measured (on a CPU it does nothing; CUDA's convolutions are not bit for bit
+    # reproducible between processes with it or without it).
+    assert plan_flags(config) == (
+        "--precision float32 --no-channels-last --no-compile --auto cudnn_benchmark,eval_batch_size"
+    )
     assert set(plan_module.RESULT_KNOBS) == {"precision", "channels_last", "threads", "compile"}
     opt_in = {**config["plan"], "precision": "auto", "channels_last": "auto", "threads": "auto"}
-    assert plan_flags({"plan": opt_in}).endswith("--auto precision,channels_last,threads,eval_batch_size")
+    assert plan_flags({"plan": opt_in}).endswith(
+        "--auto precision,channels_last,threads,cudnn_benchmark,eval_batch_size"
+    )
 
 
 @pytest.mark.parametrize("cached_prefix", [False, True])
@@ -265,7 +271,7 @@ def test_the_record_names_the_measured_and_the_pinned_knobs(tensor_data, tmp_pat
                          channels_last=False)  # fmt: skip
     record = train(config, log=quiet)
     assert record["plan"]["auto"] == ["eval_batch_size"]
-    assert record["plan"]["pinned"] == ["precision", "channels_last", "threads", "compile"]
+    assert record["plan"]["pinned"] == ["precision", "channels_last", "threads", "compile", "cudnn_benchmark"]
     assert record["plan"]["source"] == "calibrated" and record["config"]["eval_batch_size"] == 16
     stored = json.loads((tmp_path / "plans" / f"{device_key(CPU, 1)}.json").read_text())
     assert stored["measured"] == ["eval_batch_size"] and stored["refused"] is None

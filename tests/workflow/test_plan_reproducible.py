@@ -1,6 +1,7 @@
 """One plan per machine: the same tiny study in two fresh folders gives the same table, the second
-takes the plan the first measured from the per-user cache (``$TLSELECT_PLAN_CACHE``, a fresh folder
-per test: tests/conftest.py), and measuring again takes `snakemake plan_recalibrate`."""
+takes the plan the first measured and its decoded subset from the per-user caches
+(``$TLSELECT_PLAN_CACHE`` and ``$TLSELECT_SUBSET_CACHE``, fresh folders per test: tests/conftest.py),
+and measuring again takes `snakemake plan_recalibrate`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from helpers import snakemake, tiny_study, write_study
 # channels_last changes a run's numbers bit for bit (tlselect.training.plan.RESULT_KNOBS): measured
 # here on purpose, so that only the cache keeps the two folders' tables equal. The evaluation batch is
 # pinned to keep the test quick.
-PLAN = {"precision": "float32", "channels_last": "auto", "threads": "all", "compile": False, "eval_batch_size": 64}
+PLAN = {"precision": "float32", "channels_last": "auto", "threads": "all", "compile": False, "eval_batch_size": 64,
+        "cudnn_benchmark": False}  # fmt: skip
 POLICIES = [
     {"name": "scratch", "init": "scratch", "freeze": "none", "lr": 0.1},
     {"name": "gentle", "init": "scratch", "freeze": "none", "lr": 0.02},
@@ -56,6 +58,9 @@ def test_a_fresh_folder_reuses_the_machines_plan_and_gives_the_same_table(tmp_pa
     assert "plan: measuring" not in logs and f"plan: using this machine's plan from {cached}" in logs
     assert study_plan(tmp_path / "first")[1]["plan"] == study_plan(tmp_path / "second")[1]["plan"]
     assert first[ACCURACY].equals(second[ACCURACY]), f"{first[ACCURACY]}\n{second[ACCURACY]}"
+    # The decoded subset too: the second folder restores it from the per-user cache, unpacking nothing.
+    assert "subset cache: restored" in (tmp_path / "second/results/logs/subset.log").read_text()
+    assert not (tmp_path / "second/resources").exists()
     records = [json.loads(p.read_text()) for p in sorted((tmp_path / "second/results/registry").glob("*.json"))]
     assert {r["plan"]["source"] for r in records} <= {"cache", "study"}
     assert all(r["plan"]["auto"] == ["channels_last"] for r in records)

@@ -267,7 +267,8 @@ def plan_summary(plans: pd.DataFrame) -> str:
     lines = []
     for key, rows in plans.groupby("device_key", sort=True):
         kept = rows[rows["kept"] == True]  # noqa: E712 (a column of booleans and missing values)
-        parts = [f"{r.knob}={r.value} ({r.gain:.2f}x vs {r.against})" for r in kept.itertuples()]
+        parts = [f"{r.knob}={r.value}" + (f" ({r.gain:.2f}x vs {r.against})" if pd.notna(r.gain) else "")
+                 for r in kept.itertuples()]  # fmt: skip
         lines.append(f"Execution plan measured on `{key}`: " + (", ".join(parts) or "the defaults") + ".")
     return "\n".join(lines)
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from tlselect.training.models import StagedNet
 from tlselect.training.options import TrainConfig, TrainingError
-from tlselect.training.plan import KNOBS, ExecutionPlan
+from tlselect.training.plan import RUN_KNOBS, ExecutionPlan
 
 
 class LinearProbe(nn.Module):
@@ -75,7 +75,7 @@ def build_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
 
 def execution(config: TrainConfig) -> ExecutionPlan:
     """The execution plan a (resolved) config runs with."""
-    return ExecutionPlan(**{knob: getattr(config, knob) for knob in KNOBS})
+    return ExecutionPlan(**{knob: getattr(config, knob) for knob in RUN_KNOBS})
 
 
 def autocast(config: TrainConfig, device: torch.device):

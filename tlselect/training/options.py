@@ -53,6 +53,9 @@ class TrainConfig:
     )
     channels_last: bool = field(default=True, metadata={"help": "channels-last memory format for convolutions"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (slow start, faster steps)"})
+    cudnn_benchmark: bool = field(
+        default=True, metadata={"help": "cuDNN autotuning of each convolution shape (CUDA only; nothing on a CPU)"}
+    )
     data_path: str = field(
         default="memory",
         metadata={"help": "memory: decoded tensors, batched augmentation | naive: ImageFolder + PIL + DataLoader"},
@@ -66,8 +69,9 @@ class TrainConfig:
     plans: str = field(default="", metadata={"help": "folder of measured execution plans, one per device"})
     auto: str = field(
         default="",
-        metadata={"help": "comma-separated plan knobs (precision, channels_last, threads, compile, eval_batch_size) "
-                  "taken from this device's plan in --plans, measured there first if it has none"},
+        metadata={"help": "comma-separated plan knobs (precision, channels_last, threads, compile, eval_batch_size, "
+                  "cudnn_benchmark; group_size and fuse are measured for the workflow's run groups) taken from "
+                  "this device's plan in --plans, measured there first if it has none"},
     )  # fmt: skip
     features: str = field(default="", metadata={"help": "a probe: folder of one cached layer's <split>.npy"})
     layer: str = field(default="", metadata={"help": "a probe: the name of that layer (recorded)"})
@@ -95,7 +99,8 @@ class TrainConfig:
 
 
 # Knobs that may change when a killed run resumes (they do not change its results on one device).
-RESUMABLE = {"threads", "device", "workers", "eval_batch_size", "channels_last", "compile", "plans", "auto"}
+RESUMABLE = {"threads", "device", "workers", "eval_batch_size", "channels_last", "compile", "cudnn_benchmark", "plans",
+             "auto"}  # fmt: skip
 
 
 # Knobs that may differ between a run and the run it continues (successive-halving rungs; a model
@@ -108,7 +113,7 @@ KINDS = ("policy", "probe", "source", "candidate")
 
 # Image-model knobs a linear probe on cached activations never uses; its record leaves them out.
 PROBE_UNUSED = {"weights", "freeze", "resolution", "augment", "precision", "channels_last", "compile",
-                "data_path", "workers", "cache_features"}  # fmt: skip
+                "cudnn_benchmark", "data_path", "workers", "cache_features"}  # fmt: skip
 
 
 # Plan knobs a probe (a linear head on cached activations) takes from the device's plan.

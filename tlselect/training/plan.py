@@ -8,6 +8,10 @@ rounds every product to fewer bits, and channels-last, the thread count and comp
 order of the floating-point sums in the convolutions, which a run's training then amplifies into
 other weights and accuracies. The workflow pins those by default and measures them only when a
 config asks (``auto``); the evaluation batch size changes no result on a CPU and is measured.
+cuDNN's autotuning (``cudnn_benchmark``, CUDA only) is judged on a whole job, its first step's
+tuning included. Two knobs say how the workflow lays out its jobs: ``group_size`` (runs one job
+trains) and ``fuse`` (runs of one shape fused into one network, ``tlselect.training.fusion``),
+measured as B runs fused against the same B runs one after another (:func:`_calibrate_group`).
 
 :func:`calibrate` times real training steps of each choice on the device the job runs on, one knob
 at a time against the plan chosen so far, in interleaved rounds repeated until the per-round
@@ -46,16 +50,26 @@ from torch import nn
 
 from tlselect.core.errors import TLSelectError
 from tlselect.core.files import write_json
+from tlselect.training.fusion import FusedStagedNet
 from tlselect.training.models import StagedNet
 
-KNOBS = ("precision", "channels_last", "threads", "compile", "eval_batch_size")
+# Knobs of a run (its TrainConfig has each), and knobs of how the workflow lays out its jobs: how
+# many runs one job trains (group_size) and whether runs of one shape train fused (fuse), which the
+# workflow reads from the plan file when it builds its jobs.
+RUN_KNOBS = ("precision", "channels_last", "threads", "compile", "eval_batch_size", "cudnn_benchmark")
+GROUP_KNOBS = ("group_size", "fuse")
+KNOBS = RUN_KNOBS + GROUP_KNOBS
 # Knobs whose choice changes what a run computes (bit for bit, and from there its trajectory):
 # chosen automatically only where the config says auto, and then once per machine (the cache).
 RESULT_KNOBS = ("precision", "channels_last", "threads", "compile")
 PRECISIONS = ("float32", "bfloat16", "float16")
 EVAL_BATCH_SIZES = {"cpu": (256, 512, 1024), "cuda": (256, 512, 1024, 2048, 4096)}
+GROUP_SIZES = {"cpu": (1, 2), "cuda": (1, 2, 4, 8)}  # the group sizes calibration tries
 # Knobs measured when no list is given (compile only when asked: it takes minutes on a CPU).
 MEASURABLE = ("precision", "channels_last", "threads", "eval_batch_size")
+# Knobs whose first step costs what later ones save (compilation, cuDNN's autotuning of each shape):
+# judged on a whole job, its first step included.
+WHOLE_JOB_KNOBS = ("compile", "cudnn_benchmark")
 
 # Calibration's rules.
 BUDGET_S = 0.4  # seconds of training steps per timing (at least 2 steps; 1 when a step takes longer)
@@ -63,6 +77,7 @@ MIN_ROUNDS = 5  # interleaved rounds per knob before the spread may stop them
 MAX_ROUNDS = 30
 KNOB_CAP_S = 30.0  # a knob's rounds stop here, spread small or not
 EVAL_CAP_S = 10.0  # the evaluation batch's (a choice that changes no result)
+GROUP_CAP_S = {"cpu": 6.0, "cuda": 24.0}  # the group sizes' rounds, all sizes together
 TARGET_SPREAD = 0.02  # rounds stop once the per-round gains' interquartile range is this small
 MAX_SPREAD = 0.10  # wider than this when the rounds stop: the knob is refused (stays at its default)
 MIN_MARGIN = 0.05  # a knob is kept only if its gain exceeds 1 + max(MIN_MARGIN, spread)
@@ -85,13 +100,17 @@ class PlanError(TLSelectError):
 @dataclass(frozen=True)
 class ExecutionPlan:
     """How a job executes. Precision, channels-last, threads and compile change floating-point results
-    (:data:`RESULT_KNOBS`); the evaluation batch size does not on a CPU."""
+    (:data:`RESULT_KNOBS`); the evaluation batch size does not on a CPU. Plan files written before a
+    knob existed load with its default."""
 
     precision: str = "float32"
     channels_last: bool = False
     threads: int = 0  # torch CPU threads (0: torch's default)
     compile: bool = False
     eval_batch_size: int = 1024
+    cudnn_benchmark: bool = False  # cuDNN autotuning (torch.backends.cudnn.benchmark); nothing on a CPU
+    group_size: int = 1  # runs one training job trains (the workflow's run groups)
+    fuse: bool = False  # runs of one shape in a group train as one fused network
 
     def autocast(self, device: torch.device):
         """The autocast context of this precision (a no-op in float32)."""
@@ -176,16 +195,34 @@ def training_step(model: nn.Module, x, y, optimizer, plan: ExecutionPlan, scaler
     scaler.update()
 
 
+def fused_training_step(fused: FusedStagedNet, xs, ys, optimizers, plan: ExecutionPlan, scalers, device) -> None:
+    """One optimizer step of B runs fused, as ``tlselect.training.groups.fused_epoch`` takes it: the
+    runs' batches stacked along the channels, one forward and one backward, each run's own loss and
+    optimizer step."""
+    with plan.autocast(device):
+        logits = fused.split(fused(plan.prepare(torch.cat(xs, 1))))
+    losses = [nn.functional.cross_entropy(logits[:, b].float(), y) for b, y in enumerate(ys)]
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    sum(scaler.scale(loss) for scaler, loss in zip(scalers, losses, strict=True)).backward()
+    for optimizer, scaler in zip(optimizers, scalers, strict=True):
+        scaler.step(optimizer)
+        scaler.update()
+
+
 @contextlib.contextmanager
-def _threads(plan: ExecutionPlan):
-    """Run a block with the plan's torch threads (when it sets them), then restore the previous count."""
-    previous = torch.get_num_threads()
+def _applied(plan: ExecutionPlan):
+    """Run a block with the plan's torch threads (when it sets them) and cuDNN autotuning, then
+    restore both."""
+    previous, autotuning = torch.get_num_threads(), torch.backends.cudnn.benchmark
     if plan.threads:
         torch.set_num_threads(plan.threads)
+    torch.backends.cudnn.benchmark = plan.cudnn_benchmark
     try:
         yield
     finally:
         torch.set_num_threads(previous)
+        torch.backends.cudnn.benchmark = autotuning
 
 
 def _sync(device: torch.device) -> None:
@@ -193,38 +230,50 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _Trial:
-    """A model, optimizer and batch set up for one plan; :func:`time_training` times its steps."""
+class Trial:
+    """``size`` runs (models, optimizers, batches; each its own init, batch and learning rate) set up
+    for one plan, stepping one after another or, ``fused``, as one fused network; :func:`time_training`
+    times their steps. One run (the default) is what the knobs other than the group's are timed on."""
 
-    def __init__(self, plan: ExecutionPlan, work: Workload, budget: float):
-        self.plan, self.work = plan, work
-        generator = torch.Generator().manual_seed(0)
-        self.x = torch.randint(0, 256, (work.batch_size, 3, 32, 32), dtype=torch.uint8, generator=generator)
-        self.y = torch.randint(0, 10, (work.batch_size,), generator=generator)
-        self.x, self.y = self.x.to(work.device), self.y.to(work.device)
-        torch.manual_seed(0)
-        model = StagedNet(work.backbone, 10, work.resolution).to(work.device, memory_format=plan.memory_format())
-        self.model = model.train()
-        self.forward = torch.compile(model) if plan.compile else model
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        self.scaler = plan.grad_scaler(work.device)
+    def __init__(self, plan: ExecutionPlan, work: Workload, budget: float, size: int = 1, fused: bool = False):
+        self.plan, self.work, self.size = plan, work, size
+        generator, device = torch.Generator().manual_seed(0), work.device
+        self.xs, self.ys, self.models = [], [], []
+        for index in range(size):
+            x = torch.randint(0, 256, (work.batch_size, 3, 32, 32), dtype=torch.uint8, generator=generator)
+            self.xs.append(x.to(device))
+            self.ys.append(torch.randint(0, 10, (work.batch_size,), generator=generator).to(device))
+            torch.manual_seed(index)
+            model = StagedNet(work.backbone, 10, work.resolution).to(device, memory_format=plan.memory_format())
+            self.models.append(model.train())
+        self.forwards = [torch.compile(model) if plan.compile else model for model in self.models]
+        self.optimizers = [torch.optim.SGD(m.parameters(), lr=0.01 * (i + 1), momentum=0.9)
+                           for i, m in enumerate(self.models)]  # fmt: skip
+        self.scalers = [plan.grad_scaler(device) for _ in self.models]
+        self.fused = FusedStagedNet(self.models) if fused else None
         self.warmup_seconds = self.run(1)  # the first step: allocator, cuDNN autotuning, compilation
         self.probe = max(self.run(1), 1e-4)  # a warm step
         self.steps = 1 if self.probe > budget else max(2, min(200, int(budget / self.probe)))
 
     def run(self, steps: int) -> float:
-        with _threads(self.plan):
-            _sync(self.work.device)
+        device = self.work.device
+        with _applied(self.plan):
+            _sync(device)
             t0 = time.perf_counter()
             for _ in range(steps):
-                training_step(self.forward, self.x, self.y, self.optimizer, self.plan, self.scaler, self.work.device)
-            _sync(self.work.device)
+                if self.fused is not None:
+                    fused_training_step(self.fused, self.xs, self.ys, self.optimizers, self.plan, self.scalers, device)
+                    continue
+                for forward, x, y, optimizer, scaler in zip(self.forwards, self.xs, self.ys, self.optimizers,
+                                                            self.scalers, strict=True):  # fmt: skip
+                    training_step(forward, x, y, optimizer, self.plan, scaler, device)
+            _sync(device)
             return time.perf_counter() - t0
 
 
-def time_training(trial: _Trial) -> float:
-    """One timing: seconds per training image of ``trial``'s plan over its steps."""
-    return trial.run(trial.steps) / (trial.steps * trial.work.batch_size)
+def time_training(trial: Trial) -> float:
+    """One timing: seconds per training image (of all its runs) of ``trial`` over its steps."""
+    return trial.run(trial.steps) / (trial.steps * trial.work.batch_size * trial.size)
 
 
 class _EvalTrial:
@@ -242,7 +291,7 @@ class _EvalTrial:
 
     @torch.no_grad()
     def run(self, size: int) -> float:
-        with _threads(self.plan), self.plan.autocast(self.work.device):
+        with _applied(self.plan), self.plan.autocast(self.work.device):
             _sync(self.work.device)
             t0 = time.perf_counter()
             self.model(self.plan.prepare(self.x[:size]))
@@ -360,19 +409,26 @@ def _loaded(load: float | None, spare: float) -> bool:
 
 
 def measure_pair(plan: ExecutionPlan, trial: ExecutionPlan, work: Workload, budget: float, cap: float,
-                 spare: float, compile_gain=None) -> tuple[Rounds, _Trial, _Trial]:  # fmt: skip
+                 spare: float, compile_gain=None, group: int = 1) -> tuple[Rounds, Trial, Trial]:  # fmt: skip
     """Interleaved rounds of ``plan`` and ``trial`` (order alternating), until :func:`_enough`; the
-    cap counts from before their set-up (warm-up steps, compilation), whose load counts as a round's."""
+    cap counts from before their set-up (warm-up steps, compilation), whose load counts as a round's.
+    ``group`` > 1: ``group`` runs of ``plan`` one after another against the same runs of ``trial`` fused."""
     started, last_round, sample = time.perf_counter(), 0.0, load_sample()
     rounds = Rounds()
+
+    def pair(on: Workload, seconds: float) -> tuple[Trial, Trial]:
+        if group == 1:
+            return Trial(plan, on, seconds), Trial(trial, on, seconds)
+        return Trial(plan, on, seconds, size=group), Trial(trial, on, seconds, size=group, fused=True)
+
     if compile_gain is None and work.batch_size > PRESCREEN_BATCH:  # a far slower choice costs little to spot
         small = dataclasses.replace(work, batch_size=PRESCREEN_BATCH)
-        runs = (_Trial(plan, small, 0.0), _Trial(trial, small, 0.0))
+        runs = pair(small, 0.0)
         if runs[1].probe > PRESCREEN_RATIO * runs[0].probe:
             rounds.add(runs[0].probe / small.batch_size, runs[1].probe / small.batch_size, None)
             rounds.screened = True
             return rounds, runs[0], runs[1]
-    runs = (_Trial(plan, work, budget), _Trial(trial, work, budget))
+    runs = pair(work, budget)
     setup_load = other_cores(sample, load_sample())
     if setup_load is not None:
         rounds.load.append(setup_load)
@@ -415,6 +471,8 @@ def candidates(work: Workload, threads: int, measure_compile: bool) -> list[tupl
     options = [("precision", ["bfloat16", "float16"] if cuda else ["bfloat16"]), ("channels_last", [True])]
     if not cuda and threads >= 2:
         options.append(("threads", [threads // 2]))
+    if cuda:
+        options.append(("cudnn_benchmark", [True]))
     if measure_compile:
         options.append(("compile", [True]))
     return options
@@ -494,7 +552,7 @@ def calibrate(work: Workload, threads: int = 0, measure_compile: bool = False, b
         for option in options:
             trial = dataclasses.replace(plan, **{knob: option})
             compile_gain = None
-            if knob == "compile":
+            if knob in WHOLE_JOB_KNOBS:
                 images = work.job_steps * work.batch_size
 
                 def compile_gain(base_s, trial_s, warmup_s, images=images):
@@ -528,8 +586,8 @@ def calibrate(work: Workload, threads: int = 0, measure_compile: bool = False, b
                            f"{known_rate['training']:.1f} this device measured before")  # fmt: skip
             margin = max(MIN_MARGIN, rounds.spread)
             note = f"median of {len(rounds)} rounds, spread {rounds.spread:.3f}"
-            if knob == "compile":
-                note += f"; compile {trial_run.warmup_seconds:.1f}s over {work.job_steps} steps"
+            if knob in WHOLE_JOB_KNOBS:
+                note += f"; first step {trial_run.warmup_seconds:.1f}s over {work.job_steps} steps"
             kept = False
             if result.refused:
                 note = f"refused: {result.refused}"
@@ -546,6 +604,11 @@ def calibrate(work: Workload, threads: int = 0, measure_compile: bool = False, b
                 + (f" ({note})" if note.startswith("refused") else ""))  # fmt: skip
             if kept:
                 plan = trial
+    if "cudnn_benchmark" in knobs and work.device.type != "cuda":
+        result.measurements.append(_row("cudnn_benchmark", True, False, None, False, "not applicable: no cuDNN on "
+                                        f"{work.device.type}"))  # fmt: skip
+    if knobs & set(GROUP_KNOBS) and not result.refused:
+        plan = _calibrate_group(plan, work, budget, spare, result, knobs, loads, log)
     if first is not None and not result.refused:  # a quick re-measure of the baseline: did the load change?
         again = statistics.median(time_training(first[0]) for _ in range(3))
         drift = max(again, first[1]) / min(again, first[1])
@@ -561,11 +624,82 @@ def calibrate(work: Workload, threads: int = 0, measure_compile: bool = False, b
         for row in result.measurements:
             row["kept"] = False
         log(f"plan: WARNING: calibration refused ({result.refused}); {', '.join(sorted(knobs))} take the "
-            "defaults (float32, no channels-last, all threads, no compile); measure again on a quiet machine "
-            "with `snakemake plan_recalibrate`")  # fmt: skip
+            "defaults (float32, no channels-last, all threads, no compile, one run a job, no fusion); "
+            "measure again on a quiet machine with `snakemake plan_recalibrate`")  # fmt: skip
     result.plan, result.load = plan, round(statistics.median(loads), 2) if loads else None
     result.seconds = round(time.perf_counter() - t0, 1)
     return result
+
+
+def _calibrate_group(plan, work, budget, spare, result: Calibration, knobs: set, loads, log) -> ExecutionPlan:
+    """``fuse`` and ``group_size``: B runs fused against the same B runs one after another (a training
+    step each, in interleaved rounds) for each B of :data:`GROUP_SIZES` past one, within
+    :data:`GROUP_CAP_S` all together. Fusion is kept where it beats the runs in turn by the margin.
+    The group size: with fusion, the largest size whose gain is within the margin of the best one's;
+    without it, runs in turn step at one run's speed whatever the size, and the size only amortizes
+    what a job pays once (starting Python, torch and CUDA, cuDNN's autotuning of each shape), which
+    steps cannot show: on CUDA, where that start costs seconds against epochs of a fraction of one,
+    the largest size measured; on a CPU one run a job."""
+    sizes = [size for size in GROUP_SIZES.get(work.device.type, GROUP_SIZES["cpu"]) if size > 1]
+    cap = GROUP_CAP_S.get(work.device.type, GROUP_CAP_S["cpu"]) / len(sizes)
+    eager = dataclasses.replace(plan, compile=False)  # compiled runs never fuse (tlselect.training.groups)
+    gains, measured = {}, []  # measured: the sizes that could be set up (not out of memory)
+    for size in sizes:
+        try:
+            rounds, _, _ = measure_pair(eager, eager, work, budget, cap, spare, group=size)
+        except Exception as error:  # a larger group out of the device's memory: the larger ones too
+            log(f"plan: {size} runs fused failed, larger groups left out: {type(error).__name__}: {str(error)[:200]}")
+            failed = _row("fuse", True, False, None, False, f"{size} runs: failed: {type(error).__name__}")
+            result.measurements.append(failed | {"group_size": size})
+            break
+        loads += rounds.load
+        if _loaded(rounds.other_load, spare):
+            result.refused = result.refused or (
+                f"other processes kept {rounds.other_load:.2f} cores busy beside {size} runs ({spare:.0f} spare)"
+            )
+            return plan
+        margin = max(MIN_MARGIN, rounds.spread)
+        if len(rounds) < 3 and not rounds.screened:
+            note = f"no verdict: {len(rounds)} round(s) within the {cap:.0f}s cap"
+        elif rounds.screened:
+            note = f"{1 / rounds.gain:.1f}x slower in its first warm step: left out without rounds"
+        elif rounds.spread > MAX_SPREAD:
+            note = f"refused: spread {rounds.spread:.3f} over {len(rounds)} rounds, above {MAX_SPREAD}"
+        else:
+            note = f"{size} runs fused against in turn, median of {len(rounds)} rounds, spread {rounds.spread:.3f}"
+            gains[size] = (rounds.gain, margin)
+        measured.append(size)
+        result.measurements.append(_row("fuse", True, False, rounds, False, note, margin) | {"group_size": size})
+        log(f"plan: {size} runs fused vs in turn: {note}" + (f", {rounds.gain:.2f}x" if len(rounds) else ""))
+    faster = {size: gain for size, (gain, margin) in gains.items() if gain > 1 + margin}
+    fuse = bool(faster) if "fuse" in knobs else plan.fuse
+    if "fuse" in knobs and not gains:
+        result.fallback["fuse"] = "no group size measured within the cap"
+    group_size = plan.group_size
+    if "group_size" in knobs:
+        pool = {size: gains[size] for size in faster} or gains
+        if fuse and pool:
+            best = max(gain for gain, _ in pool.values())
+            group_size = max(size for size, (gain, margin) in pool.items() if gain * (1 + margin) >= best)
+        elif fuse:
+            group_size = 1
+        else:
+            group_size = max(measured, default=1) if work.device.type == "cuda" else 1
+        why = (
+            "fused, the largest size within the margin of the best"
+            if fuse
+            else (
+                "runs in turn: the largest size set up, for the start each job pays"
+                if group_size > 1
+                else "runs in turn"
+            )
+        )
+        result.measurements.append(_row("group_size", group_size, 1, None, group_size > 1, why))
+    for row in result.measurements:  # the fused rounds of the size chosen are the fusion kept
+        if row["knob"] == "fuse" and "group_size" in row:
+            row["kept"] = fuse and row["group_size"] == group_size and row["group_size"] in faster
+    log(f"plan: group size {group_size}, fuse {fuse}")
+    return dataclasses.replace(plan, group_size=group_size, fuse=fuse)
 
 
 def _calibrate_eval(plan, work, cap, spare, result: Calibration, known_rate, loads, log) -> ExecutionPlan:
@@ -659,7 +793,7 @@ def _read(path: Path, cache: bool = False, log=print) -> dict | None:
         if not path.is_file():
             return None
         stored = json.loads(path.read_text())
-        ExecutionPlan(**stored["plan"])
+        stored["plan"] = dataclasses.asdict(ExecutionPlan(**stored["plan"]))  # knobs added since: their defaults
     except (OSError, ValueError, KeyError, TypeError) as error:
         if cache:
             log(f"plan: ignoring the cached plan {path} ({error})")
@@ -819,7 +953,7 @@ def resolve(pinned: ExecutionPlan, auto: set[str], plans: str, work: Workload, l
     if unknown:
         raise PlanError(f"unknown plan knob(s) {', '.join(sorted(unknown))}; the knobs are {', '.join(KNOBS)}")
     if not auto and not recalibrate:
-        return pinned, {"file": None, "auto": [], "pinned": list(KNOBS)}
+        return pinned, {"file": None, "auto": [], "pinned": list(RUN_KNOBS)}
     if not plans:
         raise PlanError("knobs set to auto need a plans folder (--plans DIR), where measured plans are kept")
     stored = stored_plan(plans, work, pinned.threads, "compile" in auto, log, knobs=auto, recalibrate=recalibrate)
@@ -830,7 +964,7 @@ def resolve(pinned: ExecutionPlan, auto: set[str], plans: str, work: Workload, l
         log(f"plan: WARNING: {', '.join(sorted(fallback))} at the defaults, not measured values: "
             + "; ".join(sorted(set(fallback.values()))))  # fmt: skip
     note = {"file": stored["file"], "device_key": stored["device_key"], "source": stored["source"],
-            "auto": sorted(auto), "pinned": [k for k in KNOBS if k not in auto], "fallback": fallback,
+            "auto": sorted(auto), "pinned": [k for k in RUN_KNOBS if k not in auto], "fallback": fallback,
             "refused": stored.get("refused")}  # fmt: skip
     if "recalibration" in stored:
         note["recalibration"] = stored["recalibration"]

@@ -29,7 +29,7 @@ from tlselect.training.features import extract_all_in_memory
 from tlselect.training.loop import autocast, execution, resolve_device
 from tlselect.training.models import StagedNet
 from tlselect.training.options import TrainConfig
-from tlselect.training.plan import KNOBS, training_step
+from tlselect.training.plan import RUN_KNOBS, training_step
 from tlselect.training.trainer import hardware, resolve_batch_size, resolve_plan, train, versions
 
 
@@ -174,11 +174,11 @@ def training_suite(base: TrainConfig, accuracy_epochs: int, log=print) -> list[d
     for name, (ips, peak, record) in list(measured.items())[1:]:
         note = "per image"
         if name == CHOSEN:
-            note += "; plan: " + ", ".join(f"{k}={record['config'][k]}" for k in KNOBS)
+            note += "; plan: " + ", ".join(f"{k}={record['config'][k]}" for k in RUN_KNOBS)
         rows.append(row("training", name, baseline_name, 1 / ips, 1 / base_ips, None, peak, base_peak, note))
 
     resolved = measured[CHOSEN][2]["config"]  # the plan's knobs, and the batch size and lr of batch_size auto
-    chosen = TrainConfig(**{**dataclasses.asdict(fast), **{k: resolved[k] for k in (*KNOBS, "batch_size", "lr")}})
+    chosen = TrainConfig(**{**dataclasses.asdict(fast), **{k: resolved[k] for k in (*RUN_KNOBS, "batch_size", "lr")}})
     bare = bare_loop_images_per_second(dataclasses.replace(chosen, auto=""))
     trainer_ips = measured[CHOSEN][0]
     rows.append(

@@ -54,7 +54,7 @@ from tlselect.training.options import (
     recorded_settings,
     resume_path,
 )
-from tlselect.training.plan import KNOBS, Workload, check_precision, resolve
+from tlselect.training.plan import RUN_KNOBS, Workload, check_precision, resolve
 
 SPLITS = ("train", "val", "test")
 
@@ -420,8 +420,7 @@ def prepare(config: TrainConfig, log=print) -> PreparedRun:
     config, plan_note = resolve_plan(config, device, len(splits.tensors["train"][1]), log)
     if config.threads > 0:
         torch.set_num_threads(config.threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = config.cudnn_benchmark and device.type == "cuda"
     torch.manual_seed(config.seed)
     model, init_note = build_model(config, splits, device)
     optimizer = build_optimizer(config, [p for p in model.parameters() if p.requires_grad])
@@ -507,9 +506,9 @@ def resolve_plan(
     if config.kind != "probe":
         check_precision(plan.precision, device)
     if auto:
-        log(f"[{config.run_id}] plan: " + ", ".join(f"{k}={getattr(plan, k)}" for k in KNOBS))
+        log(f"[{config.run_id}] plan: " + ", ".join(f"{k}={getattr(plan, k)}" for k in RUN_KNOBS))
     note["seconds"] = time.perf_counter() - t0
-    return dataclasses.replace(config, **dataclasses.asdict(plan)), note
+    return dataclasses.replace(config, **{k: getattr(plan, k) for k in RUN_KNOBS}), note
 
 
 def recalibrate_plan(config: TrainConfig, log=print) -> dict:
