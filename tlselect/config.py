@@ -358,7 +358,7 @@ PLAN_CACHE_ENV = "TLSELECT_PLAN_CACHE"  # tlselect.training.plan.plan_cache_dir'
 def check_run_groups(config: dict) -> None:
     """``run_groups`` before the schema: a size or fuse it cannot take, named with what it takes."""
     groups = config.get("run_groups") or {}
-    size, fuse = groups.get("size", "auto"), groups.get("fuse", "auto")
+    size, fuse = groups.get("size", "auto"), groups.get("fuse", False)
     if size != "auto" and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise ConfigError(f"run_groups.size: {size!r}; give an integer >= 1 (1: a job per run) or auto")
     if fuse not in ("auto", True, False):

@@ -79,7 +79,8 @@ def no_plans(tmp_path, monkeypatch):
 
 def test_auto_is_one_unfused_on_a_cpu_and_eight_fused_on_cuda_without_a_plan(no_plans):
     assert run_group_settings(study()) == (1, False)
-    assert run_group_settings(study(device="cuda")) == (8, True)
+    assert run_group_settings(study(device="cuda")) == (8, False)  # fusion changes results: pinned off
+    assert run_group_settings(study(device="cuda", run_groups={"fuse": "auto"})) == (8, True)
     assert run_group_settings(study(run_groups={"size": 3, "fuse": True})) == (3, True)
 
 
@@ -88,7 +89,7 @@ def test_auto_takes_the_plan_of_this_device(no_plans):
 
     import torch
 
-    config = study(threads=2)
+    config = study(threads=2, run_groups={"fuse": "auto"})
     name = f"cpu-some-cpu-{os.cpu_count()}cpu-2t-torch{torch.__version__.split('+')[0]}.json"
     cache = no_plans / "cache"
     cache.mkdir()
@@ -97,7 +98,8 @@ def test_auto_takes_the_plan_of_this_device(no_plans):
     (no_plans / "results/plans").mkdir(parents=True)  # the study's copy wins over the cache
     (no_plans / "results/plans" / name).write_text(json.dumps({"plan": {"group_size": 2, "fuse": True}}))
     assert run_group_settings(config) == (2, True)
-    assert run_group_settings(study(threads=1)) == (1, False)  # another thread budget: another plan
+    # another thread budget: another plan
+    assert run_group_settings(study(threads=1, run_groups={"fuse": "auto"})) == (1, False)
     assert run_group_settings(dict(config, run_groups={"size": 1, "fuse": "auto"})) == (1, True)
 
 
