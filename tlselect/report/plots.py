@@ -4,6 +4,7 @@ the repeats where it has them (each configuration's mean, :func:`tlselect.report
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -200,10 +201,14 @@ def draw(name: str, runs_csv: Path, curves_csv: Path, out: Path, optimizations_c
 
 
 def search_compute(search: pd.DataFrame, ax) -> None:
-    """Chosen model's validation and test accuracy against the epochs each search method spent."""
+    """Chosen model's validation and test accuracy against the epochs each search method spent, with
+    their 95% intervals as error bars (search.csv's ``{val,test}_{low,high}``; none in older tables)."""
     for row in search.itertuples():
-        ax.scatter(row.epochs, row.val_accuracy, s=60, marker="o", zorder=3)
-        ax.scatter(row.epochs, row.test_accuracy, s=40, marker="x", color="black", zorder=3)
+        for split, style in (("val", {"fmt": "o", "ms": 8}), ("test", {"fmt": "x", "ms": 6, "color": "black"})):
+            value = getattr(row, f"{split}_accuracy")
+            low, high = (getattr(row, f"{split}_{side}", math.nan) for side in ("low", "high"))
+            error = None if pd.isna(low) else [[value - low], [high - value]]
+            ax.errorbar(row.epochs, value, yerr=error, capsize=3, zorder=3, **style)
         label = f"{row.method} ({row.epochs} ep, {row.wall_seconds:.0f} s)"
         ax.annotate(label, (row.epochs, row.val_accuracy), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
