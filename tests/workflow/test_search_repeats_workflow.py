@@ -60,7 +60,7 @@ def test_the_rung_promotes_the_configuration_with_the_best_mean(repeated_search)
     for slot in promoted:  # each seed continues its own checkpoint
         continued = read_record(rung / f"rung1/slot{slot['slot']}.json")
         assert continued["continued_from"] == slot["checkpoint"] and continued["name"] == best
-        assert continued["seed"] == read_record(slot["record"])["seed"]
+        assert continued["seed"] == read_record(repeated_search / slot["record"])["seed"]
 
 
 def test_search_csv_gives_the_chosen_mean_and_its_interval(repeated_search):
