@@ -131,3 +131,13 @@ def test_repeats_work_with_the_search_and_folds_are_refused_naming_the_fix():
     config["repeats"], config["validation"]["folds"] = 1, 3
     with pytest.raises(ConfigError, match=r"validation\.folds: the model search .*validation\.folds: 1"):
         check(config)
+
+
+def test_the_proxies_compare_with_the_best_configurations_mean():
+    def grid_run(lr, seed, val):
+        config = {"backbone": "resnet18", "init": "scratch", "freeze": "none", "lr": lr, "seed": seed}
+        return {"name": f"lr{lr}", "status": "completed", "config": config, "metrics": {"val_accuracy": val}}
+
+    records = [grid_run(0.1, 0, 0.9), grid_run(0.1, 1, 0.3), grid_run(0.2, 0, 0.7), grid_run(0.2, 1, 0.8)]
+    best = jobs.best_finetuned(records)[("resnet18", "scratch")]
+    assert best["name"] == "lr0.2" and best["metrics"]["val_accuracy"] == pytest.approx(0.75)

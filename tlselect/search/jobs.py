@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from tlselect.core.files import write_json
-from tlselect.core.registry import RegistryError, mean_val_accuracy, rank, read_record, write_record
+from tlselect.core.registry import RegistryError, configuration, mean_val_accuracy, rank, read_record, write_record
 from tlselect.core.settings import init_label
 from tlselect.report.tables import write_csv
 from tlselect.runs import RunSpec, candidate_repeats
@@ -169,11 +169,17 @@ def trial(
 
 
 def best_finetuned(records: list[dict]) -> dict[tuple[str, str], dict]:
-    """The best of the grid's ``records`` (by :func:`rank`) of each backbone and init label."""
+    """The best of the grid's ``records`` (by :func:`rank`) of each backbone and init label; with
+    repeats, a run of the best configuration carrying that configuration's mean validation accuracy."""
     runs: dict[tuple[str, str], list[dict]] = {}
     for record in records:
         runs.setdefault((record["config"]["backbone"], init_label(record["config"]["init"])), []).append(record)
-    return {key: rank(group)[0] for key, group in runs.items()}
+    out = {}
+    for key, group in runs.items():
+        best = rank(group)[0]
+        seeds = [r for r in group if configuration(r) == configuration(best)]
+        out[key] = {**best, "metrics": {**best["metrics"], "val_accuracy": mean_val_accuracy(seeds)}}
+    return out
 
 
 def proxy_tables(
