@@ -215,7 +215,7 @@ def search_compute(search: pd.DataFrame, ax) -> None:
     ax.margins(x=0.25, y=0.15)
     ax.set_xlabel("compute spent (training epochs, all jobs)")
     ax.set_ylabel("accuracy of the chosen model")
-    ax.set_title("Model search: accuracy vs compute (o validation, x test)")
+    ax.set_title("Model search: accuracy vs compute (o validation, x test; bars: 95% intervals)")
     ax.grid(alpha=0.3)
 
 
