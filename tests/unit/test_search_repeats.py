@@ -141,3 +141,10 @@ def test_the_proxies_compare_with_the_best_configurations_mean():
     records = [grid_run(0.1, 0, 0.9), grid_run(0.1, 1, 0.3), grid_run(0.2, 0, 0.7), grid_run(0.2, 1, 0.8)]
     best = jobs.best_finetuned(records)[("resnet18", "scratch")]
     assert best["name"] == "lr0.2" and best["metrics"]["val_accuracy"] == pytest.approx(0.75)
+    assert (best["metrics"]["val_low"], best["metrics"]["val_high"]) == pytest.approx(t_interval([0.7, 0.8])[1:])
+    one = jobs.best_finetuned(records[:1])[("resnet18", "scratch")]["metrics"]  # one seed: Wilson on its images
+    assert math.isnan(one["val_low"])  # this record gives no image count
+    counted = {**records[0], "data": {"val": 100}}
+    assert jobs.best_finetuned([counted])[("resnet18", "scratch")]["metrics"]["val_low"] == pytest.approx(
+        wilson(0.9, 100)[0]
+    )

@@ -1,6 +1,7 @@
 """The model search with two seeds per candidate: snakemake on a tiny pool of two configurations; every
 method trains each candidate with both seeds, successive halving promotes on the mean over them,
-search.csv gives the chosen configuration's mean with its interval, the replay reads the means."""
+search.csv gives the chosen configuration's mean with its interval, the replay reads the means, and
+the proxies compare with the best configuration's mean."""
 
 import json
 from collections import Counter
@@ -25,7 +26,8 @@ def repeated_search(tmp_path_factory, tiny_archive):
     study = tiny_study(tiny_archive, repeats=2, features={"layers": [], "inits": []}, speedups={"enabled": False},
                        search=SEARCH)  # fmt: skip
     write_study(workdir, study)
-    snakemake(workdir, "results/tables/search.csv", "results/tables/replay.csv")
+    snakemake(workdir, "results/tables/search.csv", "results/tables/replay.csv", "results/tables/proxies.csv",
+              "results/figures/search_compute.png", "results/figures/proxy_vs_finetune.png")  # fmt: skip
     return workdir
 
 
@@ -77,3 +79,17 @@ def test_search_csv_gives_the_chosen_mean_and_its_interval(repeated_search):
     assert table.loc["grid", "candidates"] == 2 and table.loc["grid", "jobs"] == 4
     replay = pd.read_csv(repeated_search / "results/tables/replay.csv")
     assert not replay.empty and replay["regret_points"].notna().any()
+
+
+def test_the_proxies_compare_with_the_best_mean_and_the_figures_draw_intervals(repeated_search):
+    proxies = pd.read_csv(repeated_search / "results/tables/proxies.csv").iloc[0]
+    grid = records(repeated_search / "results/search/grid")
+    means = {
+        name: mean(r["metrics"]["val_accuracy"] for r in grid if r["name"] == name)
+        for name in {r["name"] for r in grid}
+    }
+    assert proxies["finetune_val_accuracy"] == pytest.approx(means[proxies["finetune_candidate"]])
+    assert proxies["finetune_val_accuracy"] == pytest.approx(max(means.values()))
+    assert proxies["finetune_val_low"] <= proxies["finetune_val_accuracy"] <= proxies["finetune_val_high"]
+    for figure in ("search_compute", "proxy_vs_finetune"):
+        assert (repeated_search / f"results/figures/{figure}.png").read_bytes()[:4] == b"\x89PNG"

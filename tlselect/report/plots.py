@@ -220,11 +220,15 @@ def search_compute(search: pd.DataFrame, ax) -> None:
 
 
 def proxy_vs_finetune(proxies: pd.DataFrame, taus: pd.DataFrame | None, axes) -> None:
-    """Each proxy's score against the best fine-tuned validation accuracy, per (backbone, init)."""
+    """Each proxy's score against the best fine-tuned validation accuracy, per (backbone, init), with
+    its 95% interval (proxies.csv's ``finetune_val_{low,high}``; none in older tables)."""
     tau = {} if taus is None else dict(zip(taus["proxy"], taus["weighted_kendall_tau"], strict=True))
     for ax, proxy in zip(axes, ("logme", "knn_accuracy", "linear_probe_accuracy"), strict=True):
         for row in proxies.itertuples():
-            ax.scatter(getattr(row, proxy), row.finetune_val_accuracy, s=40, zorder=3)
+            value = row.finetune_val_accuracy
+            low, high = (getattr(row, f"finetune_val_{side}", math.nan) for side in ("low", "high"))
+            error = None if pd.isna(low) else [[value - low], [high - value]]
+            ax.errorbar(getattr(row, proxy), value, yerr=error, fmt="o", ms=6, capsize=3, zorder=3)
             ax.annotate(
                 f"{row.backbone}/{row.init}",
                 (getattr(row, proxy), row.finetune_val_accuracy),

@@ -169,8 +169,9 @@ def trial(
 
 
 def best_finetuned(records: list[dict]) -> dict[tuple[str, str], dict]:
-    """The best of the grid's ``records`` (by :func:`rank`) of each backbone and init label; with
-    repeats, a run of the best configuration carrying that configuration's mean validation accuracy."""
+    """The best of the grid's ``records`` (by :func:`rank`) of each backbone and init label: a run of
+    the best configuration carrying that configuration's mean validation accuracy over its seeds and
+    its 95% interval (``val_low``, ``val_high``: :func:`tlselect.search.compare.accuracy_interval`)."""
     runs: dict[tuple[str, str], list[dict]] = {}
     for record in records:
         runs.setdefault((record["config"]["backbone"], init_label(record["config"]["init"])), []).append(record)
@@ -178,7 +179,8 @@ def best_finetuned(records: list[dict]) -> dict[tuple[str, str], dict]:
     for key, group in runs.items():
         best = rank(group)[0]
         seeds = [r for r in group if configuration(r) == configuration(best)]
-        out[key] = {**best, "metrics": {**best["metrics"], "val_accuracy": mean_val_accuracy(seeds)}}
+        val, low, high = compare.accuracy_interval(seeds, "val")
+        out[key] = {**best, "metrics": {**best["metrics"], "val_accuracy": val, "val_low": low, "val_high": high}}
     return out
 
 
@@ -213,6 +215,8 @@ def proxy_tables(
                     x["train"], labels["train"], x["val"], labels["val"]
                 ),
                 "finetune_val_accuracy": best["metrics"]["val_accuracy"] if best else None,
+                "finetune_val_low": best["metrics"]["val_low"] if best else None,
+                "finetune_val_high": best["metrics"]["val_high"] if best else None,
                 "finetune_candidate": best["name"] if best else "",
             }
         )
