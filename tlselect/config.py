@@ -306,12 +306,11 @@ def _check_repeats_and_folds(config: dict) -> None:
             f"validation.folds: {folds!r} is not an integer from 2 to {per_class} (the images of the smallest "
             "class in the training subset, data.train_per_class); give 1 for the single validation split"
         )
-    for key, value, off in (("repeats", repeats, 1), ("validation.folds", folds, 1)):
-        if value != off and config["search"]["enabled"]:
-            raise ConfigError(
-                f"{key}: the model search trains each candidate once on the validation split; set {key}: "
-                f"{off} or turn the search off (search.enabled: false)"
-            )
+    if folds > 1 and config["search"]["enabled"]:
+        raise ConfigError(
+            "validation.folds: the model search validates its candidates on the single validation split "
+            "(repeats work with it); set validation.folds: 1 or turn the search off (search.enabled: false)"
+        )
 
 
 def _check_subset_fits(config: dict, counts: dict[str, dict[str, int]]) -> None:

@@ -142,7 +142,7 @@ def repeat_seeds(config: dict) -> list[int]:
     """The seeds every policy and probe trains with: ``seed``, ``seed + 1``, ... (``repeats`` of them).
 
     The subset is drawn with ``seed`` alone, so repeats vary the init, data order and augmentation only."""
-    return [config["seed"] + repeat for repeat in range(config["repeats"])]
+    return [config["seed"] + repeat for repeat in range(config.get("repeats", 1))]
 
 
 def fold_numbers(config: dict) -> list[int]:
@@ -256,10 +256,13 @@ def probe_runs(config: dict) -> dict[str, RunSpec]:
     return out
 
 
-def candidate_spec(config: dict, params: dict) -> RunSpec:
-    """The run spec of one point of the search space (:mod:`tlselect.search.space`): grid point or sample.
+def candidate_spec(config: dict, params: dict, seed: int | None = None) -> RunSpec:
+    """The run spec of one point of the search space (:mod:`tlselect.search.space`): grid point or sample,
+    trained with ``seed`` (default: ``seed`` of the config).
 
-    A candidate's ``name`` is its id; the search rules set its epochs.
+    A candidate's ``name`` is the id of its run with the config's seed, the same for every repeat
+    (so :func:`tlselect.core.registry.configuration` gathers them); another seed's id adds
+    ``-seed<seed>`` to the label. The search rules set its epochs.
     """
     backbone, init, depth = params["backbone"], params["init"], params["freeze"]
     settings = {
@@ -269,8 +272,17 @@ def candidate_spec(config: dict, params: dict) -> RunSpec:
         **{k: params[k] for k in ("lr", "weight_decay", "label_smoothing", "batch_size")},
     }
     label = f"{backbone}-{init_label(init)}-{depth}-lr{params['lr']:g}-r{params['resolution']}"
-    run_id = _run_id(config, label, "search", settings)
-    return RunSpec(run_id, {**settings, "name": run_id}, weights=weights_of(init, backbone))
+    name = _run_id(config, label, "search", settings)
+    if seed is None or seed == config["seed"]:
+        return RunSpec(name, {**settings, "name": name}, weights=weights_of(init, backbone))
+    settings["seed"] = seed
+    run_id = _run_id(config, f"{label}-seed{seed}", "search", settings)
+    return RunSpec(run_id, {**settings, "name": name}, weights=weights_of(init, backbone))
+
+
+def candidate_repeats(config: dict, params: dict) -> list[RunSpec]:
+    """One :func:`candidate_spec` of ``params`` per seed of :func:`repeat_seeds` (``repeats``), first seed first."""
+    return [candidate_spec(config, params, seed) for seed in repeat_seeds(config)]
 
 
 def candidate_config(config: dict) -> dict:
@@ -280,26 +292,30 @@ def candidate_config(config: dict) -> dict:
     space = ("backbones", "inits", "freezes", "lrs", "resolutions", "distributions", "train")
     return {
         **{k: config[k] for k in ("seed", "train", "resolution", "source", "pretrained")},
+        **({"repeats": config["repeats"]} if config.get("repeats", 1) > 1 else {}),  # one seed: as before
         "data": _subset_identity(config),
         "search": {k: config["search"][k] for k in space},
     }
 
 
 def candidate_runs(config: dict) -> dict[str, RunSpec]:
-    """``{candidate_id: spec}`` of the search pool: the grid of the search space (the ``search`` lists)."""
+    """``{candidate_id: spec}`` of the search pool: the grid of the search space (the ``search`` lists),
+    each point once per seed of :func:`repeat_seeds` (its seeds one after another)."""
     from tlselect.search.space import Space  # the space builds on this module's helpers
 
-    specs = (candidate_spec(config, params) for params in Space.from_config(config).grid())
+    specs = (spec for params in Space.from_config(config).grid() for spec in candidate_repeats(config, params))
     return {spec.id: spec for spec in specs}
 
 
 def random_runs(config: dict) -> dict[str, RunSpec]:
     """``{candidate_id: spec}`` of random search: ``search.random_samples`` draws from the space's
-    distributions (:meth:`tlselect.search.space.Space.sample`, seeded with ``seed``), in draw order."""
+    distributions (:meth:`tlselect.search.space.Space.sample`, seeded with ``seed``), in draw order,
+    each once per seed of :func:`repeat_seeds`."""
     from tlselect.search.space import Space
 
     space, rng = Space.from_config(config), np.random.RandomState(config["seed"])
-    specs = (candidate_spec(config, space.sample(rng)) for _ in range(config["search"]["random_samples"]))
+    draws = [space.sample(rng) for _ in range(config["search"]["random_samples"])]
+    specs = (spec for params in draws for spec in candidate_repeats(config, params))
     return {spec.id: spec for spec in specs}
 
 

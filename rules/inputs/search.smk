@@ -108,14 +108,15 @@ def grid_jobs(method="grid"):
 
 
 def round_jobs(method, rounds=None):
-    """``(record, benchmark file)`` of every trial of a model-based method's first ``rounds`` rounds."""
+    """``(record, benchmark file)`` of every trial of a model-based method's first ``rounds`` rounds
+    (q configurations a round, each once per seed of ``repeats``)."""
     return [
         (
             f"{ROUND.format(method=method, round=r)}/trial{slot}.json",
             f"results/benchmarks/search/{method}/round{r}/trial{slot}.tsv",
         )
         for r in range(config["search"]["rounds"] if rounds is None else rounds)
-        for slot in range(config["search"]["q"])
+        for slot in range(config["search"]["q"] * config["repeats"])
     ]
 
 

@@ -230,7 +230,6 @@ def test_the_search_comparison_gives_the_chosen_candidates_probability_of_being_
         (lambda c: c.update(repeats=0), r"repeats: 0 is not a positive integer"),
         (lambda c: c["validation"].update(folds=0), r"validation\.folds: 0 is not an integer from 2 to 500"),
         (lambda c: c["validation"].update(folds=501), r"validation\.folds: 501 .*data\.train_per_class"),
-        (lambda c: (c.update(repeats=2), c["search"].update(enabled=True)), r"repeats: the model search"),
         (lambda c: (c["validation"].update(folds=3), c["search"].update(enabled=True)), r"validation\.folds: the"),
     ],
 )

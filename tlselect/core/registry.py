@@ -45,11 +45,12 @@ def read_record(path: str | Path) -> dict:
     return record
 
 
-# Settings that tell runs of one configuration apart (its repeats and folds), only say where and
-# how fast it ran, or are the same for every run of a study (the number of folds, which records
-# written before folds existed lack): a configuration is a record's settings without them.
+# Settings that tell runs of one configuration apart (its repeats and folds, the checkpoint each
+# seed of a search candidate continues), only say where and how fast it ran, or are the same for
+# every run of a study (the number of folds, which records written before folds existed lack): a
+# configuration is a record's settings without them.
 RUN_ONLY_SETTINGS = {"seed", "fold", "folds", "run_id", "out", "record", "threads", "device", "workers",
-                     "eval_batch_size", "plans"}  # fmt: skip
+                     "eval_batch_size", "plans", "continue_from"}  # fmt: skip
 
 
 def configuration(record: dict) -> str:

@@ -4,6 +4,7 @@ the repeats where it has them (each configuration's mean, :func:`tlselect.report
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -200,26 +201,34 @@ def draw(name: str, runs_csv: Path, curves_csv: Path, out: Path, optimizations_c
 
 
 def search_compute(search: pd.DataFrame, ax) -> None:
-    """Chosen model's validation and test accuracy against the epochs each search method spent."""
+    """Chosen model's validation and test accuracy against the epochs each search method spent, with
+    their 95% intervals as error bars (search.csv's ``{val,test}_{low,high}``; none in older tables)."""
     for row in search.itertuples():
-        ax.scatter(row.epochs, row.val_accuracy, s=60, marker="o", zorder=3)
-        ax.scatter(row.epochs, row.test_accuracy, s=40, marker="x", color="black", zorder=3)
+        for split, style in (("val", {"fmt": "o", "ms": 8}), ("test", {"fmt": "x", "ms": 6, "color": "black"})):
+            value = getattr(row, f"{split}_accuracy")
+            low, high = (getattr(row, f"{split}_{side}", math.nan) for side in ("low", "high"))
+            error = None if pd.isna(low) else [[value - low], [high - value]]
+            ax.errorbar(row.epochs, value, yerr=error, capsize=3, zorder=3, **style)
         label = f"{row.method} ({row.epochs} ep, {row.wall_seconds:.0f} s)"
         ax.annotate(label, (row.epochs, row.val_accuracy), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
     ax.margins(x=0.25, y=0.15)
     ax.set_xlabel("compute spent (training epochs, all jobs)")
     ax.set_ylabel("accuracy of the chosen model")
-    ax.set_title("Model search: accuracy vs compute (o validation, x test)")
+    ax.set_title("Model search: accuracy vs compute (o validation, x test; bars: 95% intervals)")
     ax.grid(alpha=0.3)
 
 
 def proxy_vs_finetune(proxies: pd.DataFrame, taus: pd.DataFrame | None, axes) -> None:
-    """Each proxy's score against the best fine-tuned validation accuracy, per (backbone, init)."""
+    """Each proxy's score against the best fine-tuned validation accuracy, per (backbone, init), with
+    its 95% interval (proxies.csv's ``finetune_val_{low,high}``; none in older tables)."""
     tau = {} if taus is None else dict(zip(taus["proxy"], taus["weighted_kendall_tau"], strict=True))
     for ax, proxy in zip(axes, ("logme", "knn_accuracy", "linear_probe_accuracy"), strict=True):
         for row in proxies.itertuples():
-            ax.scatter(getattr(row, proxy), row.finetune_val_accuracy, s=40, zorder=3)
+            value = row.finetune_val_accuracy
+            low, high = (getattr(row, f"finetune_val_{side}", math.nan) for side in ("low", "high"))
+            error = None if pd.isna(low) else [[value - low], [high - value]]
+            ax.errorbar(getattr(row, proxy), value, yerr=error, fmt="o", ms=6, capsize=3, zorder=3)
             ax.annotate(
                 f"{row.backbone}/{row.init}",
                 (getattr(row, proxy), row.finetune_val_accuracy),

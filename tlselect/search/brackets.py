@@ -48,7 +48,7 @@ def check(config: dict) -> None:
         )
     if not search["enabled"]:
         return
-    pool = len(candidate_runs(config))
+    pool = len({spec.name for spec in candidate_runs(config).values()})  # configurations, not their seeds
     if not pool:
         raise ConfigError("search: the candidate pool is empty (scratch is never frozen); add an init or freezes: none")
     if search["rounds"] * search["q"] > pool:
@@ -105,8 +105,20 @@ def brackets(config: dict, method: str, pool: dict | None = None) -> list[Bracke
     """The static brackets of ``sh`` (one bracket over the whole pool) or ``hb`` (``search.brackets``).
 
     ``pool``: the config's :func:`tlselect.runs.candidate_runs`, when the caller has it already.
+    With ``repeats``, the brackets are unrolled over configurations (the candidates' names) and each
+    rung trains every seed of each configuration it keeps: its slots hold the seeds one after another,
+    so ``keep`` counts runs (configurations times seeds) and a rung's :func:`promote` keeps whole
+    configurations, ranked on their mean.
     """
-    return unroll(list(candidate_runs(config) if pool is None else pool), config["search"], config["seed"], method)
+    pool = candidate_runs(config) if pool is None else pool
+    seeds: dict[str, list[str]] = {}
+    for run_id, spec in pool.items():
+        seeds.setdefault(spec.name, []).append(run_id)
+    repeats = max((len(ids) for ids in seeds.values()), default=1)
+    return [
+        Bracket(tuple(i for name in b.candidates for i in seeds[name]), tuple(k * repeats for k in b.keep), b.epochs)
+        for b in unroll(list(seeds), config["search"], config["seed"], method)
+    ]
 
 
 def unroll(candidates: list[str], search: dict, seed: int, method: str) -> list[Bracket]:
@@ -131,6 +143,9 @@ def promote(records: dict[str, dict], keep: int) -> list[dict]:
     """The ``keep`` best of the previous rung: ``[{slot, candidate, checkpoint, record, val_accuracy}]``.
 
     ``records`` maps each record's path to the record; its checkpoint is the same path with ``.pt``.
+    The order is :func:`tlselect.core.registry.rank`'s: configurations by their mean validation
+    accuracy over their seeds, each configuration's runs together, so the first ``keep`` are whole
+    configurations when ``keep`` is a multiple of the seeds (as :func:`brackets` makes it).
     """
     paths = {id(r): p for p, r in records.items()}
     ranked = rank(list(records.values()))[:keep]

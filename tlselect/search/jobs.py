@@ -22,10 +22,10 @@ from pathlib import Path
 import pandas as pd
 
 from tlselect.core.files import write_json
-from tlselect.core.registry import RegistryError, rank, read_record, write_record
+from tlselect.core.registry import RegistryError, configuration, mean_val_accuracy, rank, read_record, write_record
 from tlselect.core.settings import init_label
 from tlselect.report.tables import write_csv
-from tlselect.runs import RunSpec, candidate_spec
+from tlselect.runs import RunSpec, candidate_repeats
 from tlselect.search import brackets, compare, proxies, replay, shift, strategies
 from tlselect.search.space import Space
 from tlselect.training.gpus import assign
@@ -98,18 +98,23 @@ def continue_slots(
 
 
 def history(suggested: list[str], records: list[str]) -> list[tuple[dict, float | None, float]]:
-    """``(params, validation accuracy, seconds)`` of every trial of the earlier rounds, from their
-    suggestion files and trial records (each suggested candidate needs its record)."""
-    by_name = {r["name"]: r for r in map(read_record, records)}
-    out = []
+    """``(params, validation accuracy, seconds)`` of every configuration the earlier rounds tried, from
+    their suggestion files and trial records (each suggested run needs its record): with repeats, the
+    mean validation accuracy over its seeds (None unless every seed completed, as
+    :func:`tlselect.core.registry.mean_val_accuracy`) and the seconds of all of them."""
+    by_run = {(r["name"], r["config"]["seed"]): r for r in map(read_record, records)}
+    runs: dict[str, tuple[dict, list[dict]]] = {}
     for path in suggested:
         for trial in json.loads(Path(path).read_text())["trials"]:
-            if trial["candidate"] not in by_name:
+            name = trial.get("name", trial["candidate"])  # files of one seed name only the candidate
+            record = by_run.get((name, trial["settings"]["seed"]))
+            if record is None:
                 raise RegistryError(f"{path} names {trial['candidate']}, but no record given is that run's")
-            record = by_name[trial["candidate"]]
-            seconds = sum(replay.table([record])[record["name"]].seconds)
-            out.append((trial["params"], record["metrics"]["val_accuracy"], seconds))
-    return out
+            runs.setdefault(name, (trial["params"], []))[1].append(record)
+    return [
+        (params, mean_val_accuracy(found), sum(sum(replay.table([r])[r["name"]].seconds) for r in found))
+        for params, found in runs.values()
+    ]
 
 
 def suggest(
@@ -123,18 +128,19 @@ def suggest(
     out: str | Path,
     delta: float = 0.1,
 ) -> list[dict]:
-    """Write round ``round`` of ``method`` to ``out``: ``q`` trials that
-    :func:`tlselect.search.strategies.suggest` picks from the earlier rounds' :func:`history`, each
-    with its candidate id, settings (trained for ``epochs``) and weights. ``context`` is
+    """Write round ``round`` of ``method`` to ``out``: the runs of the ``q`` configurations that
+    :func:`tlselect.search.strategies.suggest` picks from the earlier rounds' :func:`history`, one
+    per seed of ``repeats`` (a configuration's seeds one after another), each with its run id,
+    configuration name, settings (trained for ``epochs``) and weights. ``context`` is
     :func:`tlselect.runs.candidate_config` (the space and its runs). Returns the trials."""
     space = Space.from_config(context)
     asked = strategies.suggest(method, space, history(suggested, records), round, q, context["seed"], delta)
+    specs = [(params, spec) for params in asked for spec in candidate_repeats(context, params)]
     trials = []
-    for slot, params in enumerate(asked):
-        spec = candidate_spec(context, params)
+    for slot, (params, spec) in enumerate(specs):
         settings = {**spec.settings, "epochs": epochs}
-        trials.append({"slot": slot, "candidate": spec.id, "params": params, "settings": settings,
-                       "weights": spec.weights})  # fmt: skip
+        trials.append({"slot": slot, "candidate": spec.id, "name": spec.name, "params": params,
+                       "settings": settings, "weights": spec.weights})  # fmt: skip
     write_json(out, {"method": method, "round": round, "trials": trials})
     return trials
 
@@ -174,11 +180,19 @@ def trial(
 
 
 def best_finetuned(records: list[dict]) -> dict[tuple[str, str], dict]:
-    """The best of the grid's ``records`` (by :func:`rank`) of each backbone and init label."""
+    """The best of the grid's ``records`` (by :func:`rank`) of each backbone and init label: a run of
+    the best configuration carrying that configuration's mean validation accuracy over its seeds and
+    its 95% interval (``val_low``, ``val_high``: :func:`tlselect.search.compare.accuracy_interval`)."""
     runs: dict[tuple[str, str], list[dict]] = {}
     for record in records:
         runs.setdefault((record["config"]["backbone"], init_label(record["config"]["init"])), []).append(record)
-    return {key: rank(group)[0] for key, group in runs.items()}
+    out = {}
+    for key, group in runs.items():
+        best = rank(group)[0]
+        seeds = [r for r in group if configuration(r) == configuration(best)]
+        val, low, high = compare.accuracy_interval(seeds, "val")
+        out[key] = {**best, "metrics": {**best["metrics"], "val_accuracy": val, "val_low": low, "val_high": high}}
+    return out
 
 
 def proxy_tables(
@@ -212,6 +226,8 @@ def proxy_tables(
                     x["train"], labels["train"], x["val"], labels["val"]
                 ),
                 "finetune_val_accuracy": best["metrics"]["val_accuracy"] if best else None,
+                "finetune_val_low": best["metrics"]["val_low"] if best else None,
+                "finetune_val_high": best["metrics"]["val_high"] if best else None,
                 "finetune_candidate": best["name"] if best else "",
             }
         )

@@ -98,20 +98,36 @@ def read_pool(path) -> dict[str, Candidate]:
 
 
 def table(records: list[dict]) -> dict[str, Candidate]:
-    """``{candidate: row}`` from the grid's registry records."""
-    out = {}
+    """``{candidate: row}`` from the grid's registry records. With repeats, a candidate's seeds (its
+    records of one name) are one row: the mean over them of the validation accuracy after each
+    epoch (None from the first epoch any seed diverged) and of the test accuracy, and the seconds
+    of all of them (what training the candidate costs)."""
+    seeds: dict[str, list[dict]] = {}
     for record in records:
-        config, curves = record["config"], record["curves"]
+        seeds.setdefault(record["name"], []).append(record)
+    out = {}
+    for name, runs in seeds.items():
+        config = runs[0]["config"]
         params = {k: config[k] for k in ("backbone", "init", "lr", "resolution", *SAMPLED)}
         params["freeze"] = freeze_depth(config["backbone"], config["freeze"])
-        out[record["name"]] = Candidate(
-            name=record["name"],
+        curves = [r["curves"] for r in runs]
+        val = [[c["val_accuracy"] for c in curve] for curve in curves]
+        tests = [r["metrics"]["test_accuracy"] for r in runs]
+        out[name] = Candidate(
+            name=name,
             params=params,
-            val=tuple(c["val_accuracy"] for c in curves),
-            seconds=tuple(c["train_seconds"] + c["eval_seconds"] for c in curves),
-            test=record["metrics"]["test_accuracy"],
+            val=tuple(_mean(v) for v in zip(*val, strict=False)),
+            seconds=tuple(
+                sum(c["train_seconds"] + c["eval_seconds"] for c in epoch) for epoch in zip(*curves, strict=False)
+            ),
+            test=_mean(tests),
         )
     return out
+
+
+def _mean(values) -> float | None:
+    """The mean of ``values``; None when one is None."""
+    return None if any(v is None for v in values) else sum(values) / len(values)
 
 
 class Replay:
