@@ -125,20 +125,22 @@ def test_fused_runs_agree_and_a_diverging_run_leaves_the_others(tmp_path, tiny_a
         assert weights.keys() == expected[run_id][1].keys()
 
 
-def test_the_search_grid_and_rungs_train_in_groups(tmp_path, tiny_archive):
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_the_search_grid_and_rungs_train_in_groups(tmp_path, tiny_archive, repeats):
     """A dry run of a tiny search (2 backbones x 2 inits x 2 learning rates) in groups of 4: the grid's
-    8 candidates in 2 jobs, every rung's slots of successive halving and Hyperband in a group's job."""
+    8 candidates (each with ``repeats`` seeds) in 2 jobs a seed, every rung's slots of successive
+    halving and Hyperband in a group's job."""
     search = {"enabled": True, "backbones": ["resnet18", "mobilenet_v3_small"], "inits": ["pretrained", "scratch"],
               "freezes": ["none"], "lrs": [0.05, 0.01], "random_samples": 2, "rounds": 2, "q": 2, "eta": 2,
               "distributions": {"batch_sizes": [8]}, "min_epochs": 1, "max_epochs": 2, "brackets": 2}  # fmt: skip
     overlay = tiny_study(tiny_archive, source_epochs=1, device="cpu", features={"layers": [], "inits": []},
                          policies=POLICIES[:1], speedups={"enabled": False}, search=search,
-                         run_groups={"size": 4, "fuse": False})  # fmt: skip
+                         run_groups={"size": 4, "fuse": False}, repeats=repeats)  # fmt: skip
     write_study(tmp_path, overlay)
     counts = job_counts(snakemake(tmp_path, "results/tables/search.csv", "-n").stdout)
     grid = [rule for rule in counts if rule.startswith("search_grid")]
     first_rung = [rule for rule in counts if rule.startswith("search_first_rung")]
-    assert len(grid) == 2 and all(rule.startswith("search_grid_group_") for rule in grid)
+    assert len(grid) == 2 * repeats and all(rule.startswith("search_grid_group_") for rule in grid)
     assert 2 <= len(first_rung) < 12 and all(rule.startswith("search_first_rung_group_") for rule in first_rung)
     later = [rule for rule in counts if rule.startswith("search_next_rung")]
     assert later and all(rule.startswith("search_next_rung_group_") for rule in later)
