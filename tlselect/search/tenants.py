@@ -219,15 +219,18 @@ def read_pools(path) -> dict[str, dict[str, replay.Candidate]]:
 
 def replay_run(pools: dict[str, dict[str, replay.Candidate]], scheduler: str, strategy: str, budget: float,
                seed: int, delta: float = 0.1, threshold: float = 0.01, patience: int = 3,
-               weights: dict[str, float] | None = None,
-               arms: str = "types") -> list[tuple[int, float, float, str]]:  # fmt: skip
+               weights: dict[str, float] | None = None, arms: str = "types",
+               cache: dict | None = None) -> list[tuple[int, float, float, str]]:  # fmt: skip
     """One replayed multi-tenant run: jobs (each a candidate trained to its full length, looked up in
     its tenant's pool) until the seconds spent reach ``budget`` (a share of all pools' seconds).
 
     Returns ``(jobs, share of the seconds, global regret in points, the job's tenant)`` after every
     job. The global regret is the weighted mean over tenants of (the pool's best test accuracy - the
     test accuracy of the tenant's incumbent, its best run on validation so far; a tenant without
-    one counts as accuracy 0). ``arms``: what every tenant's GP sees (:data:`ARMS`).
+    one counts as accuracy 0). ``arms``: what every tenant's GP sees (:data:`ARMS`). ``cache``: a
+    dict shared by the runs of one seed (of any scheduler): a tenant's choices and GREEDY's gain
+    depend on its own history alone, so its n-th candidate and its gain after n jobs are the same
+    under every scheduler (:func:`_cached`).
     """
     weights = weights or {}
     names = sorted(pools)
@@ -246,21 +249,19 @@ def replay_run(pools: dict[str, dict[str, replay.Candidate]], scheduler: str, st
     runs = {task: replay.Replay(pools[task]) for task in names}
     best = {task: max(r.test or 0.0 for r in pools[task].values()) for task in names}
     total = sum(sum(r.seconds) for pool in pools.values() for r in pool.values())
-    cache = {}
+    cache = {} if cache is None else cache
 
     def gain(tenant):
-        key = (tenant.name, len(tenant.history))  # q = 1: a history only grows by finished jobs
-        if key not in cache:
-            cache[key] = potential(tenant, delta)
-        return cache[key]
+        return _cached(cache, "gain", tenant, lambda: potential(tenant, delta))
 
     trace, spent, jobs = [], 0.0, 0
     while spent < budget * total * (1 - 1e-9):
-        chosen = schedule(tenants, scheduler, 1, seed, jobs, delta, threshold, patience, gains=gain)
-        if not chosen:
+        # schedule()'s one job of round `jobs`, its draws and choices alike
+        tenant = choose(scheduler, tenants, np.random.RandomState([seed, jobs, 0]), delta, threshold, patience, gain)
+        if tenant is None:
             break
-        task, params = chosen[0]
-        tenant, run = tenants[names.index(task)], runs[task]
+        task, run = tenant.name, runs[tenant.name]
+        params = _cached(cache, "next", tenant, lambda: next_candidate(tenant, delta))  # noqa: B023
         name = by_key[task][strategies.point_key(params)]
         before = run.seconds
         record = run.train(name, len(pools[task][name].val))
@@ -274,16 +275,27 @@ def replay_run(pools: dict[str, dict[str, replay.Candidate]], scheduler: str, st
     return trace
 
 
+def _cached(cache: dict, what: str, tenant: Tenant, compute):
+    """``compute()`` for ``tenant`` as it is now (its name and number of jobs), once per ``cache``."""
+    key = (what, tenant.name, len(tenant.history))  # one job at a time: a history only grows
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
 def tenant_curve(pool: dict[str, replay.Candidate], strategy: str, seed: int, arms: str = "types",
-                 limit: float = math.inf) -> np.ndarray:  # fmt: skip
+                 limit: float = math.inf, name: str = "", cache: dict | None = None,
+                 delta: float = 0.1) -> np.ndarray:  # fmt: skip
     """One tenant's strategy run alone on its pool until every candidate is tried or ``limit`` seconds
     are spent: ``(seconds spent, regret in points)`` after 0, 1, ... jobs. A tenant's own choices
-    depend on its history alone, so under any scheduler its n-th job is the n-th of this curve."""
-    tenant = Tenant("", [pool[c].params for c in sorted(pool)], strategy=strategy, seed=seed, arms_of=arms)
+    depend on its history alone, so under any scheduler its n-th job is the n-th of this curve
+    (``name`` and ``cache``: the tenant's in :func:`replay_run`)."""
+    tenant = Tenant(name, [pool[c].params for c in sorted(pool)], strategy=strategy, seed=seed, arms_of=arms)
+    cache = {} if cache is None else cache
     by_key = {strategies.point_key(r.params): c for c, r in pool.items()}
     run, best = replay.Replay(pool), max(r.test or 0.0 for r in pool.values())
     curve = [(0.0, 100 * best)]
-    while run.seconds < limit and (params := next_candidate(tenant)) is not None:
+    while run.seconds < limit and (params := _cached(cache, "next", tenant, lambda: next_candidate(tenant, delta))):
         name, before = by_key[strategies.point_key(params)], run.seconds
         record = run.train(name, len(pool[name].val))
         tenant.history.append((params, record["metrics"]["val_accuracy"], run.seconds - before))
@@ -293,8 +305,8 @@ def tenant_curve(pool: dict[str, replay.Candidate], strategy: str, seed: int, ar
 
 
 def oracle_share(pools: dict[str, dict[str, replay.Candidate]], strategy: str, seed: int, target: float,
-                 budget: float = 1.0, weights: dict[str, float] | None = None,
-                 arms: str = "types") -> float:  # fmt: skip
+                 budget: float = 1.0, weights: dict[str, float] | None = None, arms: str = "types",
+                 cache: dict | None = None, delta: float = 0.1) -> float:  # fmt: skip
     """The least share of all pools' seconds in which any scheduler could bring the global regret to
     ``target`` points, seed ``seed`` (inf: not within ``budget`` of the seconds): an oracle that
     knows every tenant's :func:`tenant_curve` ahead and gives each tenant the number of jobs that
@@ -304,7 +316,7 @@ def oracle_share(pools: dict[str, dict[str, replay.Candidate]], strategy: str, s
     total = sum(sum(r.seconds) for pool in pools.values() for r in pool.values())
     front = np.zeros((1, 2))  # (seconds, weighted summed regret) of the tenants merged so far
     for i, task in enumerate(names):
-        curve = tenant_curve(pools[task], strategy, seed * 1000 + i, arms, limit=budget * total)
+        curve = tenant_curve(pools[task], strategy, seed * 1000 + i, arms, budget * total, task, cache, delta)
         curve[:, 1] *= weights.get(task, 1.0)
         seconds = (front[:, None, 0] + curve[None, :, 0]).ravel()
         regret = (front[:, None, 1] + curve[None, :, 1]).ravel()
@@ -327,20 +339,29 @@ def reached(trace: list[tuple], target: float) -> float:
     return next((step[1] for step in trace if step[2] <= target + 1e-9), math.inf)
 
 
-def _replays(args) -> list:
+def _replays(args) -> list[tuple[dict[str, list], dict]]:
+    """Every scheduler's run of each seed, and the seed's cache (one per seed, shared by its runs)."""
     from threadpoolctl import threadpool_limits
 
-    pools, scheduler, strategy, budget, seeds, how = args
+    pools, schedulers, strategy, budget, seeds, how = args
+    out = []
     with threadpool_limits(1):  # the GP's solves are tiny: threads only add overhead
-        return [replay_run(pools, scheduler, strategy, budget, seed, **how) for seed in seeds]
+        for seed in seeds:
+            cache = {}
+            runs = {s: replay_run(pools, s, strategy, budget, seed, **how, cache=cache) for s in schedulers}
+            out.append((runs, cache))
+    return out
 
 
 def _oracles(args) -> list[float]:
     from threadpoolctl import threadpool_limits
 
-    pools, strategy, budget, seeds, target, how = args
+    pools, strategy, budget, seeds, target, how, caches = args
     with threadpool_limits(1):
-        return [oracle_share(pools, strategy, seed, target, budget, how["weights"], how["arms"]) for seed in seeds]
+        return [
+            oracle_share(pools, strategy, seed, target, budget, how["weights"], how["arms"], cache, how["delta"])
+            for seed, cache in zip(seeds, caches, strict=True)
+        ]
 
 
 def replay_table(pools, schedulers, strategy: str, budget: float, seeds: int, shares, delta: float = 0.1,
@@ -353,12 +374,10 @@ def replay_table(pools, schedulers, strategy: str, budget: float, seeds: int, sh
     and a row ``oracle``: the least compute any scheduler could reach it in, :func:`oracle_share`)."""
     how = {"delta": delta, "threshold": threshold, "patience": patience, "weights": weights, "arms": arms}
     parts = range(processes)
-    chunks = [(pools, s, strategy, budget, range(i, seeds, processes), how) for s in schedulers for i in parts]
-    done = _map(_replays, chunks, processes)
-    traces = {s: [] for s in schedulers}
-    for (_, scheduler, _, _, seeds_, _), runs in zip(chunks, done, strict=True):
-        traces[scheduler] += list(zip(seeds_, runs, strict=True))
-    traces = {s: [run for _, run in sorted(runs, key=lambda pair: pair[0])] for s, runs in traces.items()}
+    chunks = [(pools, schedulers, strategy, budget, range(i, seeds, processes), how) for i in parts]
+    results = [result for part in _map(_replays, chunks, processes) for result in part]
+    done = dict(zip([seed for chunk in chunks for seed in chunk[4]], results, strict=True))
+    traces = {s: [done[seed][0][s] for seed in range(seeds)] for s in schedulers}
     rows = []
     for scheduler, runs in traces.items():
         for share in shares:
@@ -378,7 +397,8 @@ def replay_table(pools, schedulers, strategy: str, budget: float, seeds: int, sh
                             "round_robin_final_regret_points": target,
                             "compute_to_round_robin_final": spent[0], "compute_ci95_low": spent[1],
                             "compute_ci95_high": spent[2], "seeds_reaching": spent[3], "seeds": len(runs)})  # fmt: skip
-        chunks = [(pools, strategy, budget, range(i, seeds, processes), target, how) for i in parts]
+        caches = [[done[seed][1] for seed in range(i, seeds, processes)] for i in parts]
+        chunks = [(pools, strategy, budget, range(i, seeds, processes), target, how, caches[i]) for i in parts]
         oracle = [share for part in _map(_oracles, chunks, processes) for share in part]
         spent = replay.summarize(np.array(oracle) / budget)
         summary.append({"scheduler": "oracle", "strategy": strategy, "budget_share": budget,
