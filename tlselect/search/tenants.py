@@ -17,8 +17,9 @@ fastest. Two levels, as in the paper:
   ``greedy``: the paper's GREEDY (Section 4): the tenant whose best upper confidence bound exceeds
   its best validation accuracy so far by the most, ``w_i (max_k UCB_i(k) - best_i)``
   (:func:`potential`; ``w_i``: the tenant's weight in the objective, 1 by default). The GP of a
-  tenant is fitted on its standardized accuracies, so its bound is on the scale of its own
-  results: every tenant first gets :data:`WARMUP` jobs, round robin, before potentials compare;
+  tenant is fitted on its accuracies scaled by their spread (a diverged run at its worst accuracy),
+  and sigma is that of an arm's mean, without the observation noise (:func:`_ucb`): every tenant
+  first gets :data:`WARMUP` jobs, round robin, before potentials compare;
   ``hybrid``: ease.ml's hybrid of GREEDY and round robin (Section 4), which keeps GREEDY from
   starving tenants. This module's reading of it: GREEDY among the tenants that still improve (a
   tenant whose last ``patience`` jobs did not raise its best accuracy is set aside), as long as
