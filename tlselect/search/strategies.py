@@ -251,9 +251,11 @@ def ucb_suggest(
     type by default; :func:`point_key` makes every candidate an arm of its own, its features those of
     all its parameters, so that the GP sees the learning rate and the other hyperparameters too.
     """
-    arms = sorted({arm(p) for p in points})
     tried = {point_key(p) for p, _, _ in history}
     order = np.random.RandomState(seed).permutation(len(points))
+    # ties go to the first arm: of model types the first in sorted order, of finer arms (one point
+    # each) the first in the seeded order, so that the seed still varies a search of candidate arms
+    arms = sorted({arm(p) for p in points}) if arm is arm_of else list(dict.fromkeys(arm(points[i]) for i in order))
     queues = {a: [] for a in arms}
     for i in order:
         if point_key(points[i]) not in tried:
