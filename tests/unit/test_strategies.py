@@ -149,7 +149,8 @@ def test_candidate_arms_let_the_gp_see_the_learning_rate():
     history[2] = (points[2], 0.95, 1.0)  # and b at lr 1.0 first once a's lr 1.0 was the best
     assert strategies.ucb_suggest(points, history, 1, 0, cost_aware=True, arm=strategies.point_key) == [points[5]]
     # with nothing observed every candidate ties: the seed's order breaks the tie, the model types' sorted order
-    firsts = [strategies.ucb_suggest(points, [], 1, seed, cost_aware=False, arm=strategies.point_key) for seed in range(8)]
+    key = strategies.point_key
+    firsts = [strategies.ucb_suggest(points, [], 1, seed, cost_aware=False, arm=key) for seed in range(8)]
     assert len({strategies.point_key(first[0]) for first in firsts}) > 1
     assert {strategies.ucb_suggest(points, [], 1, seed, cost_aware=False)[0]["backbone"] for seed in range(8)} == {"a"}
     costs = strategies.arm_costs(points, [(points[0], 0.8, 1.0), (points[3], 0.8, 3.0)], strategies.point_key)
