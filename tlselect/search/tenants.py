@@ -68,9 +68,10 @@ class Tenant:
     seed: int = 0
     arms_of: str = "types"
 
-    def arm(self, params: dict) -> tuple:
-        """A candidate's arm (:data:`ARMS`)."""
-        return strategies.arm_of(params) if self.arms_of == "types" else strategies.point_key(params)
+    @property
+    def arm(self):
+        """The function giving a candidate's arm (:data:`ARMS`)."""
+        return strategies.arm_of if self.arms_of == "types" else strategies.point_key
 
     def untried(self) -> list[dict]:
         tried = {strategies.point_key(p) for p, _, _ in self.history}
