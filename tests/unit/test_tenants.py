@@ -236,3 +236,11 @@ def test_the_oracle_needs_no_more_than_any_scheduler_and_gives_the_flat_tenant_o
     for scheduler in tenants.SCHEDULERS:
         trace = tenants.replay_run(POOLS, scheduler, "gp_ucb", 1.0, 0)
         assert tenants.oracle_share(POOLS, "gp_ucb", 0, 5.0) <= tenants.reached(trace, 5.0)
+
+
+def test_a_tenant_of_model_types_chooses_as_the_model_search():
+    points = [r.params for r in POOLS["needle"].values()]
+    history = [(points[0], 0.3, 1.0)]
+    for seed in range(3):
+        tenant = tenants.Tenant("needle", points, history=list(history), seed=seed)
+        assert tenants.next_candidate(tenant) == strategies.ucb_suggest(points, history, 1, seed, cost_aware=True)[0]
