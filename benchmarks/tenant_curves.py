@@ -5,8 +5,10 @@ candidate of a task's pool is a probe trained on fixed features of the images: a
 candidate's ``init``: 8x8 colour pixels, or a seeded random 5x5 convolution layer with ReLU, of
 64 filters pooled to 2x2 or 128 filters pooled to 4x4), a head (its ``backbone``: linear or a
 128-unit MLP), a learning rate and a weight decay, trained with SGD (momentum 0.9, batch 64,
-constant rate) for ``--epochs`` epochs, one thread. The pools differ in difficulty: two tasks
-search well-behaved learning rates, two a wide range whose largest diverge.
+constant rate) for ``--epochs`` epochs, one thread. Two task sets (``--tasks``): ``similar``, four
+pools of 48 candidates, two searching well-behaved learning rates, two a wide range whose largest
+diverge; ``mixed``, users at different stages: two easy pairs of classes with 12 sound candidates
+each and two hard tasks (cat/dog, and four classes) with 72 candidates over a wide range of rates.
 
 Writes one row per candidate and epoch in the tabular pool format of the search replay
 (:func:`tlselect.search.tenants.read_pools`): task, candidate, its parameters, epoch, validation
@@ -14,6 +16,8 @@ accuracy, seconds of that epoch (training and evaluation) and the final test acc
 
     nice -n 19 python benchmarks/tenant_curves.py --archive ../shared/data/cifar10-jpg.tar.gz \
         --out docs/measurements/tenant-curves-cpu.csv
+    nice -n 19 python benchmarks/tenant_curves.py --archive ../shared/data/cifar10-jpg.tar.gz --tasks mixed \
+        --out docs/measurements/tenant-curves-mixed-cpu.csv
 """
 
 from __future__ import annotations
@@ -33,15 +37,29 @@ import pandas as pd
 import torch
 from PIL import Image
 
-TASKS = {  # name: (classes, learning rates); disjoint class sets
-    "animals_easy": (("airplane", "frog"), (0.003, 0.01, 0.03, 0.1)),
-    "pets": (("cat", "dog"), (0.001, 0.03, 1.0, 3.0)),
-    "vehicles": (("automobile", "truck", "ship"), (0.003, 0.01, 0.03, 0.1)),
-    "wildlife": (("bird", "deer", "horse"), (0.0003, 0.01, 1.0, 3.0)),
-}
 FEATURES = ("pixels", "randconv", "randconv_wide")
 HEADS = ("linear", "mlp128")
 WEIGHT_DECAYS = (1e-4, 1e-1)
+WIDE_LRS = (0.0003, 0.003, 0.03, 0.3, 1.0, 3.0)
+# Task sets, each of disjoint class sets: {name: (classes, features, heads, learning rates, weight decays)}.
+TASK_SETS = {
+    # four pools of the same size and structure (48 candidates each)
+    "similar": {
+        "animals_easy": (("airplane", "frog"), FEATURES, HEADS, (0.003, 0.01, 0.03, 0.1), WEIGHT_DECAYS),
+        "pets": (("cat", "dog"), FEATURES, HEADS, (0.001, 0.03, 1.0, 3.0), WEIGHT_DECAYS),
+        "vehicles": (("automobile", "truck", "ship"), FEATURES, HEADS, (0.003, 0.01, 0.03, 0.1), WEIGHT_DECAYS),
+        "wildlife": (("bird", "deer", "horse"), FEATURES, HEADS, (0.0003, 0.01, 1.0, 3.0), WEIGHT_DECAYS),
+    },
+    # users at different stages: two easy pairs with small pools of sound settings (12 candidates, any
+    # of them close to the best) and two hard tasks with large pools (72 candidates) over a wide range
+    # of learning rates, the largest of which diverge
+    "mixed": {
+        "planes_frogs": (("airplane", "frog"), FEATURES[:2], HEADS[:1], (0.01, 0.03, 0.1), (1e-4, 1e-2)),
+        "ships_horses": (("ship", "horse"), FEATURES[:2], HEADS[:1], (0.01, 0.03, 0.1), (1e-4, 1e-2)),
+        "cats_dogs": (("cat", "dog"), FEATURES, HEADS, WIDE_LRS, WEIGHT_DECAYS),
+        "road_and_field": (("automobile", "bird", "deer", "truck"), FEATURES, HEADS, WIDE_LRS, WEIGHT_DECAYS),
+    },
+}
 
 
 def read_images(archive: Path, classes: set[str], train: int, test: int) -> dict[str, dict[str, list[np.ndarray]]]:
@@ -115,12 +133,14 @@ def main() -> None:
     parser.add_argument("--train-per-class", type=int, default=1000, help="training images per class (a quarter: val)")
     parser.add_argument("--test-per-class", type=int, default=500)
     parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--tasks", choices=sorted(TASK_SETS), default="similar", help="the set of tasks and pools")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    classes = {c for names, _ in TASKS.values() for c in names}
+    tasks = TASK_SETS[args.tasks]
+    classes = {c for names, *_ in tasks.values() for c in names}
     images = read_images(args.archive, classes, args.train_per_class, args.test_per_class)
     rows, started = [], time.perf_counter()
-    for task, (names, lrs) in TASKS.items():
+    for task, (names, kinds, heads, lrs, weight_decays) in tasks.items():
         val_count = args.train_per_class // 4
         split = {"train": ([], []), "val": ([], []), "test": ([], [])}
         for label, name in enumerate(names):
@@ -131,14 +151,14 @@ def main() -> None:
             ):
                 split[part][0].extend(imgs)
                 split[part][1].extend([label] * len(imgs))
-        for kind in FEATURES:
+        for kind in kinds:
             arrays = {part: features(np.stack(x), kind) for part, (x, _) in split.items()}
             mean, std = arrays["train"].mean(0), arrays["train"].std(0) + 1e-6
             data = [
                 (torch.from_numpy((arrays[p] - mean) / std), torch.tensor(split[p][1]))
                 for p in ("train", "val", "test")
             ]
-            for head, lr, wd in itertools.product(HEADS, lrs, WEIGHT_DECAYS):
+            for head, lr, wd in itertools.product(heads, lrs, weight_decays):
                 params = {"backbone": head, "init": kind, "freeze": "none", "lr": lr, "resolution": 32,
                           "weight_decay": wd, "label_smoothing": 0.0, "batch_size": 64}  # fmt: skip
                 candidate = f"{task}-{head}-{kind}-lr{lr:g}-wd{wd:g}"

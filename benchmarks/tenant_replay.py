@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--delta", type=float, default=0.1, help="GP-UCB's beta_t confidence")
     parser.add_argument("--threshold", type=float, default=0.01, help="hybrid's switch to round robin")
     parser.add_argument("--patience", type=int, default=3, help="hybrid: jobs without a gain before a tenant waits")
+    parser.add_argument("--arms", default="types", choices=tenants.ARMS, help="what each tenant's GP sees")
     parser.add_argument("--processes", type=int, default=1, help="replay in this many processes")
     parser.add_argument("--out", required=True, help="the anytime table (CSV, replay.csv's columns)")
     parser.add_argument("--summary", required=True, help="per scheduler: final regret, compute to round robin's")
@@ -44,7 +45,7 @@ def main() -> None:
     shares = sorted({*np.linspace(args.budget / 40, args.budget, 40), args.budget / 4, args.budget / 2})
     curve, summary = tenants.replay_table(
         pools, args.schedulers, args.strategy, args.budget, args.seeds, shares, args.delta, args.threshold,
-        args.patience, processes=args.processes,
+        args.patience, processes=args.processes, arms=args.arms,
     )  # fmt: skip
     write_csv(curve, args.out)
     write_csv(summary, args.summary)

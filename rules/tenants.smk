@@ -14,6 +14,10 @@ TENANTS = tenancy.tenant_configs(config)
 include: "inputs/tenants.smk"
 
 
+localrules:
+    tenant_fetch_data,  # like fetch_data: it may download, which compute nodes may not
+
+
 TENANT_OUTPUTS = (
     [TENANT_TABLE, TENANT_FIGURE]
     + [

@@ -340,3 +340,32 @@ def test_failed_job_is_retried_with_more_memory_and_a_cancelled_job_leaves_no_ou
     assert (tmp_path / "trained.txt").read_text().strip() == "8000"
     first_log = tmp_path / f".snakemake/slurm_logs/rule_train/{trains[0]['id']}.log"
     assert "SLURM granted 4000 MB; this job needs 6000 MB" in first_log.read_text()
+
+
+def test_a_tenants_study_runs_through_sbatch_and_a_rerun_does_nothing(tmp_path, tiny_archive):
+    """Two tiny tenants, one GREEDY round of two jobs: the rounds, jobs and tables go through sbatch."""
+    tiny = tiny_study(
+        tiny_archive,
+        device="cpu",
+        features={"layers": []},
+        speedups={"enabled": False},
+        train={"epochs": 1, "batch_size": 8},
+        search={"backbones": ["resnet18"], "inits": ["scratch"], "freezes": ["none"], "lrs": [0.05, 0.1],
+                "max_epochs": 1},
+        tenants={"studies": [{"name": "pets", "data": {"classes": ["cat", "dog"]}}, {"name": "rest"}], "jobs": 2,
+                 "q": 2, "schedulers": ["greedy"]},
+    )  # fmt: skip
+    write_study(tmp_path, tiny)
+    returncode, output = snakemake_under_limit(tmp_path, "tenants", "--profile", str(PROFILE))
+    assert returncode == 0, output[-8000:]
+    jobs = slurm_jobs(slurm_job_ids(output))
+    assert {rule_of(job) for job in jobs} == {"tenant_subset", "tenant_schedule", "tenant_job", "tenant_tables",
+                                              "tenant_figure"}  # fmt: skip
+    assert all(job["state"] == "COMPLETED" for job in jobs), jobs
+    assert "localrule tenant_fetch_data:" in output
+    table = pd.read_csv(tmp_path / "results/tables/tenants.csv")
+    assert set(table["scheduler"]) == {"greedy"} and table["job"].nunique() == 2
+    for tenant in ("pets", "rest"):
+        assert (tmp_path / f"results/tenants/{tenant}/summary.md").is_file()
+    returncode, output = snakemake_under_limit(tmp_path, "tenants", "--profile", str(PROFILE), "--dry-run")
+    assert returncode == 0 and "Nothing to be done" in output

@@ -124,3 +124,34 @@ def test_cost_aware_gp_ucb_pulls_the_cheaper_of_two_equal_arms():
     (aware,) = strategies.ucb_suggest(points, history, 1, 0, cost_aware=True)
     assert (plain["backbone"], aware["backbone"]) == ("a_slow", "b_fast")  # a tie goes to the first arm
     assert {p["lr"] for p in strategies.ucb_suggest(points, history, 2, 0, cost_aware=False)} == {0.1}
+
+
+def test_the_latent_sigma_shrinks_with_repeats_and_the_observation_sigma_keeps_the_noise(config):
+    arms = Space.from_config(config).arms()[:3]
+    noise = strategies.default_kernel().k2.noise_level
+    for repeats in (1, 4, 16):
+        observations = [(arms[0], 0.5 + 0.01 * (i % 2)) for i in range(repeats)] + [(arms[1], 0.4)]
+        _, observed = strategies.posterior(arms, observations, normalize=False)
+        _, latent = strategies.posterior(arms, observations, normalize=False, latent=True)
+        assert np.allclose(latent**2, observed**2 - noise)
+        assert observed[0] > math.sqrt(noise) and latent[0] < math.sqrt(noise / repeats) + 1e-9
+    # an arm never observed keeps more uncertainty than an observed one
+    assert latent[2] > latent[1] > latent[0]
+
+
+def test_candidate_arms_let_the_gp_see_the_learning_rate():
+    points = [{"backbone": b, "init": "scratch", "freeze": "none", "lr": lr, "resolution": 32, "weight_decay": 0.0,
+               "label_smoothing": 0.0, "batch_size": 8} for b in ("a", "b") for lr in (0.01, 0.1, 1.0)]  # fmt: skip
+    # lr 1.0 diverged on backbone a; the other rates did well
+    history = [(points[0], 0.8, 1.0), (points[1], 0.82, 1.0), (points[2], None, 1.0), (points[3], 0.79, 1.0)]
+    # b at lr 0.1 before b at lr 1.0: what a's lr 1.0 taught
+    assert strategies.ucb_suggest(points, history, 1, 0, cost_aware=True, arm=strategies.point_key) == [points[4]]
+    history[2] = (points[2], 0.95, 1.0)  # and b at lr 1.0 first once a's lr 1.0 was the best
+    assert strategies.ucb_suggest(points, history, 1, 0, cost_aware=True, arm=strategies.point_key) == [points[5]]
+    # with nothing observed every candidate ties: the seed's order breaks the tie, the model types' sorted order
+    key = strategies.point_key
+    firsts = [strategies.ucb_suggest(points, [], 1, seed, cost_aware=False, arm=key) for seed in range(8)]
+    assert len({strategies.point_key(first[0]) for first in firsts}) > 1
+    assert {strategies.ucb_suggest(points, [], 1, seed, cost_aware=False)[0]["backbone"] for seed in range(8)} == {"a"}
+    costs = strategies.arm_costs(points, [(points[0], 0.8, 1.0), (points[3], 0.8, 3.0)], strategies.point_key)
+    assert costs[strategies.point_key(points[1])] == 0.5 and costs[strategies.point_key(points[5])] == 1.5

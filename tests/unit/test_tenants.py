@@ -1,6 +1,7 @@
 """Many users: the global schedulers on hand-made pools where the right choice is known, the replay's
 bookkeeping, the pool table, and the ``tenants`` block's checks (each error names its tenant)."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -114,6 +115,7 @@ def test_random_scheduler_is_seeded_and_a_round_spreads_its_jobs():
 def test_replay_table_reports_every_scheduler_and_the_compute_to_round_robins_final():
     curve, summary = tenants.replay_table(POOLS, tenants.SCHEDULERS, "gp_ucb", 10 / 16, 3, [5 / 16, 10 / 16])
     assert set(curve["scheduler"]) == set(tenants.SCHEDULERS) and (curve["seeds"] == 3).all()
+    assert set(summary["scheduler"]) == {*tenants.SCHEDULERS, "oracle"}
     assert list(curve.columns) == ["scheduler", "strategy", "axis", "share", "regret_points", "ci95_low",
                                    "ci95_high", "seeds"]  # fmt: skip
     rows = summary.set_index("scheduler")
@@ -213,3 +215,32 @@ def test_the_global_figure_and_sentence_come_from_the_global_table(tmp_path):
     assert sentence.index("greedy 0.750 in 5 s") < sentence.index("round_robin 0.650 in 5 s")  # best first
     draw_tenants(table, tmp_path / "tenants.png")
     assert (tmp_path / "tenants.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_diverged_run_counts_at_the_worst_accuracy_in_greedys_bound():
+    rows = list(POOLS["needle"].values())
+    diverging = tenants.Tenant("diverging", [r.params for r in rows], strategy="gp_ucb")
+    diverging.history = [(rows[0].params, 0.5, 1.0), (rows[4].params, None, 1.0), (rows[1].params, 0.45, 1.0)]
+    at_worst = dataclasses.replace(diverging, history=[(p, v or 0.45, s) for p, v, s in diverging.history])
+    assert tenants.potential(diverging) == pytest.approx(tenants.potential(at_worst))
+    assert diverging.best() == 0.5  # its incumbent is still its best run
+
+
+def test_the_oracle_needs_no_more_than_any_scheduler_and_gives_the_flat_tenant_one_job():
+    needle = tenants.tenant_curve(POOLS["needle"], "gp_ucb", seed=1)  # the oracle's seed 0: tenant 1 is needle
+    found = int(np.argmax(np.isclose(needle[:, 1], 0.0)))
+    assert needle[found, 1] == pytest.approx(0.0) and needle[found, 0] == found  # one second a job
+    # global regret 0: the flat tenant's first job (0.8, its best) and the needle tenant's jobs to 0.95
+    assert tenants.oracle_share(POOLS, "gp_ucb", 0, 0.0) == pytest.approx((1 + found) / 16)
+    assert tenants.oracle_share(POOLS, "gp_ucb", 0, 0.0, budget=found / 16) == math.inf
+    for scheduler in tenants.SCHEDULERS:
+        trace = tenants.replay_run(POOLS, scheduler, "gp_ucb", 1.0, 0)
+        assert tenants.oracle_share(POOLS, "gp_ucb", 0, 5.0) <= tenants.reached(trace, 5.0)
+
+
+def test_a_tenant_of_model_types_chooses_as_the_model_search():
+    points = [r.params for r in POOLS["needle"].values()]
+    history = [(points[0], 0.3, 1.0)]
+    for seed in range(3):
+        tenant = tenants.Tenant("needle", points, history=list(history), seed=seed)
+        assert tenants.next_candidate(tenant) == strategies.ucb_suggest(points, history, 1, seed, cost_aware=True)[0]

@@ -20,7 +20,9 @@ def dry_run(tmp_path_factory, tiny_archive):
         search={"enabled": True},
         speedups={"enabled": True},
         mop={"enabled": True, "partitions": 2},
-    )
+        tenants={"studies": [{"name": "pets", "data": {"classes": ["cat", "dog"]}, "search": {"inits": ["scratch"]}}],
+                 "jobs": 1, "q": 1, "schedulers": ["round_robin"]},
+    )  # fmt: skip
     write_study(workdir, tiny)
 
     def run(*args):

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np
 import pandas as pd  # noqa: E402
 
 from tlselect.core.files import atomic_path  # noqa: E402
@@ -38,13 +39,18 @@ def draw_tenants(table: pd.DataFrame, out: Path) -> None:
 
 def draw_replay(curve: pd.DataFrame, summary: pd.DataFrame, out: Path) -> None:
     """Replayed schedulers: mean global regret and its 95% interval against the share of all pools'
-    seconds; the dotted line is round robin's mean regret at the end of the budget."""
+    seconds; the dotted line is round robin's mean regret at the end of the budget, the dashed one the
+    least compute in which an oracle scheduler reaches it (the summary's ``oracle`` row, if any)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
     for scheduler, rows in curve.groupby("scheduler", sort=False):
         line = ax.plot(rows["share"], rows["regret_points"], label=scheduler)[0]
         ax.fill_between(rows["share"], rows["ci95_low"], rows["ci95_high"], color=line.get_color(), alpha=0.2)
     if not summary.empty:
         ax.axhline(summary["round_robin_final_regret_points"].iloc[0], color="grey", lw=0.8, ls=":")
+        oracle = summary[summary["scheduler"] == "oracle"]
+        if not oracle.empty and np.isfinite(oracle["compute_to_round_robin_final"].iloc[0]):
+            share = oracle["compute_to_round_robin_final"].iloc[0] * oracle["budget_share"].iloc[0]
+            ax.axvline(share, color="grey", lw=0.8, ls="--", label="oracle reaches it")
     ax.set_yscale("log")
     ax.set_xlabel("share of all tenants' pools' seconds spent")
     ax.set_ylabel(f"global average regret (test points), {curve['seeds'].max()} seeds")

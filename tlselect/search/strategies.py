@@ -158,9 +158,11 @@ def default_kernel():
 
 
 def posterior(arms: list[tuple], observations: list[tuple[tuple, float]], kernel=None,
-              normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+              normalize: bool = True, latent: bool = False) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """mu(k) and sigma(k) of every arm from a GP fitted on ``(arm, validation accuracy)`` observations
-    (``normalize``: on the observations standardized; else as given, prior mean 0)."""
+    (``normalize``: on the observations standardized; else as given, prior mean 0). sigma is that
+    of an observation (the kernel's noise included), or with ``latent`` that of the arm's mean
+    accuracy, which shrinks to 0 as an arm is observed again and again."""
     features = arm_features(arms)
     index = {arm: i for i, arm in enumerate(arms)}
     gp = GaussianProcessRegressor(kernel or default_kernel(), normalize_y=normalize, random_state=0)
@@ -169,6 +171,12 @@ def posterior(arms: list[tuple], observations: list[tuple[tuple, float]], kernel
             warnings.simplefilter("ignore", ConvergenceWarning)
             gp.fit(features[[index[a] for a, _ in observations]], np.array([v for _, v in observations]))
     mu, sigma = gp.predict(features, return_std=True)
+    if latent:  # less the kernel's noise term (its WhiteKernel), on the scale of the observations
+        fitted = getattr(gp, "kernel_", gp.kernel)
+        parts = (fitted, getattr(fitted, "k1", None), getattr(fitted, "k2", None))
+        noise = sum(k.noise_level for k in parts if isinstance(k, WhiteKernel))
+        scale = getattr(gp, "_y_train_std", 1.0) if normalize else 1.0
+        sigma = np.sqrt(np.maximum(np.square(sigma) - noise * scale**2, 0.0))
     return np.atleast_1d(mu), np.atleast_1d(sigma)  # one arm: scikit-learn squeezes to 0-d
 
 
@@ -215,6 +223,15 @@ def arm_of(params: dict) -> tuple[str, str, str]:
     return params["backbone"], params["init"], params["freeze"]
 
 
+def arm_costs(points: list[dict], history: list[tuple[dict, float | None, float]], arm=arm_of) -> dict:
+    """c_k of every arm (``arm``: a grid point's arm): its model type's :func:`relative_costs`, from
+    the seconds of the model type's pulls in ``history`` (an arm finer than a model type, such as a
+    single candidate, costs what the runs of its model type cost)."""
+    types = sorted({arm_of(p) for p in points})
+    by_type = relative_costs(types, {t: [s for p, _, s in history if arm_of(p) == t] for t in types})
+    return {arm(p): by_type[arm_of(p)] for p in points}
+
+
 def ucb_suggest(
     points: list[dict],
     history: list[tuple[dict, float | None, float]],
@@ -223,33 +240,37 @@ def ucb_suggest(
     *,
     cost_aware: bool,
     delta: float = 0.1,
+    arm=arm_of,
 ) -> list[dict]:
     """The next ``q`` grid points of (cost-aware) GP-UCB, given every earlier pull.
 
     ``points``: the grid; ``history``: ``(params, validation accuracy, seconds)`` of each earlier
     pull (a diverged run counts as accuracy 0). c_k comes from the history's seconds. Each arm's
     points are tried in the order of a permutation seeded by ``seed`` alone, so that the same
-    history gives the same next point whichever round asks.
+    history gives the same next point whichever round asks. ``arm``: a grid point's arm, its model
+    type by default; :func:`point_key` makes every candidate an arm of its own, its features those of
+    all its parameters, so that the GP sees the learning rate and the other hyperparameters too.
     """
-    arms = sorted({arm_of(p) for p in points})
     tried = {point_key(p) for p, _, _ in history}
     order = np.random.RandomState(seed).permutation(len(points))
-    queues = {arm: [] for arm in arms}
+    # ties go to the first arm: of model types the first in sorted order, of finer arms (one point
+    # each) the first in the seeded order, so that the seed still varies a search of candidate arms
+    arms = sorted({arm(p) for p in points}) if arm is arm_of else list(dict.fromkeys(arm(points[i]) for i in order))
+    queues = {a: [] for a in arms}
     for i in order:
         if point_key(points[i]) not in tried:
-            queues[arm_of(points[i])].append(points[i])
-    observations = [(arm_of(p), value or 0.0) for p, value, _ in history]
-    seconds = {arm: [s for p, _, s in history if arm_of(p) == arm] for arm in arms}
-    costs = relative_costs(arms, seconds) if cost_aware else None
+            queues[arm(points[i])].append(points[i])
+    observations = [(arm(p), value or 0.0) for p, value, _ in history]
+    costs = arm_costs(points, history, arm) if cost_aware else None
     out = []
     while len(out) < q and any(queues.values()):
         t = len(observations) + 1
-        available = [arm for arm in arms if queues[arm]]
-        arm = gp_ucb(arms, observations, t, costs=costs, available=available, delta=delta)
-        out.append(queues[arm].pop(0))
+        available = [a for a in arms if queues[a]]
+        pulled = gp_ucb(arms, observations, t, costs=costs, available=available, delta=delta)
+        out.append(queues[pulled].pop(0))
         if len(out) < q:  # the pending pull believed at its posterior mean
             mu, _ = posterior(arms, observations)
-            observations.append((arm, float(mu[arms.index(arm)])))
+            observations.append((pulled, float(mu[arms.index(pulled)])))
     return out
 
 

@@ -17,8 +17,9 @@ fastest. Two levels, as in the paper:
   ``greedy``: the paper's GREEDY (Section 4): the tenant whose best upper confidence bound exceeds
   its best validation accuracy so far by the most, ``w_i (max_k UCB_i(k) - best_i)``
   (:func:`potential`; ``w_i``: the tenant's weight in the objective, 1 by default). The GP of a
-  tenant is fitted on its standardized accuracies, so its bound is on the scale of its own
-  results: every tenant first gets :data:`WARMUP` jobs, round robin, before potentials compare;
+  tenant is fitted on its accuracies scaled by their spread (a diverged run at its worst accuracy),
+  and sigma is that of an arm's mean, without the observation noise (:func:`_ucb`): every tenant
+  first gets :data:`WARMUP` jobs, round robin, before potentials compare;
   ``hybrid``: ease.ml's hybrid of GREEDY and round robin (Section 4), which keeps GREEDY from
   starving tenants. This module's reading of it: GREEDY among the tenants that still improve (a
   tenant whose last ``patience`` jobs did not raise its best accuracy is set aside), as long as
@@ -44,6 +45,10 @@ from tlselect.search import replay, strategies
 
 SCHEDULERS = ("round_robin", "random", "greedy", "hybrid")
 STRATEGIES = ("cost_gp_ucb", "gp_ucb", "random")
+# What a tenant's GP sees: "types", its model types (the model search's arms, whose hyperparameters a
+# pull draws in a seeded order), or "candidates", every candidate an arm of its own with the features
+# of all its parameters (ease.ml's arms are a user's candidate models).
+ARMS = ("types", "candidates")
 # GREEDY and hybrid serve every tenant this many jobs, round robin, before comparing potentials.
 WARMUP = 2
 # The least spread of a tenant's accuracies its GP is scaled by (a point of accuracy).
@@ -61,6 +66,12 @@ class Tenant:
     strategy: str = "cost_gp_ucb"
     weight: float = 1.0
     seed: int = 0
+    arms_of: str = "types"
+
+    @property
+    def arm(self):
+        """The function giving a candidate's arm (:data:`ARMS`)."""
+        return strategies.arm_of if self.arms_of == "types" else strategies.point_key
 
     def untried(self) -> list[dict]:
         tried = {strategies.point_key(p) for p, _, _ in self.history}
@@ -71,7 +82,7 @@ class Tenant:
         return max((v or 0.0 for _, v, _ in self.history), default=0.0)
 
     def arms(self) -> list[tuple]:
-        return sorted({strategies.arm_of(p) for p in self.points})
+        return sorted({self.arm(p) for p in self.points})
 
     def stalled(self, patience: int) -> bool:
         """Whether its last ``patience`` jobs left its best accuracy where it was."""
@@ -86,7 +97,9 @@ def next_candidate(tenant: Tenant, delta: float = 0.1) -> dict | None:
         order = np.random.RandomState(tenant.seed).permutation(len(tenant.points))
         return next((tenant.points[i] for i in order if strategies.point_key(tenant.points[i]) in untried), None)
     cost_aware = tenant.strategy == "cost_gp_ucb"
-    asked = strategies.ucb_suggest(tenant.points, tenant.history, 1, tenant.seed, cost_aware=cost_aware, delta=delta)
+    asked = strategies.ucb_suggest(
+        tenant.points, tenant.history, 1, tenant.seed, cost_aware=cost_aware, delta=delta, arm=tenant.arm
+    )
     return asked[0] if asked else None
 
 
@@ -95,16 +108,22 @@ def _ucb(tenant: Tenant, delta: float) -> tuple[list[tuple], np.ndarray, np.ndar
 
     To compare tenants, the GP is fitted on the tenant's results centred and divided by
     max(their spread, :data:`SCALE_FLOOR`) (the strategies' own GP standardizes them, which makes a
-    tenant whose results barely differ look as uncertain as one whose results differ a lot).
+    tenant whose results barely differ look as uncertain as one whose results differ a lot). A
+    diverged run enters at the tenant's worst accuracy that did not diverge: counted as 0, it would
+    make the spread, and with it the bound, of a tenant whose large learning rates diverge many times
+    that of the others, and GREEDY would serve it alone. sigma is the posterior's of the arm's mean
+    accuracy, without the kernel's observation noise, so that a tenant's bound shrinks as its arms
+    are observed (GP-UCB's bound is on the function; Srinivas et al. 2010).
     """
     arms = tenant.arms()
-    values = np.array([v or 0.0 for _, v, _ in tenant.history])
+    worst = min((v for _, v, _ in tenant.history if v is not None), default=0.0)
+    values = np.array([worst if v is None else v for _, v, _ in tenant.history])
     mean = float(values.mean()) if len(values) else 0.0
     scale = max(float(values.std()) if len(values) else 0.0, SCALE_FLOOR)
-    observations = [(strategies.arm_of(p), ((v or 0.0) - mean) / scale) for p, v, _ in tenant.history]
-    seconds = {arm: [s for p, _, s in tenant.history if strategies.arm_of(p) == arm] for arm in arms}
-    costs = strategies.relative_costs(arms, seconds) if tenant.strategy == "cost_gp_ucb" else None
-    mu, sigma = strategies.posterior(arms, observations, normalize=False)
+    observations = [(tenant.arm(p), (v - mean) / scale) for (p, _, _), v in zip(tenant.history, values, strict=True)]
+    aware = tenant.strategy == "cost_gp_ucb"
+    costs = strategies.arm_costs(tenant.points, tenant.history, tenant.arm) if aware else None
+    mu, sigma = strategies.posterior(arms, observations, normalize=False, latent=True)
     scores = strategies.ucb_bound(arms, mu, sigma, len(observations) + 1, costs=costs, delta=delta)
     return arms, mean + scale * scores, mean + scale * mu
 
@@ -113,7 +132,7 @@ def potential(tenant: Tenant, delta: float = 0.1) -> float:
     """GREEDY's gain of serving ``tenant`` (ease.ml, Section 4): the best upper confidence bound over its
     arms that still have untried points, minus its best accuracy so far (cost-aware when its strategy is;
     a random strategy is scored by plain GP-UCB). -inf once it has nothing left to try."""
-    open_arms = {strategies.arm_of(p) for p in tenant.untried()}
+    open_arms = {tenant.arm(p) for p in tenant.untried()}
     if not open_arms:
         return -math.inf
     arms, scores, _ = _ucb(tenant, delta)
@@ -167,7 +186,7 @@ def schedule(tenants: list[Tenant], scheduler: str, q: int, seed: int, round_: i
             break
         arms, _, mu = _ucb(tenant, delta)
         seconds = [s for _, _, s in tenant.history]
-        believed = float(mu[arms.index(strategies.arm_of(params))])
+        believed = float(mu[arms.index(tenant.arm(params))])
         tenant.history.append((params, believed, float(np.mean(seconds)) if seconds else 1.0))
     return out
 
@@ -202,14 +221,18 @@ def read_pools(path) -> dict[str, dict[str, replay.Candidate]]:
 
 def replay_run(pools: dict[str, dict[str, replay.Candidate]], scheduler: str, strategy: str, budget: float,
                seed: int, delta: float = 0.1, threshold: float = 0.01, patience: int = 3,
-               weights: dict[str, float] | None = None) -> list[tuple[int, float, float, str]]:  # fmt: skip
+               weights: dict[str, float] | None = None, arms: str = "types",
+               cache: dict | None = None) -> list[tuple[int, float, float, str]]:  # fmt: skip
     """One replayed multi-tenant run: jobs (each a candidate trained to its full length, looked up in
     its tenant's pool) until the seconds spent reach ``budget`` (a share of all pools' seconds).
 
     Returns ``(jobs, share of the seconds, global regret in points, the job's tenant)`` after every
     job. The global regret is the weighted mean over tenants of (the pool's best test accuracy - the
     test accuracy of the tenant's incumbent, its best run on validation so far; a tenant without
-    one counts as accuracy 0).
+    one counts as accuracy 0). ``arms``: what every tenant's GP sees (:data:`ARMS`). ``cache``: a
+    dict shared by the runs of one seed (of any scheduler): a tenant's choices and GREEDY's gain
+    depend on its own history alone, so its n-th candidate and its gain after n jobs are the same
+    under every scheduler (:func:`_cached`).
     """
     weights = weights or {}
     names = sorted(pools)
@@ -220,6 +243,7 @@ def replay_run(pools: dict[str, dict[str, replay.Candidate]], scheduler: str, st
             strategy=strategy,
             weight=weights.get(task, 1.0),
             seed=seed * 1000 + i,
+            arms_of=arms,
         )  # fmt: skip
         for i, task in enumerate(names)
     ]
@@ -227,21 +251,19 @@ def replay_run(pools: dict[str, dict[str, replay.Candidate]], scheduler: str, st
     runs = {task: replay.Replay(pools[task]) for task in names}
     best = {task: max(r.test or 0.0 for r in pools[task].values()) for task in names}
     total = sum(sum(r.seconds) for pool in pools.values() for r in pool.values())
-    cache = {}
+    cache = {} if cache is None else cache
 
     def gain(tenant):
-        key = (tenant.name, len(tenant.history))  # q = 1: a history only grows by finished jobs
-        if key not in cache:
-            cache[key] = potential(tenant, delta)
-        return cache[key]
+        return _cached(cache, "gain", tenant, lambda: potential(tenant, delta))
 
     trace, spent, jobs = [], 0.0, 0
     while spent < budget * total * (1 - 1e-9):
-        chosen = schedule(tenants, scheduler, 1, seed, jobs, delta, threshold, patience, gains=gain)
-        if not chosen:
+        # schedule()'s one job of round `jobs`, its draws and choices alike
+        tenant = choose(scheduler, tenants, np.random.RandomState([seed, jobs, 0]), delta, threshold, patience, gain)
+        if tenant is None:
             break
-        task, params = chosen[0]
-        tenant, run = tenants[names.index(task)], runs[task]
+        task, run = tenant.name, runs[tenant.name]
+        params = _cached(cache, "next", tenant, lambda: next_candidate(tenant, delta))  # noqa: B023
         name = by_key[task][strategies.point_key(params)]
         before = run.seconds
         record = run.train(name, len(pools[task][name].val))
@@ -255,6 +277,59 @@ def replay_run(pools: dict[str, dict[str, replay.Candidate]], scheduler: str, st
     return trace
 
 
+def _cached(cache: dict, what: str, tenant: Tenant, compute):
+    """``compute()`` for ``tenant`` as it is now (its name and number of jobs), once per ``cache``."""
+    key = (what, tenant.name, len(tenant.history))  # one job at a time: a history only grows
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
+def tenant_curve(pool: dict[str, replay.Candidate], strategy: str, seed: int, arms: str = "types",
+                 limit: float = math.inf, name: str = "", cache: dict | None = None,
+                 delta: float = 0.1) -> np.ndarray:  # fmt: skip
+    """One tenant's strategy run alone on its pool until every candidate is tried or ``limit`` seconds
+    are spent: ``(seconds spent, regret in points)`` after 0, 1, ... jobs. A tenant's own choices
+    depend on its history alone, so under any scheduler its n-th job is the n-th of this curve
+    (``name`` and ``cache``: the tenant's in :func:`replay_run`)."""
+    tenant = Tenant(name, [pool[c].params for c in sorted(pool)], strategy=strategy, seed=seed, arms_of=arms)
+    cache = {} if cache is None else cache
+    by_key = {strategies.point_key(r.params): c for c, r in pool.items()}
+    run, best = replay.Replay(pool), max(r.test or 0.0 for r in pool.values())
+    curve = [(0.0, 100 * best)]
+    while run.seconds < limit and (params := _cached(cache, "next", tenant, lambda: next_candidate(tenant, delta))):
+        name, before = by_key[strategies.point_key(params)], run.seconds
+        record = run.train(name, len(pool[name].val))
+        tenant.history.append((params, record["metrics"]["val_accuracy"], run.seconds - before))
+        incumbent = (run.best or {}).get("metrics", {}).get("test_accuracy") or 0.0
+        curve.append((run.seconds, 100 * (best - incumbent)))
+    return np.array(curve)
+
+
+def oracle_share(pools: dict[str, dict[str, replay.Candidate]], strategy: str, seed: int, target: float,
+                 budget: float = 1.0, weights: dict[str, float] | None = None, arms: str = "types",
+                 cache: dict | None = None, delta: float = 0.1) -> float:  # fmt: skip
+    """The least share of all pools' seconds in which any scheduler could bring the global regret to
+    ``target`` points, seed ``seed`` (inf: not within ``budget`` of the seconds): an oracle that
+    knows every tenant's :func:`tenant_curve` ahead and gives each tenant the number of jobs that
+    reach the target in the fewest seconds together (a Pareto front of seconds and summed regret,
+    merged tenant by tenant). No scheduler over these tenants' strategies can do better."""
+    names, weights = sorted(pools), weights or {}
+    total = sum(sum(r.seconds) for pool in pools.values() for r in pool.values())
+    front = np.zeros((1, 2))  # (seconds, weighted summed regret) of the tenants merged so far
+    for i, task in enumerate(names):
+        curve = tenant_curve(pools[task], strategy, seed * 1000 + i, arms, budget * total, task, cache, delta)
+        curve[:, 1] *= weights.get(task, 1.0)
+        seconds = (front[:, None, 0] + curve[None, :, 0]).ravel()
+        regret = (front[:, None, 1] + curve[None, :, 1]).ravel()
+        order = np.lexsort((regret, seconds))
+        seconds, regret = seconds[order], regret[order]
+        better = regret < np.minimum.accumulate(np.r_[np.inf, regret[:-1]])  # below every cheaper one
+        front = np.c_[seconds[better], regret[better]]
+    reaching = front[front[:, 1] / sum(weights.get(t, 1.0) for t in names) <= target + 1e-9]
+    return float(reaching[0, 0] / total) if len(reaching) and reaching[0, 0] <= budget * total else math.inf
+
+
 def regret_at(trace: list[tuple], share: float) -> float:
     """The global regret after the last job that ended within ``share`` of the pools' seconds (NaN before any)."""
     i = np.searchsorted([step[1] for step in trace], share * (1 + 1e-9), side="right") - 1
@@ -266,35 +341,45 @@ def reached(trace: list[tuple], target: float) -> float:
     return next((step[1] for step in trace if step[2] <= target + 1e-9), math.inf)
 
 
-def _replays(args) -> list:
+def _replays(args) -> list[tuple[dict[str, list], dict]]:
+    """Every scheduler's run of each seed, and the seed's cache (one per seed, shared by its runs)."""
     from threadpoolctl import threadpool_limits
 
-    pools, scheduler, strategy, budget, seeds, how = args
+    pools, schedulers, strategy, budget, seeds, how = args
+    out = []
     with threadpool_limits(1):  # the GP's solves are tiny: threads only add overhead
-        return [replay_run(pools, scheduler, strategy, budget, seed, **how) for seed in seeds]
+        for seed in seeds:
+            cache = {}
+            runs = {s: replay_run(pools, s, strategy, budget, seed, **how, cache=cache) for s in schedulers}
+            out.append((runs, cache))
+    return out
+
+
+def _oracles(args) -> list[float]:
+    from threadpoolctl import threadpool_limits
+
+    pools, strategy, budget, seeds, target, how, caches = args
+    with threadpool_limits(1):
+        return [
+            oracle_share(pools, strategy, seed, target, budget, how["weights"], how["arms"], cache, how["delta"])
+            for seed, cache in zip(seeds, caches, strict=True)
+        ]
 
 
 def replay_table(pools, schedulers, strategy: str, budget: float, seeds: int, shares, delta: float = 0.1,
-                 threshold: float = 0.01, patience: int = 3, weights=None,
-                 processes: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+                 threshold: float = 0.01, patience: int = 3, weights=None, processes: int = 1,
+                 arms: str = "types") -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
     """Every scheduler replayed for ``seeds`` seeds (in ``processes`` processes): the anytime table
     (mean global regret with its 95% interval at each share of the pools' seconds, ``replay.csv``'s
     columns) and the summary (per scheduler: regret at the budget, the compute to reach round
-    robin's mean final regret, and its ratio to round robin's budget, each with its 95% interval)."""
-    how = {"delta": delta, "threshold": threshold, "patience": patience, "weights": weights}
+    robin's mean final regret, and its ratio to round robin's budget, each with its 95% interval;
+    and a row ``oracle``: the least compute any scheduler could reach it in, :func:`oracle_share`)."""
+    how = {"delta": delta, "threshold": threshold, "patience": patience, "weights": weights, "arms": arms}
     parts = range(processes)
-    chunks = [(pools, s, strategy, budget, range(i, seeds, processes), how) for s in schedulers for i in parts]
-    if processes > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(processes) as pool:
-            done = list(pool.map(_replays, chunks))
-    else:
-        done = [_replays(chunk) for chunk in chunks]
-    traces = {s: [] for s in schedulers}
-    for (_, scheduler, _, _, seeds_, _), runs in zip(chunks, done, strict=True):
-        traces[scheduler] += list(zip(seeds_, runs, strict=True))
-    traces = {s: [run for _, run in sorted(runs, key=lambda pair: pair[0])] for s, runs in traces.items()}
+    chunks = [(pools, schedulers, strategy, budget, range(i, seeds, processes), how) for i in parts]
+    results = [result for part in _map(_replays, chunks, processes) for result in part]
+    done = dict(zip([seed for chunk in chunks for seed in chunk[4]], results, strict=True))
+    traces = {s: [done[seed][0][s] for seed in range(seeds)] for s in schedulers}
     rows = []
     for scheduler, runs in traces.items():
         for share in shares:
@@ -314,4 +399,22 @@ def replay_table(pools, schedulers, strategy: str, budget: float, seeds: int, sh
                             "round_robin_final_regret_points": target,
                             "compute_to_round_robin_final": spent[0], "compute_ci95_low": spent[1],
                             "compute_ci95_high": spent[2], "seeds_reaching": spent[3], "seeds": len(runs)})  # fmt: skip
+        caches = [[done[seed][1] for seed in range(i, seeds, processes)] for i in parts]
+        chunks = [(pools, strategy, budget, range(i, seeds, processes), target, how, caches[i]) for i in parts]
+        oracle = [share for part in _map(_oracles, chunks, processes) for share in part]
+        spent = replay.summarize(np.array(oracle) / budget)
+        summary.append({"scheduler": "oracle", "strategy": strategy, "budget_share": budget,
+                        "round_robin_final_regret_points": target, "compute_to_round_robin_final": spent[0],
+                        "compute_ci95_low": spent[1], "compute_ci95_high": spent[2], "seeds_reaching": spent[3],
+                        "seeds": seeds})  # fmt: skip
     return curve, pd.DataFrame(summary)
+
+
+def _map(function, chunks: list, processes: int) -> list:
+    """``function`` over ``chunks``, in ``processes`` processes."""
+    if processes == 1:
+        return [function(chunk) for chunk in chunks]
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(processes) as pool:
+        return list(pool.map(function, chunks))
