@@ -33,7 +33,7 @@ rule fetch_data:
 
 
 # With an archive, the decoding steps read it, not the unpacked folder: they restore the decoded
-# subset from the per-user cache, or unpack it themselves where no folder is there yet.
+# subset from the per-user cache, or unpack it into a temporary folder of their own.
 rule subset:
     input:
         IMAGES,

@@ -43,9 +43,9 @@ def settings(args) -> dict:
 
 
 def subset(args) -> None:
-    def decode():
+    def decode(root):
         write_subset(
-            args.root, args.out, args.classes, args.train_per_class, args.val_per_class, args.test_per_class,
+            root, args.out, args.classes, args.train_per_class, args.val_per_class, args.test_per_class,
             args.image_size, args.seed, args.skip_unreadable,
         )  # fmt: skip
 
@@ -53,9 +53,9 @@ def subset(args) -> None:
 
 
 def source(args) -> None:
-    def decode():
+    def decode(root):
         write_source_task(
-            args.root, args.subset, args.out, args.classes, args.train_per_class, args.val_per_class,
+            root, args.subset, args.out, args.classes, args.train_per_class, args.val_per_class,
             args.image_size, args.seed,
         )  # fmt: skip
 

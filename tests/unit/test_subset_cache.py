@@ -21,7 +21,8 @@ SIZES = ["--train-per-class", "6", "--val-per-class", "2", "--test-per-class", "
 
 def decode_into(study, archive, *extra: str) -> None:
     """The workflow's subset and source steps in the study folder ``study`` (its image folder
-    under resources/, unpacked by the step itself where the cache does not have the subset)."""
+    under resources/, never written: each step unpacks the archive into a folder of its own where
+    the cache does not have its files)."""
     root, data = study / "resources" / "tiny", study / "results" / "data"
     prepare_data.main(["subset", "--root", str(root), "--out", str(data), *SIZES, "--archive", str(archive), *extra])
     prepare_data.main(["source", "--root", str(root), "--subset", str(data / "subset.json"), "--out",
@@ -57,9 +58,9 @@ def same_files(first, second) -> None:
 
 def test_a_second_study_restores_the_decoded_subset_without_unpacking(tmp_path, tiny_archive, unpacks, capsys):
     decode_into(tmp_path / "first", tiny_archive)
-    assert len(unpacks) == 1  # the first study unpacks once, for the subset; the source task reads that folder
+    assert len(unpacks) == 2  # the first study unpacks once per step, each into a folder of its own
     decode_into(tmp_path / "second", tiny_archive)
-    assert len(unpacks) == 1 and not (tmp_path / "second" / "resources").exists()
+    assert len(unpacks) == 2 and not (tmp_path / "second" / "resources").exists()
     assert capsys.readouterr().out.count("subset cache: restored") == 2  # the subset and the source task
     same_files(tmp_path / "first", tmp_path / "second")
 
@@ -72,10 +73,10 @@ def test_a_corrupt_entry_is_ignored_and_written_anew(tmp_path, tiny_archive, unp
     decode_into(tmp_path / "second", tiny_archive)
     out = capsys.readouterr().out
     assert out.count("ignoring the corrupt entry") == 1 and "train.pt does not match" in out
-    assert len(unpacks) == 2  # decoded again, from the archive
+    assert len(unpacks) == 3  # the subset decoded again, from the archive (the source task's entry is whole)
     same_files(tmp_path / "first", tmp_path / "second")
     decode_into(tmp_path / "third", tiny_archive)  # the entry written anew serves the next study
-    assert len(unpacks) == 2
+    assert len(unpacks) == 3
     same_files(tmp_path / "first", tmp_path / "third")
 
 
@@ -90,7 +91,7 @@ def test_the_cache_can_be_off(tmp_path, tiny_archive, unpacks, monkeypatch, off)
         monkeypatch.setenv(CACHE_ENV, str(folder))
     decode_into(tmp_path / "first", tiny_archive, *extra)
     decode_into(tmp_path / "second", tiny_archive, *extra)
-    assert len(unpacks) == 2 and not folder.exists()
+    assert len(unpacks) == 4 and not folder.exists()
     same_files(tmp_path / "first", tmp_path / "second")
 
 

@@ -134,21 +134,33 @@ def decoded_files(out: Path) -> list[str]:
 
 
 def cached_decode(archive: str, root: str | os.PathLike, settings: dict, out: str | os.PathLike,
-                  decode: Callable[[], object], log=print, enabled: bool = True) -> bool:  # fmt: skip
+                  decode: Callable[[Path], object], log=print, enabled: bool = True) -> bool:  # fmt: skip
     """``out``'s decoded subset from the cache's entry of ``archive`` and ``settings`` when it has
-    one; else ``decode()`` (which reads the image folder ``root``, unpacked from ``archive`` first
-    where it is missing), then stored. Without an archive, or with the cache off, just ``decode()``.
+    one; else ``decode(images)`` (``archive`` unpacked into a temporary folder of its own, or without
+    an archive the image folder ``root``), then stored. Without an archive, or with the cache off, just
+    ``decode(root)``.
     Returns whether the cache had it."""
     folder = cache_dir() if enabled and archive else None
     entry = folder / subset_key(archive, settings) if folder else None
     if entry is not None and restore(entry, Path(out), log):
-        chosen = json.loads((Path(out) / "subset.json").read_text())
-        if chosen["source"]["root"] != str(root):  # the image folder of this study, not the one that decoded it
-            write_json(Path(out) / "subset.json", chosen | {"source": chosen["source"] | {"root": str(root)}})
+        _name_root(Path(out), root)
         return True
-    if archive and not Path(root).is_dir():
-        fetch_image_folder(Path(root), Path(archive), log)
-    decode()
+    if archive:
+        # Unpacked into a folder of this job's own: fetch_data may be unpacking into ``root`` meanwhile.
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=Path(out).parent, prefix=".unpack-") as tmp:
+            fetch_image_folder(Path(tmp) / "images", Path(archive), log)
+            decode(Path(tmp) / "images")
+        _name_root(Path(out), root)
+    else:
+        decode(root)
     if entry is not None:
         store(entry, Path(out), decoded_files(Path(out)), log)
     return False
+
+
+def _name_root(out: Path, root: str | os.PathLike) -> None:
+    """Make ``out``'s subset.json name ``root``, this study's image folder (not the one decoded from)."""
+    chosen = json.loads((out / "subset.json").read_text())
+    if chosen["source"]["root"] != str(root):
+        write_json(out / "subset.json", chosen | {"source": chosen["source"] | {"root": str(root)}})
