@@ -144,8 +144,13 @@ def plan_flags(config: dict) -> str:
         flags.append(f"--eval-batch-size {plan['eval_batch_size']}")
     else:
         auto.append("eval_batch_size")
-    groups = config.get("run_groups") or {}  # measured for the run groups' layout, when auto
-    auto += [knob for key, knob in (("size", "group_size"), ("fuse", "fuse")) if groups.get(key) == "auto"]
+    # Measured for the run groups' layout, when auto: fusion, and the group size where it can be more
+    # than one (on a CPU without fusion it is one run a job, tlselect.training.plan).
+    groups = config.get("run_groups") or {}
+    if groups.get("fuse") == "auto":
+        auto.append("fuse")
+    if groups.get("size") == "auto" and (groups.get("fuse") == "auto" or planning_device(config) == "cuda"):
+        auto.append("group_size")
     return " ".join(flags + ([f"--auto {','.join(auto)}"] if auto else []))
 
 

@@ -146,7 +146,8 @@ def test_study_jobs_go_through_sbatch(studies):
     rules = {rule_of(job) for job in jobs}
     assert rules == {"subset", "source_data", "pretrain_source", "train", "extract_features", "probe", "tables"}
     assert all(job["state"] == "COMPLETED" for job in jobs), jobs
-    assert "fetch_data" not in rules and "localrule fetch_data:" in output  # a download rule runs here
+    # A download rule runs here when it runs at all (with an archive the decoding steps read it themselves).
+    assert "fetch_data" not in rules and ("fetch_data:" not in output or "localrule fetch_data:" in output)
     pretrain = next(job["id"] for job in jobs if rule_of(job) == "pretrain_source")
     details = subprocess.run(["scontrol", "show", "job", pretrain], capture_output=True, text=True).stdout
     assert "gpu:1" in details  # set-resources gpu reached sbatch (--gpus=1) ...

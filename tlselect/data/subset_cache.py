@@ -8,7 +8,7 @@ cache off). The key is a SHA-256 of the archive (its real path, size and modific
 step's settings (classes, images per class, image size, seed, ...; for the source task also the
 target's subset.json), and the decoder's code (the source of ``tlselect.data.tensors`` and
 ``tlselect.data.folders``), so a changed archive, setting or decoder is another entry. A new study
-folder restores an entry by hard links (copies across file systems); an entry is written to a
+folder restores an entry by copies; an entry is written to a
 temporary folder and renamed into place, and one whose files no longer match the CRC-32s of its
 manifest is ignored with a one-line message, removed and written anew.
 """
@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from tlselect.core.files import checksum_path, file_digest, write_json
+from tlselect.core.files import checksum_path, corrupt_path, file_digest, write_json
 from tlselect.data.fetch import fetch_image_folder
 
 CACHE_ENV = "TLSELECT_SUBSET_CACHE"
@@ -70,7 +70,7 @@ def choice_digest(subset: str | os.PathLike) -> str:
 
 
 def restore(entry: Path, out: Path, log) -> bool:
-    """Put ``entry``'s files into ``out`` (hard links, else copies); False, with a one-line message,
+    """Put ``entry``'s files into ``out`` (copies); False, with a one-line message,
     when it is missing or its files no longer match its manifest (it is then removed)."""
     try:
         manifest = json.loads((entry / MANIFEST).read_text())
@@ -93,14 +93,13 @@ def restore(entry: Path, out: Path, log) -> bool:
 
 
 def _place(source: Path, target: Path) -> None:
-    """``source`` at ``target``, atomically: a hard link (a copy across file systems) renamed into place."""
+    """``source`` at ``target``, atomically: a copy renamed into place (not a hard link, which a
+    study's file damaged or rewritten in place would share with the cache)."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copy2(source, tmp)
+    shutil.copy2(source, tmp)
     os.replace(tmp, target)
+    corrupt_path(target).unlink(missing_ok=True)  # computed anew: the corrupt copy has served
 
 
 def store(entry: Path, out: Path, files: list[str], log) -> None:
