@@ -147,10 +147,10 @@ def plan_flags(config: dict) -> str:
     # Measured for the run groups' layout, when auto: fusion, and the group size where it can be more
     # than one (on a CPU without fusion it is one run a job, tlselect.training.plan).
     groups = config.get("run_groups") or {}
-    if groups.get("fuse") == "auto":
-        auto.append("fuse")
     if groups.get("size") == "auto" and (groups.get("fuse") == "auto" or planning_device(config) == "cuda"):
         auto.append("group_size")
+    if groups.get("fuse") == "auto":
+        auto.append("fuse")
     return " ".join(flags + ([f"--auto {','.join(auto)}"] if auto else []))
 
 
