@@ -201,3 +201,25 @@ class FusedStagedNet(StagedNet):
     def split(self, logits: torch.Tensor) -> torch.Tensor:
         """``(N, B*classes)`` logits as ``(N, B, classes)``: run ``b``'s are ``[:, b]``."""
         return logits.view(len(logits), len(self.members), -1)
+
+
+def fused_step(fused: FusedStagedNet, x: torch.Tensor, labels: list, optimizers: list, scalers: list, autocast,
+               smoothing: list[float]) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    """One optimizer step of B fused runs on their batches stacked along the channels (``x``, on the
+    device and prepared): one forward and one backward, each run with its own loss (label smoothing
+    ``smoothing[b]``), optimizer and gradient scaler, inside ``autocast``. Returns the logits,
+    ``(N, B, classes)``, and the B losses."""
+    with autocast:
+        logits = fused.split(fused(x))
+    losses = [
+        nn.functional.cross_entropy(logits[:, b].float(), y, label_smoothing=s)
+        for b, (y, s) in enumerate(zip(labels, smoothing, strict=True))
+    ]
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    # one backward for all: each run's loss reaches only its own weights
+    sum(scaler.scale(loss) for scaler, loss in zip(scalers, losses, strict=True)).backward()
+    for optimizer, scaler in zip(optimizers, scalers, strict=True):
+        scaler.step(optimizer)
+        scaler.update()
+    return logits, losses

@@ -30,12 +30,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from tlselect.core.files import CorruptFile, checksum_path, load_torch
 from tlselect.core.registry import RegistryError, read_record, write_record
 from tlselect.runs import SHAPE
-from tlselect.training.fusion import FusedStagedNet, FusionError
+from tlselect.training.fusion import FusedStagedNet, FusionError, fused_step
 from tlselect.training.loop import autocast, evaluate, lr_at, prepare_input
 from tlselect.training.options import TrainConfig, TrainingError, check_settings
 from tlselect.training.trainer import PreparedRun, ResumeFiles, finish, fit, prepare, record_epoch, train
@@ -205,19 +204,11 @@ def fused_epoch(fused: FusedStagedNet, runs: list[PreparedRun], epoch: int, step
         for run in runs:
             for group in run.state.optimizer.param_groups:
                 group["lr"] = lr_at(run.state.config, epoch * steps_per_epoch + step, steps_per_epoch)
-        with autocast(config, device):
-            logits = fused.split(fused(x))
-        losses = [
-            nn.functional.cross_entropy(logits[:, b].float(), y, label_smoothing=run.state.config.label_smoothing)
-            for b, (run, y) in enumerate(zip(runs, labels, strict=True))
-        ]
-        for run in runs:
-            run.state.optimizer.zero_grad(set_to_none=True)
-        # one backward for all: each run's loss reaches only its own weights
-        sum(run.scaler.scale(loss) for run, loss in zip(runs, losses, strict=True)).backward()
-        for b, run in enumerate(runs):
-            run.scaler.step(run.state.optimizer)
-            run.scaler.update()
+        logits, losses = fused_step(
+            fused, x, labels, [run.state.optimizer for run in runs], [run.scaler for run in runs],
+            autocast(config, device), [run.state.config.label_smoothing for run in runs],
+        )  # fmt: skip
+        for b in range(len(runs)):
             loss_sums[b] += losses[b].detach() * len(labels[b])
             corrects[b] += (logits[:, b].detach().argmax(1) == labels[b]).sum()
         seen += len(labels[0])

@@ -50,7 +50,7 @@ from torch import nn
 
 from tlselect.core.errors import TLSelectError
 from tlselect.core.files import write_json
-from tlselect.training.fusion import FusedStagedNet
+from tlselect.training.fusion import FusedStagedNet, fused_step
 from tlselect.training.models import StagedNet
 
 # Knobs of a run (its TrainConfig has each), and knobs of how the workflow lays out its jobs: how
@@ -199,15 +199,7 @@ def fused_training_step(fused: FusedStagedNet, xs, ys, optimizers, plan: Executi
     """One optimizer step of B runs fused, as ``tlselect.training.groups.fused_epoch`` takes it: the
     runs' batches stacked along the channels, one forward and one backward, each run's own loss and
     optimizer step."""
-    with plan.autocast(device):
-        logits = fused.split(fused(plan.prepare(torch.cat(xs, 1))))
-    losses = [nn.functional.cross_entropy(logits[:, b].float(), y) for b, y in enumerate(ys)]
-    for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=True)
-    sum(scaler.scale(loss) for scaler, loss in zip(scalers, losses, strict=True)).backward()
-    for optimizer, scaler in zip(optimizers, scalers, strict=True):
-        scaler.step(optimizer)
-        scaler.update()
+    fused_step(fused, plan.prepare(torch.cat(xs, 1)), ys, optimizers, scalers, plan.autocast(device), [0.0] * len(ys))
 
 
 @contextlib.contextmanager
