@@ -1,7 +1,8 @@
 # Run groups (docs/execution-plans.md#run-groups): one job trains a group of runs of one shape
-# (tlselect.runs.run_groups) for the study's policies, the search grid and the first rung of every
-# bracket, and one job a group of a later rung's slots; the per-run rules (train, search_grid,
-# search_first_rung, search_next_rung) leave the grouped runs to these.
+# (tlselect.runs.run_groups) for the study's policies, the search grid, random search and the first
+# rung of every bracket, and one job a group of a later rung's slots or of a model-based round's
+# trials; the per-run rules (train, search_grid, search_random, search_first_rung, search_next_rung,
+# search_trial) leave the grouped runs to these.
 # Each group is a rule of its own, named after its runs, with their usual files as outputs.
 
 # name prefix: (specs, groups, log and benchmark folder, priority, each run's files, settings overridden)
@@ -23,6 +24,18 @@ GROUPED_RULES = {
             f"results/search/grid/{m}.pt",
             f"results/search/grid/{m}.json",
             f"grid-{m}",
+        ),
+        {"epochs": config["search"]["max_epochs"]},
+    ),
+    "search_random_group": (
+        RANDOM,
+        RANDOM_GROUPS,
+        "search/random",
+        0,
+        lambda m: (
+            f"results/search/random/{m}.pt",
+            f"results/search/random/{m}.json",
+            f"random-{m}",
         ),
         {"epochs": config["search"]["max_epochs"]},
     ),
@@ -72,23 +85,72 @@ for prefix, (specs, groups, folder, order, files, overrides) in GROUPED_RULES.it
                 "--threads {threads} 2>&1 | tee {log}"
 
 
-for group, (method, b, rung, slots) in NEXT_RUNG_GROUPS.items():
-    path = RUNG.format(method=method, bracket=b, rung=rung)
+# The groups of slots whose candidates are decided at run time, ``{rule name: (inputs, folder, slots,
+# file stem, run id prefix, log and benchmark folder, scripts/search.py command)}``: a later rung's
+# slots continue the candidates its promotion file names, a round's trials train those its
+# suggestion file names.
+SLOT_GROUP_RULES = {
+    **{
+        f"search_next_rung_group_{group}": (
+            {
+                "promoted": f"{RUNG.format(method=method, bracket=b, rung=rung)}/promoted.json",
+                "weights": bracket_weights(method, b),
+            },
+            RUNG.format(method=method, bracket=b, rung=rung),
+            slots,
+            "slot",
+            f"{method}-b{b}-rung{rung}-slot",
+            ("search/next_rung", group),
+            f"continue --promoted {RUNG.format(method=method, bracket=b, rung=rung)}/promoted.json "
+            f"--epochs {BRACKETS[method][b].epochs[rung]}",
+        )
+        for group, (method, b, rung, slots) in NEXT_RUNG_GROUPS.items()
+    },
+    **{
+        f"search_trial_group_{group}": (
+            {
+                "suggested": f"{ROUND.format(method=method, round=r)}/suggested.json",
+                "weights": [path for *_, path in space_weights()],
+            },
+            ROUND.format(method=method, round=r),
+            slots,
+            "trial",
+            f"{method}-round{r}-trial",
+            ("search/trial", group),
+            f"trial --suggested {ROUND.format(method=method, round=r)}/suggested.json {PLAN_FLAGS} "
+            f"--data {os.path.dirname(SUBSET)} "
+            + " ".join(
+                f"--init-weights {i} {b} {path}" for i, b, path in space_weights()
+            ),
+        )
+        for group, (method, r, slots) in TRIAL_GROUPS.items()
+    },
+}
+
+
+for name, (
+    inputs,
+    path,
+    slots,
+    stem,
+    run_id,
+    (folder, group),
+    command,
+) in SLOT_GROUP_RULES.items():
 
     rule:
         name:
-            f"search_next_rung_group_{group}"
+            name
         input:
             **subset_files(),
-            promoted=f"{path}/promoted.json",
-            weights=bracket_weights(method, b),
+            **inputs,
         output:
-            models=[f"{path}/slot{s}.pt" for s in slots],
-            records=[f"{path}/slot{s}.json" for s in slots],
+            models=[f"{path}/{stem}{s}.pt" for s in slots],
+            records=[f"{path}/{stem}{s}.json" for s in slots],
         log:
-            f"results/logs/search/next_rung/group_{group}.log",
+            f"results/logs/{folder}/group_{group}.log",
         benchmark:
-            group_benchmark("search/next_rung", group)
+            group_benchmark(folder, group)
         priority: 0
         conda:
             "../envs/torch.yaml"
@@ -99,11 +161,10 @@ for group, (method, b, rung, slots) in NEXT_RUNG_GROUPS.items():
             gpus=gpu_flags,
             script=script("search.py"),
             args=(
-                f"continue --promoted {path}/promoted.json --slot {' '.join(map(str, slots))} "
-                f"--epochs {BRACKETS[method][b].epochs[rung]} "
-                f"--out {' '.join(f'{path}/slot{s}.pt' for s in slots)} "
-                f"--record {' '.join(f'{path}/slot{s}.json' for s in slots)} "
-                f"--run-id {' '.join(f'{method}-b{b}-rung{rung}-slot{s}' for s in slots)} "
+                f"{command} --slot {' '.join(map(str, slots))} "
+                f"--out {' '.join(f'{path}/{stem}{s}.pt' for s in slots)} "
+                f"--record {' '.join(f'{path}/{stem}{s}.json' for s in slots)} "
+                f"--run-id {' '.join(f'{run_id}{s}' for s in slots)} "
                 f"--keep {RUN_STORE}{' --fuse' if FUSE else ''}"
             ),
             device=config["device"],

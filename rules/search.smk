@@ -52,7 +52,11 @@ use rule train as search_random with:
     benchmark:
         "results/benchmarks/search/random/{candidate}.tsv"
     wildcard_constraints:
-        candidate=r"[^/]+",
+        candidate=(
+            one_of(sorted(set(RANDOM) - grouped(RANDOM_GROUPS)))
+            if RANDOM_GROUPS
+            else r"[^/]+"
+        ),
     priority: 0
     params:
         args=spec_args(RANDOM, "candidate", epochs=config["search"]["max_epochs"]),
@@ -209,7 +213,8 @@ use rule train as search_trial with:
     benchmark:
         "results/benchmarks/search/{method}/round{round}/trial{slot}.tsv"
     wildcard_constraints:
-        method=one_of(brackets.MODEL_BASED),
+        # with groups, each trial is a group's
+        method="^$" if TRIAL_GROUPS else one_of(brackets.MODEL_BASED),
         round=r"\d+",
         slot=r"\d+",
     priority: 0

@@ -5,7 +5,7 @@
   promote   the next rung's promotion file: the top --keep of a rung's ranking
   continue  train the candidates promoted slots hold: continue their checkpoints to --epochs (a run group)
   suggest   a round of TPE, GP-UCB or cost-aware GP-UCB from the earlier rounds' suggestions and records
-  trial     train the candidate a suggested slot holds (other flags go to scripts/train.py's)
+  trial     train the candidates suggested slots hold (several: a run group; other flags go to scripts/train.py's)
   proxies   LogME, kNN and linear-probe accuracy per cached (backbone, init, layer)
   compare   every method's compute and chosen model (search.csv)
   figure    search_compute (accuracy vs compute) or proxy_vs_finetune
@@ -54,7 +54,7 @@ def suggest(args) -> int:
 
 
 def trial(args, rest: list[str]) -> int:
-    jobs.trial(args.suggested, args.slot, args.init_weights, rest, args.gpus, args.gpu_jobs_per_device)
+    jobs.trial(args.suggested, args.slot, args.init_weights, args.out, args.record, args.run_id, rest)
     return 0
 
 
@@ -137,11 +137,12 @@ def main(argv=None) -> int:
         "trial", help="train a suggested slot; other flags are scripts/train.py's", allow_abbrev=False
     )
     p.add_argument("--suggested", required=True)
-    p.add_argument("--slot", type=int, required=True)
+    p.add_argument("--slot", type=int, nargs="+", required=True, help="several: a run group")
     p.add_argument("--init-weights", nargs=3, action="append", default=[], metavar=("INIT", "BACKBONE", "FILE"),
                    help="the weights file of a pretrained init and backbone (repeat)")  # fmt: skip
-    p.add_argument("--gpus", type=int, default=None)
-    p.add_argument("--gpu-jobs-per-device", type=int, default=1, help="jobs sharing one GPU at most")
+    p.add_argument("--out", nargs="+", required=True, help="one checkpoint per slot")
+    p.add_argument("--record", nargs="+", required=True, help="one record per slot")
+    p.add_argument("--run-id", nargs="+", required=True, help="one run id per slot")
     p.set_defaults(run=trial)
 
     p = commands.add_parser("proxies", help="proxy scores per cached feature folder")

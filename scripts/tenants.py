@@ -27,8 +27,8 @@ def schedule(args) -> int:
 
 
 def job(args, rest: list[str]) -> int:
-    tenant_jobs.job(args.assigned, args.slot, args.tenant_data, args.init_weights, rest, args.gpus,
-                    args.gpu_jobs_per_device)  # fmt: skip
+    tenant_jobs.job(args.assigned, args.slot, args.tenant_data, args.init_weights, (args.out, args.record, args.run_id),
+                    rest)  # fmt: skip
     return 0
 
 
@@ -85,8 +85,9 @@ def main(argv=None) -> int:
     p.add_argument("--tenant-data", nargs="+", type=lambda v: tuple(v.split("=", 1)), required=True,
                    metavar="TENANT=FOLDER", help="every tenant's decoded subset folder")  # fmt: skip
     p.add_argument("--init-weights", nargs=3, action="append", default=[], metavar=("INIT", "BACKBONE", "FILE"))
-    p.add_argument("--gpus", type=int, default=None)
-    p.add_argument("--gpu-jobs-per-device", type=int, default=1)
+    p.add_argument("--out", required=True, help="the job's checkpoint")
+    p.add_argument("--record", required=True, help="the job's record")
+    p.add_argument("--run-id", required=True)
     p.set_defaults(run=job)
 
     p = commands.add_parser("tables", help="the tenants' tables and the global table")

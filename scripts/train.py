@@ -14,22 +14,14 @@ import sys
 
 from _cli import cli
 
-from tlselect.core.registry import write_record
-from tlselect.training.groups import train_group
+from tlselect.training.groups import train_runs
 from tlselect.training.options import group_job
-from tlselect.training.trainer import train
 
 
 @cli
 def main(argv=None) -> int:
     job = group_job(argv, __doc__)
-    if len(job.runs) > 1:
-        train_group(job.runs, fuse=job.fuse, keep=job.keep)
-        return 0
-    config = job.runs[0]
-    record = train(config)
-    if config.record:
-        write_record(config.record, record)
+    train_runs(job.runs, fuse=job.fuse, keep=job.keep)
     return 0  # a diverged run is a result too: its record says so
 
 

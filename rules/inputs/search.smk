@@ -48,7 +48,23 @@ NEXT_RUNG_GROUPS = {
     for start in range(0, bracket.keep[rung], GROUP_SIZE)
     if GROUP_SIZE > 1
 }
-# Each grouped slot ("<method>/b<bracket>/rung<rung>/slot<slot>") and its group job's benchmark file.
+# A model-based method's round trials: which candidate a trial holds is decided at run time by the
+# round's suggest job, so with run groups on each round's trials are cut into groups in slot order
+# (``{group: (method, round, slots)}``; the group job fuses those of one shape).
+TRIALS_PER_ROUND = config["search"]["q"] * config["repeats"]
+TRIAL_GROUPS = {
+    f"{method}_round{r}_slot{start}": (
+        method,
+        r,
+        list(range(start, min(start + GROUP_SIZE, TRIALS_PER_ROUND))),
+    )
+    for method in (brackets.MODEL_BASED if SEARCH else ())
+    for r in range(config["search"]["rounds"])
+    for start in range(0, TRIALS_PER_ROUND, GROUP_SIZE)
+    if GROUP_SIZE > 1
+}
+# Each grouped slot ("<method>/b<bracket>/rung<rung>/slot<slot>", "<method>/round<round>/trial<slot>")
+# and its group job's benchmark file.
 SLOT_BENCHMARKS = {
     **{
         m: group_benchmark("search/first_rung", group)
@@ -60,6 +76,11 @@ SLOT_BENCHMARKS = {
             "search/next_rung", group
         )
         for group, (method, b, rung, slots) in NEXT_RUNG_GROUPS.items()
+        for slot in slots
+    },
+    **{
+        f"{method}/round{r}/trial{slot}": group_benchmark("search/trial", group)
+        for group, (method, r, slots) in TRIAL_GROUPS.items()
         for slot in slots
     },
 }
@@ -84,21 +105,26 @@ def search_jobs(method, last_only=False):
     ]
 
 
-# The grid's candidates trained by one job per group (tlselect.runs.run_groups), and each one's group.
+# The grid's candidates and random search's draws (both known at parse time) trained by one job
+# per group (tlselect.runs.run_groups), and each one's group.
 GRID_GROUPS = runs.run_groups(POOL, GROUP_SIZE)
-GRID_GROUP_OF = {m: group for group, members in GRID_GROUPS.items() for m in members}
+RANDOM_GROUPS = runs.run_groups(RANDOM, GROUP_SIZE)
+GROUP_OF = {
+    method: {m: group for group, members in groups.items() for m in members}
+    for method, groups in (("grid", GRID_GROUPS), ("random", RANDOM_GROUPS))
+}
 
 
 def grid_jobs(method="grid"):
     """``(record, benchmark file)`` of the grid's runs, or random search's (``method="random"``);
     a grouped run names its group's benchmark file."""
     candidates = sorted(POOL) if method == "grid" else list(RANDOM)
-    groups = GRID_GROUP_OF if method == "grid" else {}
+    groups = GROUP_OF[method]
     return [
         (
             f"results/search/{method}/{c}.json",
             (
-                group_benchmark("search/grid", groups[c])
+                group_benchmark(f"search/{method}", groups[c])
                 if c in groups
                 else f"results/benchmarks/search/{method}/{c}.tsv"
             ),
@@ -113,10 +139,13 @@ def round_jobs(method, rounds=None):
     return [
         (
             f"{ROUND.format(method=method, round=r)}/trial{slot}.json",
-            f"results/benchmarks/search/{method}/round{r}/trial{slot}.tsv",
+            SLOT_BENCHMARKS.get(
+                f"{method}/round{r}/trial{slot}",
+                f"results/benchmarks/search/{method}/round{r}/trial{slot}.tsv",
+            ),
         )
         for r in range(config["search"]["rounds"] if rounds is None else rounds)
-        for slot in range(config["search"]["q"] * config["repeats"])
+        for slot in range(TRIALS_PER_ROUND)
     ]
 
 

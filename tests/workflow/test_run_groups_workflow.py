@@ -5,6 +5,7 @@ group job resumes every run; a diverging run is marked so while the others finis
 import json
 import time
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -145,3 +146,55 @@ def test_the_search_grid_and_rungs_train_in_groups(tmp_path, tiny_archive, repea
     later = [rule for rule in counts if rule.startswith("search_next_rung")]
     assert later and all(rule.startswith("search_next_rung_group_") for rule in later)
     assert all(counts[rule] == 1 for rule in grid + first_rung + later)
+
+
+# A search whose random draws and model-based rounds share one shape (one backbone, init and freeze):
+# every method's runs can group.
+ONE_SHAPE = {"enabled": True, "backbones": ["resnet18"], "inits": ["scratch"], "freezes": ["none"],
+             "lrs": [0.1, 0.05, 0.02, 0.01], "random_samples": 3, "rounds": 2, "q": 2, "eta": 2, "min_epochs": 1,
+             "max_epochs": 2, "brackets": 1, "distributions": {"batch_sizes": [8]},
+             "replay": {"seeds": 2, "q": 1, "startup": 1}}  # fmt: skip
+SEARCH_FOLDERS = ("grid", "random", "sh/b0/rung0", "sh/b0/rung1", *(f"{m}/round{r}" for m in ("tpe", "gp_ucb",
+                  "cost_gp_ucb") for r in (0, 1)))  # fmt: skip
+
+
+def search_records(workdir) -> dict:
+    """Every search run's record (timings and the group bookkeeping aside), by path."""
+    out = {}
+    for folder in SEARCH_FOLDERS:
+        for path in sorted((workdir / "results/search" / folder).glob("*.json")):
+            if path.name not in ("ranking.json", "promoted.json", "suggested.json"):
+                record = {k: v for k, v in json.loads(path.read_text()).items() if k not in VARYING}
+                record["curves"] = [{k: v for k, v in c.items() if k not in TIMING_KEYS} for c in record["curves"]]
+                out[f"{folder}/{path.name}"] = record
+    return out
+
+
+def run_search(workdir, archive, size: int):
+    overlay = tiny_study(archive, device="cpu", features={"layers": [], "inits": []}, policies=POLICIES[:1],
+                         speedups={"enabled": False}, search=ONE_SHAPE, run_groups={"size": size, "fuse": False},
+                         source=None)  # fmt: skip
+    write_study(workdir, overlay)
+    return snakemake(workdir, "results/tables/search.csv")
+
+
+def test_random_draws_and_model_based_rounds_train_in_groups_as_they_would_alone(tmp_path, tiny_archive):
+    """The whole search, one job per run and in groups of 4 (one after another): random search's
+    draws and every round's trials (chosen at run time by the round's suggest job) train in group jobs,
+    to the records of one job per run; search.csv counts a group's job once."""
+    alone, grouped = tmp_path / "alone", tmp_path / "grouped"
+    run_search(alone, tiny_archive, 1)
+    run = run_search(grouped, tiny_archive, 4)
+    counts = job_counts(run.stdout + run.stderr)
+    for method in ("random", "trial"):
+        rules = [rule for rule in counts if rule.startswith(f"search_{method}")]
+        assert rules and all(rule.startswith(f"search_{method}_group_") for rule in rules), counts
+    assert sum(counts[r] for r in counts if r.startswith("search_trial_group_")) == 3 * 2  # 3 methods x 2 rounds
+    expected = search_records(alone)
+    trials = [path for path in expected if "/round" in path]
+    assert len(trials) == 3 * 2 * 2 and all(any(p.startswith(f) for p in expected) for f in SEARCH_FOLDERS)
+    assert search_records(grouped) == expected
+    table = {t: pd.read_csv(w / "results/tables/search.csv").set_index("method") for t, w in
+             (("alone", alone), ("grouped", grouped))}  # fmt: skip
+    assert (table["alone"].loc["tpe", "jobs"], table["grouped"].loc["tpe", "jobs"]) == (4, 2)
+    assert table["grouped"].loc["random", "jobs"] == 1

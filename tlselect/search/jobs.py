@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from tlselect.core.files import write_json
-from tlselect.core.registry import RegistryError, configuration, mean_val_accuracy, rank, read_record, write_record
+from tlselect.core.registry import RegistryError, configuration, mean_val_accuracy, rank, read_record
 from tlselect.core.settings import init_label
 from tlselect.report.tables import write_csv
 from tlselect.runs import RunSpec, candidate_repeats
@@ -65,9 +65,8 @@ def continue_slots(
     all, continuing its previous rung's checkpoint with that run's settings; write each one's
     checkpoint (``outs``) and record (``records``), and return the records. Several slots train as a
     run group (:func:`tlselect.training.groups.train_group`; ``fuse``, ``keep``: as there)."""
-    from tlselect.training.groups import train_group  # torch: only for the training steps
+    from tlselect.training.groups import train_runs  # torch: only for the training steps
     from tlselect.training.options import TrainConfig
-    from tlselect.training.trainer import train
 
     promotion = json.loads(Path(promoted).read_text())["slots"]
     configs = []
@@ -90,11 +89,7 @@ def continue_slots(
             )
         )
     assign(gpus, configs[0].device, per_device=gpu_jobs_per_device)
-    if len(configs) > 1:
-        return train_group(configs, fuse=fuse, keep=keep)
-    result = train(configs[0])
-    write_record(configs[0].record, result)
-    return [result]
+    return train_runs(configs, fuse=fuse, keep=keep)
 
 
 def history(suggested: list[str], records: list[str]) -> list[tuple[dict, float | None, float]]:
@@ -161,22 +156,27 @@ def trial_flags(suggested: str | Path, slot: int, init_weights: list[tuple[str, 
 
 def trial(
     suggested: str | Path,
-    slot: int,
+    slots: list[int],
     init_weights: list[tuple[str, str, str]],
-    train_args: list[str],
-    gpus: int | None = None,
-    gpu_jobs_per_device: int = 1,
-) -> dict:
-    """Train a suggested slot's candidate: :func:`trial_flags`, then ``train_args`` (the rule's
-    other ``scripts/train.py`` flags: data, output, record, device). Writes and returns the record."""
-    from tlselect.training.options import config_from_args  # torch: only for the training steps
-    from tlselect.training.trainer import train
+    outs: list[str],
+    records: list[str],
+    run_ids: list[str],
+    job_args: list[str],
+) -> list[dict]:
+    """Train the candidates that ``slots`` of a suggestion file hold (:func:`trial_flags`), each to
+    its checkpoint (``outs``), record (``records``) and run id; ``job_args`` are the job's other
+    ``scripts/train.py`` flags (data, plan, device, GPUs, and a run group's ``--fuse`` and ``--keep``).
+    Several slots train as a run group, parsed like ``scripts/train.py``'s (:func:`group_job`).
+    Writes and returns the records."""
+    from tlselect.training.groups import train_runs  # torch: only for the training steps
+    from tlselect.training.options import group_job
 
-    config = config_from_args(trial_flags(suggested, slot, init_weights) + train_args)
-    assign(gpus, config.device, per_device=gpu_jobs_per_device)
-    result = train(config)
-    write_record(config.record, result)
-    return result
+    members = []
+    for slot, out, record, run_id in zip(slots, outs, records, run_ids, strict=True):
+        flags = trial_flags(suggested, slot, init_weights) + ["--out", out, "--record", record, "--run-id", run_id]
+        members += ["--run", shlex.join(flags)]
+    job = group_job(job_args + members)
+    return train_runs(job.runs, fuse=job.fuse, keep=job.keep)
 
 
 def best_finetuned(records: list[dict]) -> dict[tuple[str, str], dict]:

@@ -78,15 +78,17 @@ def schedule_round(scheduler: str, round_: int, slots: int, contexts: dict, assi
     return trials
 
 
-def job(assigned: str | Path, slot: int, tenant_data: list[tuple[str, str]], init_weights, train_args: list[str],
-        gpus: int | None = None, gpu_jobs_per_device: int = 1) -> dict:  # fmt: skip
+def job(assigned: str | Path, slot: int, tenant_data: list[tuple[str, str]], init_weights,
+        files: tuple[str, str, str], train_args: list[str]) -> dict:  # fmt: skip
     """Train slot ``slot`` of an assignment file on its tenant's decoded subset (``tenant_data``:
-    ``(tenant, folder)`` pairs). Writes and returns the record."""
+    ``(tenant, folder)`` pairs) to ``files`` (checkpoint, record, run id). Writes and returns the record."""
     tenant = json.loads(Path(assigned).read_text())["trials"][slot]["tenant"]
     folders = dict(tenant_data)
     if tenant not in folders:
         raise RegistryError(f"{assigned} assigns slot {slot} to tenant {tenant!r}, whose data was not given")
-    return jobs.trial(assigned, slot, init_weights, [*train_args, "--data", folders[tenant]], gpus, gpu_jobs_per_device)
+    out, record, run_id = files
+    job_args = [*train_args, "--data", folders[tenant]]
+    return jobs.trial(assigned, [slot], init_weights, [out], [record], [run_id], job_args)[0]
 
 
 def global_table(contexts: dict, runs: dict[str, list[tuple[dict, dict]]]) -> pd.DataFrame:

@@ -54,6 +54,17 @@ def fusion_key(run: PreparedRun) -> tuple | None:
     return (*(getattr(config, name) for name in SHAPE), run.first_epoch, run.state.images)
 
 
+def train_runs(configs: list[TrainConfig], fuse: bool = False, keep: str = "") -> list[dict]:
+    """A training job's runs: one run through the trainer (its record written where it names one),
+    several as a run group (:func:`train_group`); returns their records in order."""
+    if len(configs) > 1:
+        return train_group(configs, fuse=fuse, keep=keep)
+    record = train(configs[0])
+    if configs[0].record:
+        write_record(configs[0].record, record)
+    return [record]
+
+
 def train_group(configs: list[TrainConfig], log=print, fuse: bool = True, keep: str = "") -> list[dict]:
     """Train every run of ``configs`` in this process (``fuse``: runs of one shape fused) and write
     each one's checkpoint and record; returns the records in the order of ``configs``. ``keep``: a
