@@ -63,8 +63,9 @@ for prefix, (specs, groups, folder, order, files, overrides) in GROUPED_RULES.it
             input:
                 **group_inputs(specs, members),
             output:
-                models=[files(m)[0] for m in members],
+                # records first: Snakemake tries a rule's outputs in order, and looks up records most
                 records=[files(m)[1] for m in members],
+                models=[files(m)[0] for m in members],
             log:
                 f"results/logs/{folder}/group_{group}.log",
             benchmark:
@@ -145,8 +146,8 @@ for name, (
             **subset_files(),
             **inputs,
         output:
-            models=[f"{path}/{stem}{s}.pt" for s in slots],
             records=[f"{path}/{stem}{s}.json" for s in slots],
+            models=[f"{path}/{stem}{s}.pt" for s in slots],
         log:
             f"results/logs/{folder}/group_{group}.log",
         benchmark:

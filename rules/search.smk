@@ -63,35 +63,39 @@ use rule train as search_random with:
         run_id="random-{candidate}",
 
 
-use rule train as search_first_rung with:
-    input:
-        unpack(
-            fixed_signature(
-                lambda wildcards: run_inputs(first_rung_candidate(wildcards))
-            )
-        ),
-    output:
-        model="results/search/{method}/b{bracket}/rung0/slot{slot}.pt",
-        record="results/search/{method}/b{bracket}/rung0/slot{slot}.json",
-    log:
-        "results/logs/search/{method}/b{bracket}/rung0/slot{slot}.log",
-    benchmark:
-        "results/benchmarks/search/{method}/b{bracket}/rung0/slot{slot}.tsv"
-    wildcard_constraints:
-        method="^$" if FIRST_RUNG_GROUPS else "sh|hb",  # with groups, each slot is a group's
-        bracket=r"\d+",
-        slot=r"\d+",
-    priority: 0
-    params:
-        args=fixed_signature(
-            lambda wildcards, input: train_args(
-                first_rung_candidate(wildcards),
-                input,
-                epochs=BRACKETS[wildcards.method][int(wildcards.bracket)].epochs[0],
-                keep_state=True,
-            )
-        ),
-        run_id="{method}-b{bracket}-rung0-slot{slot}",
+if not FIRST_RUNG_GROUPS:
+
+    use rule train as search_first_rung with:
+        input:
+            unpack(
+                fixed_signature(
+                    lambda wildcards: run_inputs(first_rung_candidate(wildcards))
+                )
+            ),
+        output:
+            model="results/search/{method}/b{bracket}/rung0/slot{slot}.pt",
+            record="results/search/{method}/b{bracket}/rung0/slot{slot}.json",
+        log:
+            "results/logs/search/{method}/b{bracket}/rung0/slot{slot}.log",
+        benchmark:
+            "results/benchmarks/search/{method}/b{bracket}/rung0/slot{slot}.tsv"
+        wildcard_constraints:
+            method="^$" if FIRST_RUNG_GROUPS else "sh|hb",  # with groups, each slot is a group's
+            bracket=r"\d+",
+            slot=r"\d+",
+        priority: 0
+        params:
+            args=fixed_signature(
+                lambda wildcards, input: train_args(
+                    first_rung_candidate(wildcards),
+                    input,
+                    epochs=BRACKETS[wildcards.method][int(wildcards.bracket)].epochs[
+                        0
+                    ],
+                    keep_state=True,
+                )
+            ),
+            run_id="{method}-b{bracket}-rung0-slot{slot}",
 
 
 rule search_rank:
@@ -149,31 +153,33 @@ rule search_promote:
         "python {params.script} promote {input} --keep {params.keep} --out {output} 2>&1 | tee {log}"
 
 
-use rule train as search_next_rung with:
-    input:
-        unpack(next_rung_inputs),
-    output:
-        model="results/search/{method}/b{bracket}/rung{rung}/slot{slot}.pt",
-        record="results/search/{method}/b{bracket}/rung{rung}/slot{slot}.json",
-    log:
-        "results/logs/search/{method}/b{bracket}/rung{rung}/slot{slot}.log",
-    benchmark:
-        "results/benchmarks/search/{method}/b{bracket}/rung{rung}/slot{slot}.tsv"
-    wildcard_constraints:
-        method="^$" if NEXT_RUNG_GROUPS else "sh|hb",  # with groups, each slot is a group's
-        bracket=r"\d+",
-        rung=r"[1-9]\d*",
-        slot=r"\d+",
-    priority: 0
-    params:
-        script=script("search.py"),
-        args=fixed_signature(
-            lambda wildcards, input: (
-                f"continue --promoted {input.promoted} --slot {wildcards.slot} --epochs "
-                f"{BRACKETS[wildcards.method][int(wildcards.bracket)].epochs[int(wildcards.rung)]}"
-            )
-        ),
-        run_id="{method}-b{bracket}-rung{rung}-slot{slot}",
+if not NEXT_RUNG_GROUPS:
+
+    use rule train as search_next_rung with:
+        input:
+            unpack(next_rung_inputs),
+        output:
+            model="results/search/{method}/b{bracket}/rung{rung}/slot{slot}.pt",
+            record="results/search/{method}/b{bracket}/rung{rung}/slot{slot}.json",
+        log:
+            "results/logs/search/{method}/b{bracket}/rung{rung}/slot{slot}.log",
+        benchmark:
+            "results/benchmarks/search/{method}/b{bracket}/rung{rung}/slot{slot}.tsv"
+        wildcard_constraints:
+            method="^$" if NEXT_RUNG_GROUPS else "sh|hb",  # with groups, each slot is a group's
+            bracket=r"\d+",
+            rung=r"[1-9]\d*",
+            slot=r"\d+",
+        priority: 0
+        params:
+            script=script("search.py"),
+            args=fixed_signature(
+                lambda wildcards, input: (
+                    f"continue --promoted {input.promoted} --slot {wildcards.slot} --epochs "
+                    f"{BRACKETS[wildcards.method][int(wildcards.bracket)].epochs[int(wildcards.rung)]}"
+                )
+            ),
+            run_id="{method}-b{bracket}-rung{rung}-slot{slot}",
 
 
 rule search_suggest:
@@ -202,34 +208,37 @@ rule search_suggest:
         "--records {input.records} --out {output} 2>&1 | tee {log}"
 
 
-use rule train as search_trial with:
-    input:
-        unpack(trial_inputs),
-    output:
-        model="results/search/{method}/round{round}/trial{slot}.pt",
-        record="results/search/{method}/round{round}/trial{slot}.json",
-    log:
-        "results/logs/search/{method}/round{round}/trial{slot}.log",
-    benchmark:
-        "results/benchmarks/search/{method}/round{round}/trial{slot}.tsv"
-    wildcard_constraints:
-        # with groups, each trial is a group's
-        method="^$" if TRIAL_GROUPS else one_of(brackets.MODEL_BASED),
-        round=r"\d+",
-        slot=r"\d+",
-    priority: 0
-    params:
-        script=script("search.py"),
-        args=fixed_signature(
-            lambda wildcards, input: (
-                f"trial --suggested {input.suggested} --slot {wildcards.slot} {PLAN_FLAGS} "
-                f"--data {os.path.dirname(input.subset)} "
-                + " ".join(
-                    f"--init-weights {i} {b} {path}" for i, b, path in space_weights()
+if not TRIAL_GROUPS:
+
+    use rule train as search_trial with:
+        input:
+            unpack(trial_inputs),
+        output:
+            model="results/search/{method}/round{round}/trial{slot}.pt",
+            record="results/search/{method}/round{round}/trial{slot}.json",
+        log:
+            "results/logs/search/{method}/round{round}/trial{slot}.log",
+        benchmark:
+            "results/benchmarks/search/{method}/round{round}/trial{slot}.tsv"
+        wildcard_constraints:
+            # with groups, each trial is a group's
+            method="^$" if TRIAL_GROUPS else one_of(brackets.MODEL_BASED),
+            round=r"\d+",
+            slot=r"\d+",
+        priority: 0
+        params:
+            script=script("search.py"),
+            args=fixed_signature(
+                lambda wildcards, input: (
+                    f"trial --suggested {input.suggested} --slot {wildcards.slot} {PLAN_FLAGS} "
+                    f"--data {os.path.dirname(input.subset)} "
+                    + " ".join(
+                        f"--init-weights {i} {b} {path}"
+                        for i, b, path in space_weights()
+                    )
                 )
-            )
-        ),
-        run_id="{method}-round{round}-trial{slot}",
+            ),
+            run_id="{method}-round{round}-trial{slot}",
 
 
 rule search_proxies:
