@@ -63,6 +63,7 @@ use rule train as search_random with:
         run_id="random-{candidate}",
 
 
+# With run groups, every first-rung slot is a group's (rules/groups.smk): no per-slot rule for Snakemake to try.
 if not FIRST_RUNG_GROUPS:
 
     use rule train as search_first_rung with:
@@ -80,7 +81,7 @@ if not FIRST_RUNG_GROUPS:
         benchmark:
             "results/benchmarks/search/{method}/b{bracket}/rung0/slot{slot}.tsv"
         wildcard_constraints:
-            method="^$" if FIRST_RUNG_GROUPS else "sh|hb",  # with groups, each slot is a group's
+            method="sh|hb",
             bracket=r"\d+",
             slot=r"\d+",
         priority: 0
@@ -153,6 +154,7 @@ rule search_promote:
         "python {params.script} promote {input} --keep {params.keep} --out {output} 2>&1 | tee {log}"
 
 
+# With run groups, every later rung's slot is a group's (rules/groups.smk): no per-slot rule for Snakemake to try.
 if not NEXT_RUNG_GROUPS:
 
     use rule train as search_next_rung with:
@@ -166,7 +168,7 @@ if not NEXT_RUNG_GROUPS:
         benchmark:
             "results/benchmarks/search/{method}/b{bracket}/rung{rung}/slot{slot}.tsv"
         wildcard_constraints:
-            method="^$" if NEXT_RUNG_GROUPS else "sh|hb",  # with groups, each slot is a group's
+            method="sh|hb",
             bracket=r"\d+",
             rung=r"[1-9]\d*",
             slot=r"\d+",
@@ -208,6 +210,7 @@ rule search_suggest:
         "--records {input.records} --out {output} 2>&1 | tee {log}"
 
 
+# With run groups, every round's trial is a group's (rules/groups.smk): no per-slot rule for Snakemake to try.
 if not TRIAL_GROUPS:
 
     use rule train as search_trial with:
@@ -221,8 +224,7 @@ if not TRIAL_GROUPS:
         benchmark:
             "results/benchmarks/search/{method}/round{round}/trial{slot}.tsv"
         wildcard_constraints:
-            # with groups, each trial is a group's
-            method="^$" if TRIAL_GROUPS else one_of(brackets.MODEL_BASED),
+            method=one_of(brackets.MODEL_BASED),
             round=r"\d+",
             slot=r"\d+",
         priority: 0
