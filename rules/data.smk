@@ -107,3 +107,21 @@ rule remove_stale_resume_files:
         keep=lambda wildcards: " ".join(checkpoints()),
     shell:
         "python {params.script} --results {params.results} --keep {params.keep} 2>&1 | tee {log}"
+
+
+
+# `snakemake remove_stale_kept_runs`: removes the files of results/cache/runs that no output shares
+# any more (runs removed or trained again since their group kept them); run it when no study runs.
+rule remove_stale_kept_runs:
+    log:
+        "results/logs/remove_stale_kept_runs.log",
+    conda:
+        "../envs/torch.yaml"
+    threads: 1
+    resources:
+        **SMALL_RESOURCES,
+    params:
+        script=script("housekeeping.py"),
+        kept=RUN_STORE,
+    shell:
+        "python {params.script} --results results --kept-runs {params.kept} 2>&1 | tee {log}"

@@ -3,12 +3,16 @@
 runs restored from the keep folder instead of trained again."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from helpers import SCHEMA, default_config, quiet, small_tensors
+from helpers import REPO, SCHEMA, default_config, quiet, small_tensors
 from snakemake.utils import validate
 
 from tlselect.config import ConfigError, load_and_check, merged, run_group_settings
+from tlselect.core.files import unshared_files
 from tlselect.core.registry import read_record
 from tlselect.runs import policy_runs, probe_runs, run_groups
 from tlselect.training.groups import train_group
@@ -138,3 +142,11 @@ def test_a_rerun_group_restores_its_finished_runs_from_the_keep_folder(tmp_path)
     lines.clear()
     train_group(changed, log=lines.append, fuse=False, keep=keep)
     assert any(line.startswith("[b] epoch 1/1") for line in lines) and not any("[a] epoch" in x for x in lines)
+    # b's first settings are kept but no output shares them any more: housekeeping removes just those
+    stale = unshared_files(keep)
+    assert len(stale) == 3 and all(path.name.startswith("b-") for path in stale)
+    kept = set(Path(keep).iterdir()) - set(stale)
+    subprocess.run([sys.executable, str(REPO / "scripts/housekeeping.py"), "--results", str(tmp_path), "--kept-runs",
+                    keep], check=True, capture_output=True)  # fmt: skip
+    assert set(Path(keep).iterdir()) == kept and len(kept) == 6 and not unshared_files(keep)
+    assert not list(tmp_path.glob(".*.link"))  # restoring over a sidecar that is already the kept one leaves no link

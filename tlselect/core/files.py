@@ -168,6 +168,13 @@ def stale_resume_files(results: str | os.PathLike, checkpoints: list[str]) -> li
     return sorted(p for p in Path(results).rglob("*.resume.pt") if p not in kept)
 
 
+def unshared_files(folder: str | os.PathLike) -> list[Path]:
+    """Files under ``folder`` that no other path links to (one hard link): what a run group's keep
+    folder (``results/cache/runs``) holds for runs whose checkpoint and record were removed or
+    replaced since, the only files there that take space of their own."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.stat().st_nlink == 1)
+
+
 def finite(data: Any) -> Any:
     """``data`` with every NaN or infinite float, however deeply nested, replaced by None."""
     if isinstance(data, float):

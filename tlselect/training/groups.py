@@ -120,6 +120,7 @@ def link_files(sources: list[Path], targets: list[Path]) -> None:
             temporary.unlink(missing_ok=True)
             os.link(source, temporary)
             os.replace(temporary, target)
+            temporary.unlink(missing_ok=True)  # left where target already was source (the rename did nothing)
 
 
 def restore(config: TrainConfig, keep: str, log) -> None:
