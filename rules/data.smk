@@ -8,6 +8,7 @@ localrules:
     fetch_data,
     fetch_weights,
     remove_stale_resume_files,
+    remove_stale_kept_runs,
 
 
 rule fetch_data:
@@ -107,7 +108,6 @@ rule remove_stale_resume_files:
         keep=lambda wildcards: " ".join(checkpoints()),
     shell:
         "python {params.script} --results {params.results} --keep {params.keep} 2>&1 | tee {log}"
-
 
 
 # `snakemake remove_stale_kept_runs`: removes the files of results/cache/runs that no output shares

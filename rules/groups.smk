@@ -93,38 +93,29 @@ for prefix, (specs, groups, folder, order, files, overrides) in GROUPED_RULES.it
 SLOT_GROUP_RULES = {
     **{
         f"search_next_rung_group_{group}": (
-            {
-                "promoted": f"{RUNG.format(method=method, bracket=b, rung=rung)}/promoted.json",
-                "weights": bracket_weights(method, b),
-            },
-            RUNG.format(method=method, bracket=b, rung=rung),
+            next_rung_files(method, b, rung),
+            path,
             slots,
             "slot",
             f"{method}-b{b}-rung{rung}-slot",
             ("search/next_rung", group),
-            f"continue --promoted {RUNG.format(method=method, bracket=b, rung=rung)}/promoted.json "
-            f"--epochs {BRACKETS[method][b].epochs[rung]}",
+            f"continue --promoted {path}/promoted.json --epochs {BRACKETS[method][b].epochs[rung]}",
         )
         for group, (method, b, rung, slots) in NEXT_RUNG_GROUPS.items()
+        for path in [RUNG.format(method=method, bracket=b, rung=rung)]
     },
     **{
         f"search_trial_group_{group}": (
-            {
-                "suggested": f"{ROUND.format(method=method, round=r)}/suggested.json",
-                "weights": [path for *_, path in space_weights()],
-            },
-            ROUND.format(method=method, round=r),
+            trial_files(method, r),
+            path,
             slots,
             "trial",
             f"{method}-round{r}-trial",
             ("search/trial", group),
-            f"trial --suggested {ROUND.format(method=method, round=r)}/suggested.json {PLAN_FLAGS} "
-            f"--data {os.path.dirname(SUBSET)} "
-            + " ".join(
-                f"--init-weights {i} {b} {path}" for i, b, path in space_weights()
-            ),
+            trial_command(f"{path}/suggested.json"),
         )
         for group, (method, r, slots) in TRIAL_GROUPS.items()
+        for path in [ROUND.format(method=method, round=r)]
     },
 }
 
@@ -143,7 +134,6 @@ for name, (
         name:
             name
         input:
-            **subset_files(),
             **inputs,
         output:
             records=[f"{path}/{stem}{s}.json" for s in slots],

@@ -232,12 +232,7 @@ if not TRIAL_GROUPS:
             script=script("search.py"),
             args=fixed_signature(
                 lambda wildcards, input: (
-                    f"trial --suggested {input.suggested} --slot {wildcards.slot} {PLAN_FLAGS} "
-                    f"--data {os.path.dirname(input.subset)} "
-                    + " ".join(
-                        f"--init-weights {i} {b} {path}"
-                        for i, b, path in space_weights()
-                    )
+                    f"{trial_command(input.suggested)} --slot {wildcards.slot}"
                 )
             ),
             run_id="{method}-round{round}-trial{slot}",

@@ -171,14 +171,27 @@ def space_weights():
     return sorted((*pair, weights_file(*pair)) for pair in pairs if pair)
 
 
-@fixed_signature
-def trial_inputs(wildcards):
-    """The round's suggestion file, the data and every weights file a suggestion may start from."""
+def trial_files(method, round):
+    """What a round's trials read: its suggestion file, the data and every weights file a
+    suggestion may start from."""
     return {
-        "suggested": f"{ROUND.format(**wildcards)}/suggested.json",
+        "suggested": f"{ROUND.format(method=method, round=round)}/suggested.json",
         **subset_files(),
         "weights": [path for *_, path in space_weights()],
     }
+
+
+trial_inputs = fixed_signature(
+    lambda wildcards: trial_files(wildcards.method, wildcards.round)
+)
+
+
+def trial_command(suggested):
+    """scripts/search.py's trial command for a round's suggestion file (its slots and files follow)."""
+    weights = " ".join(
+        f"--init-weights {i} {b} {path}" for i, b, path in space_weights()
+    )
+    return f"trial --suggested {suggested} {PLAN_FLAGS} --data {os.path.dirname(SUBSET)} {weights}"
 
 
 def first_rung_candidate(wildcards):
@@ -202,18 +215,25 @@ def previous_ranking(wildcards):
     return f"{RUNG.format(method=wildcards.method, bracket=wildcards.bracket, rung=rung)}/ranking.json"
 
 
-@fixed_signature
-def next_rung_inputs(wildcards):
-    """The promotion file, the data and the weights files the candidates may start from. Which
-    checkpoint a slot continues is decided at run time: the promote job declares the previous
-    rung's records and checkpoints and names one in the promotion file, so each slot job has a
-    few inputs, not the whole previous rung (which would make the DAG quadratic in the pool).
+def next_rung_files(method, bracket, rung):
+    """What a later rung's slots read: the promotion file, the data and the weights files the
+    candidates may start from. Which checkpoint a slot continues is decided at run time: the
+    promote job declares the previous rung's records and checkpoints and names one in the
+    promotion file, so each slot job has a few inputs, not the whole previous rung (which would
+    make the DAG quadratic in the pool).
     """
     return {
-        "promoted": f"{RUNG.format(**wildcards)}/promoted.json",
+        "promoted": f"{RUNG.format(method=method, bracket=bracket, rung=rung)}/promoted.json",
         **subset_files(),
-        "weights": bracket_weights(wildcards.method, wildcards.bracket),
+        "weights": bracket_weights(method, bracket),
     }
+
+
+next_rung_inputs = fixed_signature(
+    lambda wildcards: next_rung_files(
+        wildcards.method, wildcards.bracket, wildcards.rung
+    )
+)
 
 
 def compare_inputs(wildcards):
